@@ -1,0 +1,56 @@
+# Every target that runs Python sets up its own virtualenv first: a fresh machine
+# needs only python3 (>= 3.11) and pip.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed
+PROTO_SRC := protos/k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1/api.proto \
+             protos/k8s.io/kubelet/pkg/apis/podresources/v1/api.proto
+GEN_DIR := agent/kubeletapi
+
+.PHONY: venv test lint demo bench protos check-protos clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,dev]'
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check agent tests
+	$(BIN)/mypy --strict agent
+
+demo: $(STAMP)
+	$(PY) -m tests.demo
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+# Regenerate the betterproto2 code (grpclib server bases and async clients) from protos/.
+# The compiler formats its output with ruff, so the venv's bin must be on PATH.
+protos: $(STAMP)
+	rm -rf $(GEN_DIR)
+	mkdir -p $(GEN_DIR)
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
+	    --python_betterproto2_out=$(GEN_DIR) \
+	    --python_betterproto2_opt=client_generation=async,server_generation=async \
+	    $(PROTO_SRC)
+
+# Fails when `make protos` would change the committed generated code.
+check-protos: $(STAMP)
+	rm -rf .protos-check && mkdir -p .protos-check
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
+	    --python_betterproto2_out=.protos-check \
+	    --python_betterproto2_opt=client_generation=async,server_generation=async \
+	    $(PROTO_SRC) >/dev/null
+	diff -r .protos-check $(GEN_DIR) || { echo "generated code is stale: run 'make protos'"; rm -rf .protos-check; exit 1; }
+	rm -rf .protos-check
+
+clean:
+	rm -rf $(VENV) .protos-check .pytest_cache .mypy_cache .ruff_cache

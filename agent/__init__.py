@@ -1,0 +1,3 @@
+"""cpupool: a Kubernetes device plugin that turns a node's CPUs into schedulable pools."""
+
+__version__ = "0.1.0"
