@@ -1,0 +1,312 @@
+"""The pool config file (``poolconfig.yaml``): schema, parsing and validation against the host topology.
+
+Parsing (`parse_config`) needs no topology, so the webhook can use it; `validate` checks a parsed config
+against a `Topology` and returns the pools' CPUs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.cpuset import CpuSet, CpuSetError
+from agent.topology import Topology
+
+DEFAULT_RESOURCE_BASE_NAME = "cpupool.io"
+# Served when there is no config file: the kernel's isolated CPUs, as the isolcpus device plugin does.
+DEFAULT_POOL_NAME = "isolcpus"
+ISOLATED = "isolated"
+
+_TOP_KEYS = frozenset({"resourceBaseName", "pools"})
+_POOL_KEYS = frozenset({"cpus", "pooltype", "hyperThreadingPolicy"})
+
+# Kubernetes' qualified-name rules (k8s.io/apimachinery validation): a name part of at most 63 characters,
+# and a DNS-1123 subdomain prefix of at most 253.
+_NAME_PART = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class PoolType(StrEnum):
+    EXCLUSIVE = "exclusive"
+    SHARED = "shared"
+
+
+class HtPolicy(StrEnum):
+    # One device per core with only its first thread usable: the sibling stays idle.
+    SINGLE = "singleThreaded"
+    # One device per core that brings every hyper-thread of the core along.
+    MULTI = "multiThreaded"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One fault in a config: which pool (None for the file as a whole) and what is wrong."""
+
+    pool: str | None
+    message: str
+
+    def describe(self, source: str) -> str:
+        where = f"{source}: pool {self.pool!r}" if self.pool is not None else source
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A config that cannot be served. Carries every problem found, each naming the file and pool."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(p.describe(source) for p in problems))
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    name: str
+    type: PoolType
+    # The text as written, for messages and for `cpus: isolated`.
+    cpus_text: str
+    # None means "the kernel's isolated CPUs", resolved against the topology.
+    cpus: CpuSet | None
+    ht_policy: HtPolicy | None = None
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    resource_base_name: str
+    pools: Mapping[str, PoolSpec]
+    # Where the config came from (a path, or a description of the default).
+    source: str
+
+    def resource_name(self, pool: str) -> str:
+        return f"{self.resource_base_name}/{pool}"
+
+
+@dataclass(frozen=True)
+class ValidatedConfig:
+    """A config checked against a topology: every pool's CPUs are known, online and disjoint."""
+
+    config: PoolConfig
+    cpus: Mapping[str, CpuSet]
+    warnings: tuple[str, ...] = field(default=())
+
+
+def pool_env_name(pool: str) -> str:
+    """The per-pool environment variable a container receives: ``CPUPOOL_<POOL>_CPUS``."""
+    return "CPUPOOL_" + re.sub(r"[^A-Z0-9]", "_", pool.upper()) + "_CPUS"
+
+
+def default_config() -> PoolConfig:
+    """What the agent serves with no config file: one exclusive pool of the kernel's isolated CPUs."""
+    spec = PoolSpec(DEFAULT_POOL_NAME, PoolType.EXCLUSIVE, ISOLATED, None)
+    source = "<no config file: isolated CPUs>"
+    return PoolConfig(DEFAULT_RESOURCE_BASE_NAME, {DEFAULT_POOL_NAME: spec}, source)
+
+
+def load_config_file(path: Path | str) -> PoolConfig:
+    """Read and parse a config file. IO errors become a ConfigError naming the file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, [Problem(None, f"cannot read the file: {exc}")]) from exc
+    return parse_config(text, source)
+
+
+def resource_name_problems(base: str, pool: str) -> list[str]:
+    """Why Kubernetes would reject ``<base>/<pool>`` as an extended resource name (empty when valid)."""
+    problems: list[str] = []
+    if not base:
+        problems.append("resourceBaseName is empty")
+    else:
+        # The apiserver also checks the quota form "requests.<name>", so the prefix gets 9 characters less.
+        if len(base) > 253 - len("requests."):
+            problems.append(f"resourceBaseName {base!r} is longer than {253 - len('requests.')} characters")
+        labels = base.split(".")
+        if not all(_DNS_LABEL.match(label) and len(label) <= 63 for label in labels):
+            problems.append(
+                f"resourceBaseName {base!r} is not a DNS subdomain (lower-case letters, digits, '-' and '.')"
+            )
+        if base == "kubernetes.io" or base.endswith(".kubernetes.io"):
+            problems.append(f"resourceBaseName {base!r} is reserved for Kubernetes' own resources")
+    if not pool:
+        problems.append("the pool name is empty")
+    elif len(pool) > 63 or not _NAME_PART.match(pool):
+        problems.append(
+            f"pool name {pool!r} is not a valid resource name part "
+            "(at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)"
+        )
+    return problems
+
+
+def parse_config(text: str, source: str) -> PoolConfig:
+    """Parse and check the schema of a config text; no topology is needed. Raises ConfigError."""
+    try:
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [Problem(None, f"not valid YAML{where}: {reason}")]) from exc
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        message = f"expected a mapping with 'resourceBaseName' and 'pools', got {got}"
+        raise ConfigError(source, [Problem(None, message)])
+
+    problems: list[Problem] = []
+    unknown = sorted(str(k) for k in data if k not in _TOP_KEYS)
+    if unknown:
+        allowed = "allowed: pools, resourceBaseName"
+        problems.append(Problem(None, f"unknown key(s) {', '.join(unknown)}; {allowed}"))
+
+    base = data.get("resourceBaseName", DEFAULT_RESOURCE_BASE_NAME)
+    if not isinstance(base, str):
+        problems.append(Problem(None, f"resourceBaseName must be a string, got {base!r}"))
+        base = DEFAULT_RESOURCE_BASE_NAME
+
+    raw_pools = data.get("pools")
+    if raw_pools is None:
+        problems.append(Problem(None, "missing 'pools': a mapping of pool name to {cpus, pooltype}"))
+        raw_pools = {}
+    elif not isinstance(raw_pools, dict):
+        problems.append(Problem(None, f"'pools' must map pool names to settings, got {raw_pools!r}"))
+        raw_pools = {}
+
+    pools: dict[str, PoolSpec] = {}
+    for raw_name, settings in raw_pools.items():
+        name = str(raw_name)
+        spec = _parse_pool(name, settings, problems)
+        for message in resource_name_problems(base, name):
+            problems.append(Problem(name, message))
+        if spec is not None:
+            pools[name] = spec
+
+    shared = [p.name for p in pools.values() if p.type is PoolType.SHARED]
+    if len(shared) > 1:
+        found = f"found {len(shared)}: {', '.join(shared)}"
+        problems.append(Problem(None, f"at most one shared pool is allowed, {found}"))
+    if problems:
+        raise ConfigError(source, problems)
+    return PoolConfig(base, pools, source)
+
+
+def _parse_pool(name: str, settings: Any, problems: list[Problem]) -> PoolSpec | None:
+    if not isinstance(settings, dict):
+        problems.append(Problem(name, f"settings must be a mapping with cpus and pooltype, got {settings!r}"))
+        return None
+    start = len(problems)
+    unknown = sorted(str(k) for k in settings if k not in _POOL_KEYS)
+    if unknown:
+        problems.append(
+            Problem(
+                name, f"unknown key(s) {', '.join(unknown)}; allowed: cpus, hyperThreadingPolicy, pooltype"
+            )
+        )
+
+    raw_type = settings.get("pooltype")
+    pool_type: PoolType | None = None
+    if raw_type is None:
+        problems.append(Problem(name, "missing 'pooltype' (exclusive or shared)"))
+    else:
+        try:
+            pool_type = PoolType(raw_type)
+        except ValueError:
+            problems.append(Problem(name, f"unknown pooltype {raw_type!r}: use exclusive or shared"))
+
+    raw_cpus = settings.get("cpus")
+    cpus: CpuSet | None = None
+    cpus_text = ""
+    if raw_cpus is None:
+        problems.append(Problem(name, 'missing \'cpus\' (a cpu list such as "2-5,8", or "isolated")'))
+    elif isinstance(raw_cpus, bool) or not isinstance(raw_cpus, str | int):
+        problems.append(Problem(name, f"cpus must be a cpu list string, got {raw_cpus!r}"))
+    else:
+        cpus_text = str(raw_cpus).strip()
+        if cpus_text != ISOLATED:
+            try:
+                cpus = CpuSet.parse(cpus_text)
+            except CpuSetError as exc:
+                problems.append(Problem(name, str(exc)))
+            else:
+                if not cpus:
+                    problems.append(Problem(name, "cpus is empty: a pool needs at least one CPU"))
+
+    raw_ht = settings.get("hyperThreadingPolicy")
+    ht: HtPolicy | None = None
+    if raw_ht is not None:
+        try:
+            ht = HtPolicy(raw_ht)
+        except ValueError:
+            problems.append(
+                Problem(name, f"unknown hyperThreadingPolicy {raw_ht!r}: use singleThreaded or multiThreaded")
+            )
+        if pool_type is PoolType.SHARED:
+            problems.append(Problem(name, "hyperThreadingPolicy applies to exclusive pools only"))
+
+    if len(problems) > start or pool_type is None:
+        return None
+    return PoolSpec(name, pool_type, cpus_text, cpus, ht)
+
+
+def validate(config: PoolConfig, topology: Topology) -> ValidatedConfig:
+    """Check a parsed config against the host: online CPUs, no overlap, whole cores for HT policies."""
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    resolved: dict[str, CpuSet] = {}
+    online = CpuSet(topology.cpus)
+    for spec in config.pools.values():
+        if spec.cpus is None:
+            cpus = topology.isolated & online
+            if not cpus:
+                problems.append(
+                    Problem(spec.name, "cpus: isolated, but the kernel isolates no online CPU (no isolcpus=)")
+                )
+                continue
+        else:
+            cpus = spec.cpus
+            offline = cpus - online
+            if offline:
+                problems.append(
+                    Problem(spec.name, f"CPUs {offline.format()} are not online (online: {online.format()})")
+                )
+                continue
+        resolved[spec.name] = cpus
+
+    names = sorted(resolved)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            both = resolved[first] & resolved[second]
+            if both:
+                problems.append(Problem(first, f"CPUs {both.format()} are also in pool {second!r}"))
+
+    for spec in config.pools.values():
+        pool_cpus = resolved.get(spec.name)
+        if pool_cpus is None or spec.type is not PoolType.EXCLUSIVE:
+            continue
+        cpus = pool_cpus
+        if spec.ht_policy is not None:
+            for cpu in cpus:
+                missing = topology.cpus[cpu].siblings - cpus
+                if missing:
+                    problems.append(
+                        Problem(
+                            spec.name,
+                            f"hyperThreadingPolicy {spec.ht_policy} needs whole cores: CPU {cpu} is in "
+                            f"the pool but its sibling(s) {missing.format()} are not",
+                        )
+                    )
+                    break
+        not_isolated = cpus - topology.isolated
+        if not_isolated:
+            warnings.append(
+                f"{config.source}: pool {spec.name!r}: exclusive CPUs {not_isolated.format()} are not "
+                "isolated from the kernel scheduler (isolcpus=); other tasks may run on them"
+            )
+    if problems:
+        raise ConfigError(config.source, problems)
+    return ValidatedConfig(config, resolved, tuple(warnings))
