@@ -9,7 +9,10 @@ from collections.abc import Iterable, Iterator
 # expanding "0-999999999" would eat memory before failing.
 MAX_CPU = 65535
 
-_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+# ASCII digits only: int() would accept other scripts' digits, which the kernel does not.
+_RANGE = re.compile(r"^([0-9]+)(?:-([0-9]+))?$")
+# Longer numbers are above MAX_CPU anyway, and int() refuses over 4300 digits with a bare ValueError.
+_MAX_DIGITS = len(str(MAX_CPU))
 
 
 class CpuSetError(ValueError):
@@ -43,6 +46,11 @@ class CpuSet:
             if match is None:
                 what = "empty element" if not part else f"element {part!r} is not N or N-M"
                 raise CpuSetError(f"invalid cpu list {text!r}: {what}")
+            for digits in match.groups():
+                if digits is not None and len(digits.lstrip("0")) > _MAX_DIGITS:
+                    raise CpuSetError(
+                        f"invalid cpu list {text!r}: CPU {digits[:20]}... is above the limit {MAX_CPU}"
+                    )
             first = int(match.group(1))
             last = int(match.group(2)) if match.group(2) is not None else first
             if last < first:
