@@ -118,30 +118,32 @@ def load_config_file(path: Path | str) -> PoolConfig:
     return parse_config(text, source)
 
 
-def resource_name_problems(base: str, pool: str) -> list[str]:
-    """Why Kubernetes would reject ``<base>/<pool>`` as an extended resource name (empty when valid)."""
-    problems: list[str] = []
+def base_name_problems(base: str) -> list[str]:
+    """Why Kubernetes would reject `base` as the domain of extended resource names (empty when valid)."""
     if not base:
-        problems.append("resourceBaseName is empty")
-    else:
-        # The apiserver also checks the quota form "requests.<name>", so the prefix gets 9 characters less.
-        if len(base) > 253 - len("requests."):
-            problems.append(f"resourceBaseName {base!r} is longer than {253 - len('requests.')} characters")
-        labels = base.split(".")
-        if not all(_DNS_LABEL.match(label) and len(label) <= 63 for label in labels):
-            problems.append(
-                f"resourceBaseName {base!r} is not a DNS subdomain (lower-case letters, digits, '-' and '.')"
-            )
-        if base == "kubernetes.io" or base.endswith(".kubernetes.io"):
-            problems.append(f"resourceBaseName {base!r} is reserved for Kubernetes' own resources")
-    if not pool:
-        problems.append("the pool name is empty")
-    elif len(pool) > 63 or not _NAME_PART.match(pool):
+        return ["resourceBaseName is empty"]
+    problems: list[str] = []
+    # The apiserver also checks the quota form "requests.<name>", so the prefix gets 9 characters less.
+    limit = 253 - len("requests.")
+    if len(base) > limit:
+        problems.append(f"resourceBaseName {base!r} is longer than {limit} characters")
+    if not all(_DNS_LABEL.match(label) and len(label) <= 63 for label in base.split(".")):
         problems.append(
+            f"resourceBaseName {base!r} is not a DNS subdomain (lower-case letters, digits, '-' and '.')"
+        )
+    if base == "kubernetes.io" or base.endswith(".kubernetes.io"):
+        problems.append(f"resourceBaseName {base!r} is reserved for Kubernetes' own resources")
+    return problems
+
+
+def pool_name_problems(pool: str) -> list[str]:
+    """Why `pool` cannot be the name part of an extended resource name (empty when valid)."""
+    if len(pool) > 63 or not _NAME_PART.match(pool):
+        return [
             f"pool name {pool!r} is not a valid resource name part "
             "(at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)"
-        )
-    return problems
+        ]
+    return []
 
 
 def parse_config(text: str, source: str) -> PoolConfig:
@@ -168,6 +170,7 @@ def parse_config(text: str, source: str) -> PoolConfig:
     if not isinstance(base, str):
         problems.append(Problem(None, f"resourceBaseName must be a string, got {base!r}"))
         base = DEFAULT_RESOURCE_BASE_NAME
+    problems += [Problem(None, message) for message in base_name_problems(base)]
 
     raw_pools = data.get("pools")
     if raw_pools is None:
@@ -181,7 +184,7 @@ def parse_config(text: str, source: str) -> PoolConfig:
     for raw_name, settings in raw_pools.items():
         name = str(raw_name)
         spec = _parse_pool(name, settings, problems)
-        for message in resource_name_problems(base, name):
+        for message in pool_name_problems(name):
             problems.append(Problem(name, message))
         if spec is not None:
             pools[name] = spec

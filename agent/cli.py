@@ -1,0 +1,188 @@
+"""The `cpupool` command: discover, check-config, agent (and the webhook and status commands)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.config import ConfigError, PoolConfig, parse_config, validate
+from agent.logs import setup_logging
+from agent.plan import MAX_MESSAGE_BYTES, Plan, build_plan, list_message_size
+from agent.topology import Topology, TopologyError, discover, render_table, topology_to_json
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "console"],
+        help="auto: readable on a terminal, JSON otherwise",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpupool", description="Kubernetes CPU pools as device plugin resources"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    discover_cmd = sub.add_parser("discover", help="show the host's CPU topology")
+    discover_cmd.add_argument("--root", type=Path, default=Path("/"), help="where sysfs and procfs are (/)")
+    discover_cmd.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_common(discover_cmd)
+
+    check = sub.add_parser("check-config", help="validate a pool config against this host and print the plan")
+    check.add_argument("file", type=Path)
+    check.add_argument("--root", type=Path, default=Path("/"))
+    check.add_argument("--json", action="store_true")
+    _add_common(check)
+
+    agent = sub.add_parser("agent", help="run the device plugin agent")
+    agent.add_argument("--config", type=Path, default=None, help="pool config file (default: isolated CPUs)")
+    agent.add_argument("--root", type=Path, default=Path("/"), help="host root holding sys/ and proc/")
+    agent.add_argument("--plugin-dir", type=Path, default=Path("/var/lib/kubelet/device-plugins"))
+    agent.add_argument(
+        "--pod-resources-socket", type=Path, default=Path("/var/lib/kubelet/pod-resources/kubelet.sock")
+    )
+    agent.add_argument("--health-port", type=int, default=8081, help="0 disables /healthz, /readyz, /metrics")
+    agent.add_argument("--health-host", default="0.0.0.0")
+    agent.add_argument(
+        "--no-pin-self", dest="pin_self", action="store_false", help="do not move the agent off pooled CPUs"
+    )
+    _add_common(agent)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    command: str = args.command
+    if command == "discover":
+        return cmd_discover(args)
+    if command == "check-config":
+        return cmd_check_config(args)
+    return cmd_agent(args)
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    try:
+        topology = discover(args.root)
+    except TopologyError as exc:
+        print(f"cpupool discover: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(topology_to_json(topology), indent=2))
+    else:
+        print(render_table(topology))
+    return EXIT_OK
+
+
+def plan_summary(plan: Plan) -> list[dict[str, Any]]:
+    return [
+        {
+            "resource": r.name,
+            "pooltype": str(r.pool_type),
+            "hyperThreadingPolicy": str(r.ht_policy) if r.ht_policy else None,
+            "cpus": r.cpus.format(),
+            "devices": len(r.device_ids()),
+            "socket": r.socket_name,
+            "list_message_bytes": list_message_size(r),
+        }
+        for r in plan.resources.values()
+    ]
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"cpupool check-config: cannot read {path}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        topology = discover(args.root)
+    except TopologyError as exc:
+        print(f"cpupool check-config: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = parse_config(text, str(path))
+        plan, warnings = make_plan(config, topology)
+    except ConfigError as exc:
+        if args.json:
+            errors = [p.describe(exc.source) for p in exc.problems]
+            print(json.dumps({"valid": False, "errors": errors}, indent=2))
+        else:
+            print(f"{path}: invalid", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  - {problem.describe(exc.source)}", file=sys.stderr)
+        return EXIT_INVALID
+    summary = plan_summary(plan)
+    if args.json:
+        print(json.dumps({"valid": True, "warnings": list(warnings), "resources": summary}, indent=2))
+        return EXIT_OK
+    print(f"{path}: valid, {len(summary)} resource(s)")
+    header = f"{'RESOURCE':<32} {'TYPE':<10} {'CPUS':<16} {'DEVICES':>8} {'LIST BYTES':>11}"
+    print(header)
+    for row in summary:
+        kind = row["pooltype"] + (f"/{row['hyperThreadingPolicy']}" if row["hyperThreadingPolicy"] else "")
+        print(
+            f"{row['resource']:<32} {kind:<10} {row['cpus']:<16} {row['devices']:>8} "
+            f"{row['list_message_bytes']:>11}"
+        )
+    print(f"(the kubelet accepts a device list of up to {MAX_MESSAGE_BYTES} bytes)")
+    for warning in warnings:
+        print(f"warning: {warning}")
+    return EXIT_OK
+
+
+def make_plan(config: PoolConfig, topology: Topology) -> tuple[Plan, tuple[str, ...]]:
+    validated = validate(config, topology)
+    return build_plan(validated, topology), validated.warnings
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from agent.health import serve_health  # noqa: PLC0415 - aiohttp is only needed by the agent
+    from agent.supervisor import AgentSettings, Supervisor, run_until_signalled  # noqa: PLC0415
+
+    settings = AgentSettings(
+        config_path=args.config,
+        root=args.root,
+        plugin_dir=args.plugin_dir,
+        pod_resources_socket=args.pod_resources_socket,
+        pin_self=args.pin_self,
+    )
+    supervisor = Supervisor(settings)
+    extra: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    if args.health_port:
+        extra.append(lambda: serve_health(supervisor, args.health_host, args.health_port))
+    log.info(
+        "agent.starting",
+        config=str(args.config) if args.config else None,
+        root=str(args.root),
+        plugin_dir=str(args.plugin_dir),
+    )
+    try:
+        asyncio.run(run_until_signalled(supervisor, extra))
+    except TopologyError as exc:
+        log.error("agent.topology_unreadable", reason=str(exc))
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

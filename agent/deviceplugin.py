@@ -1,0 +1,311 @@
+"""The device plugin API v1beta1 for one resource: the grpclib servicer, its server socket, registration."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import structlog
+from grpclib import GRPCError
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.server import Server
+
+from agent.allocation import AllocationError, preferred_allocation
+from agent.config import pool_env_name
+from agent.cpuset import CpuSet
+from agent.kubeletapi.v1beta1 import (
+    AllocateRequest,
+    AllocateResponse,
+    ContainerAllocateResponse,
+    ContainerPreferredAllocationResponse,
+    DevicePluginBase,
+    DevicePluginOptions,
+    DeviceSpec,
+    Empty,
+    ListAndWatchResponse,
+    PreferredAllocationRequest,
+    PreferredAllocationResponse,
+    PreStartContainerRequest,
+    PreStartContainerResponse,
+    RegisterRequest,
+    RegistrationStub,
+)
+from agent.metrics import Metrics
+from agent.plan import Resource, shared_device_index
+from agent.wire import encode_resource
+
+log = structlog.get_logger(__name__)
+
+API_VERSION = "v1beta1"
+KUBELET_SOCKET = "kubelet.sock"
+# How many offending IDs an error message quotes before it only counts them.
+_QUOTED_IDS = 10
+
+
+class RequestError(ValueError):
+    """A request the agent answers with INVALID_ARGUMENT; the message names what is wrong."""
+
+
+class SocketInUseError(RuntimeError):
+    """Another live server already answers on the socket path the agent wants."""
+
+
+def _quote(ids: Sequence[str]) -> str:
+    shown = ", ".join(repr(i) for i in ids[:_QUOTED_IDS])
+    more = f" and {len(ids) - _QUOTED_IDS} more" if len(ids) > _QUOTED_IDS else ""
+    return f"{shown}{more}"
+
+
+class ResourceServicer(DevicePluginBase):
+    """Answers the kubelet for one resource. All RPCs are synchronous computations on in-memory data."""
+
+    def __init__(self, resource: Resource, cpuid_cpus: CpuSet, metrics: Metrics) -> None:
+        self._resource = resource
+        self._listing = encode_resource(resource)
+        # CPUs whose /dev/cpu/<n>/cpuid exists on the host, checked once: Allocate does no file IO.
+        self._cpuid_cpus = cpuid_cpus
+        self._metrics = metrics
+        self._wakeups: set[asyncio.Event] = set()
+        self._closing = False
+        self._publish_device_metrics()
+
+    @property
+    def resource(self) -> Resource:
+        return self._resource
+
+    @property
+    def stream_count(self) -> int:
+        return len(self._wakeups)
+
+    def update(self, resource: Resource) -> bool:
+        """Serve a new device list on every open stream; returns False when nothing changed."""
+        if resource == self._resource:
+            return False
+        self._resource = resource
+        self._listing = encode_resource(resource)
+        self._publish_device_metrics()
+        for wakeup in self._wakeups:
+            wakeup.set()
+        return True
+
+    def end_streams(self) -> None:
+        """End every ListAndWatch stream (grpclib's Server.close() would leave them hanging)."""
+        self._closing = True
+        for wakeup in self._wakeups:
+            wakeup.set()
+
+    def _publish_device_metrics(self) -> None:
+        name = self._resource.name
+        healthy = self._resource.healthy_count
+        self._metrics.devices.set(healthy, resource=name, health="healthy")
+        self._metrics.devices.set(self._listing.device_count - healthy, resource=name, health="unhealthy")
+
+    async def get_device_plugin_options(self, message: Empty) -> DevicePluginOptions:
+        return DevicePluginOptions(
+            pre_start_required=False,
+            get_preferred_allocation_available=self._resource.exclusive_pool,
+        )
+
+    async def list_and_watch(self, message: Empty) -> AsyncIterator[ListAndWatchResponse]:
+        wakeup = asyncio.Event()
+        self._wakeups.add(wakeup)
+        name = self._resource.name
+        self._metrics.streams.set(len(self._wakeups), resource=name)
+        log.info("listandwatch.opened", resource=name, devices=self._listing.device_count)
+        try:
+            # Each message is the full list: a slow reader skips intermediate lists, never gets a stale one.
+            while not self._closing:
+                listing = self._listing
+                yield listing
+                log.debug("listandwatch.sent", resource=name, devices=listing.device_count)
+                await wakeup.wait()
+                wakeup.clear()
+        finally:
+            self._wakeups.discard(wakeup)
+            self._metrics.streams.set(len(self._wakeups), resource=name)
+            log.info("listandwatch.closed", resource=name)
+
+    async def get_preferred_allocation(
+        self, message: PreferredAllocationRequest
+    ) -> PreferredAllocationResponse:
+        started = time.perf_counter()
+        try:
+            responses = [
+                ContainerPreferredAllocationResponse(
+                    device_i_ds=self._prefer(
+                        list(req.available_deviceIDs), list(req.must_include_deviceIDs), req.allocation_size
+                    )
+                )
+                for req in message.container_requests
+            ]
+        except (AllocationError, RequestError) as exc:
+            self._count("GetPreferredAllocation", started, ok=False)
+            log.warning("preferred_allocation.rejected", resource=self._resource.name, reason=str(exc))
+            raise GRPCError(Status.INVALID_ARGUMENT, f"{self._resource.name}: {exc}") from None
+        self._count("GetPreferredAllocation", started, ok=True)
+        return PreferredAllocationResponse(container_responses=responses)
+
+    def _prefer(self, available: list[str], must_include: list[str], size: int) -> list[str]:
+        resource = self._resource
+        if resource.exclusive_pool:
+            return preferred_allocation(resource.exclusive, available, must_include, size)
+        # Millicpus of one shared pool are interchangeable: the lowest indexes keep the list readable.
+        chosen = list(dict.fromkeys(must_include))
+        missing = [i for i in chosen if i not in set(available)]
+        if missing:
+            raise RequestError(f"must_include IDs not in available_deviceIDs: {_quote(missing)}")
+        if size < len(chosen) or size > len(set(available)):
+            raise RequestError(
+                f"cannot choose {size} of {len(set(available))} available IDs with {len(chosen)} required"
+            )
+        taken = set(chosen)
+        rest = sorted(
+            (i for i in set(available) if i not in taken), key=lambda i: (shared_device_index(i) is None, i)
+        )
+        return chosen + rest[: size - len(chosen)]
+
+    async def allocate(self, message: AllocateRequest) -> AllocateResponse:
+        started = time.perf_counter()
+        try:
+            requests = message.container_requests
+            responses = [self._allocate_container(i, req.devices_ids) for i, req in enumerate(requests)]
+        except RequestError as exc:
+            self._count("Allocate", started, ok=False)
+            log.warning("allocate.rejected", resource=self._resource.name, reason=str(exc))
+            raise GRPCError(Status.INVALID_ARGUMENT, f"{self._resource.name}: {exc}") from None
+        self._count("Allocate", started, ok=True)
+        return AllocateResponse(container_responses=responses)
+
+    def _allocate_container(self, index: int, ids: Sequence[str]) -> ContainerAllocateResponse:
+        resource = self._resource
+        where = f"container request {index}"
+        if not ids:
+            raise RequestError(f"{where} lists no device IDs")
+        total = (
+            len(resource.exclusive)
+            if resource.exclusive_pool
+            else resource.shared_count + len(resource.shared_retained)
+        )
+        if len(ids) > total:
+            raise RequestError(f"{where} lists {len(ids)} device IDs; this resource has only {total} devices")
+        if len(set(ids)) != len(ids):
+            seen: set[str] = set()
+            dups = [i for i in ids if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
+            raise RequestError(f"{where} lists device IDs more than once: {_quote(dups)}")
+        unknown = [i for i in ids if not resource.has_device(i)]
+        if unknown:
+            raise RequestError(f"{where}: unknown device IDs for {resource.name}: {_quote(unknown)}")
+
+        cpus = resource.cpus_of(ids)
+        cpu_list = cpus.comma_list()
+        base = resource.name.split("/", 1)[0]
+        envs = {pool_env_name(resource.pool): cpu_list}
+        if resource.exclusive_pool:
+            envs["EXCLUSIVE_CPUS"] = cpu_list
+            devices = [
+                DeviceSpec(container_path=path, host_path=path, permissions="r")
+                for path in (f"/dev/cpu/{cpu}/cpuid" for cpu in cpus if cpu in self._cpuid_cpus)
+            ]
+        else:
+            envs["SHARED_CPUS"] = cpu_list
+            devices = []
+        log.info("allocate", resource=resource.name, devices=len(ids), cpus=cpus.format())
+        return ContainerAllocateResponse(
+            envs=envs, annotations={f"{base}/cpus-{resource.pool}": cpu_list}, devices=devices
+        )
+
+    async def pre_start_container(self, message: PreStartContainerRequest) -> PreStartContainerResponse:
+        return PreStartContainerResponse()
+
+    def _count(self, method: str, started: float, *, ok: bool) -> None:
+        name = self._resource.name
+        self._metrics.allocation_seconds.observe(time.perf_counter() - started, resource=name, method=method)
+        self._metrics.allocations.inc(resource=name, method=method, result="ok" if ok else "error")
+
+
+async def _socket_answers(path: Path) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), timeout=1.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+class ResourceServer:
+    """One resource's grpclib server on its own unix socket. Owns the socket file while it runs."""
+
+    def __init__(self, servicer: ResourceServicer, path: Path) -> None:
+        self.servicer = servicer
+        self.path = path
+        self._server: Server | None = None
+        self._inode: int | None = None
+
+    async def start(self) -> None:
+        # grpclib would silently replace a socket another process still serves: refuse instead, and clear a
+        # dead file left by a crash.
+        if self.path.exists() or self.path.is_symlink():
+            if await _socket_answers(self.path):
+                raise SocketInUseError(f"{self.path}: another process already serves this socket")
+            log.info("socket.stale_removed", path=str(self.path))
+            self.path.unlink(missing_ok=True)
+        server = Server([self.servicer])
+        await server.start(path=str(self.path))
+        self._server = server
+        os.chmod(self.path, 0o600)
+        self._inode = self.path.stat().st_ino
+        log.info("server.started", resource=self.servicer.resource.name, socket=str(self.path))
+
+    def socket_present(self) -> bool:
+        """False when our socket file is gone or replaced (a starting kubelet deletes every socket)."""
+        try:
+            return self._inode is not None and self.path.stat().st_ino == self._inode
+        except OSError:
+            return False
+
+    async def close(self) -> None:
+        self.servicer.end_streams()
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            try:
+                await asyncio.wait_for(server.wait_closed(), timeout=5.0)
+            except TimeoutError:
+                log.warning("server.close_timeout", resource=self.servicer.resource.name)
+        if self.socket_present():
+            self.path.unlink(missing_ok=True)
+        self._inode = None
+        log.info("server.stopped", resource=self.servicer.resource.name, socket=str(self.path))
+
+
+class RegistrationError(RuntimeError):
+    pass
+
+
+async def register(plugin_dir: Path, resource: Resource, timeout_s: float = 10.0) -> None:
+    """Send one Register for `resource`; the kubelet calls GetDevicePluginOptions on us before it answers."""
+    kubelet = plugin_dir / KUBELET_SOCKET
+    if not kubelet.exists():
+        raise RegistrationError(f"{kubelet} does not exist (is the kubelet running?)")
+    channel = Channel(path=str(kubelet))
+    try:
+        request = RegisterRequest(
+            version=API_VERSION,
+            endpoint=resource.socket_name,
+            resource_name=resource.name,
+            options=DevicePluginOptions(get_preferred_allocation_available=resource.exclusive_pool),
+        )
+        await RegistrationStub(channel).register(request, timeout=timeout_s)
+    except GRPCError as exc:
+        raise RegistrationError(f"kubelet refused {resource.name}: {exc.status.name} {exc.message}") from exc
+    except (OSError, TimeoutError) as exc:
+        raise RegistrationError(f"cannot reach the kubelet at {kubelet}: {exc!r}") from exc
+    finally:
+        channel.close()

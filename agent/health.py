@@ -1,0 +1,54 @@
+"""The agent's small HTTP port: /healthz, /readyz and /metrics, served on the agent's own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from aiohttp import web
+
+from agent.supervisor import Supervisor
+
+log = structlog.get_logger(__name__)
+
+
+def make_app(supervisor: Supervisor) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        # Answering at all proves the loop is alive; the config state is there for operators.
+        return web.json_response(
+            {
+                "status": "ok",
+                "config_generation": supervisor.config_generation,
+                "config_reload_errors": int(supervisor.metrics.reloads.get(result="error")),
+                "last_config_error": supervisor.last_config_error,
+            }
+        )
+
+    async def readyz(_: web.Request) -> web.Response:
+        body = {"ready": supervisor.ready, "resources": supervisor.readiness()}
+        return web.json_response(body, status=200 if supervisor.ready else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(
+            body=supervisor.metrics.render().encode(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def serve_health(supervisor: Supervisor, host: str, port: int) -> None:
+    """Serve until cancelled."""
+    runner = web.AppRunner(make_app(supervisor), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("health.listening", host=host, port=port)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

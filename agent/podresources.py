@@ -1,0 +1,56 @@
+"""Client of the kubelet's PodResources API v1: which device IDs are allocated to which containers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpclib import GRPCError
+from grpclib.client import Channel
+
+from agent.kubeletapi.v1 import ListPodResourcesRequest, PodResourcesListerStub
+
+DEFAULT_SOCKET = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
+
+
+class PodResourcesError(RuntimeError):
+    """The PodResources API could not be asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Devices of one resource held by one container."""
+
+    namespace: str
+    pod: str
+    container: str
+    resource: str
+    device_ids: tuple[str, ...]
+
+
+async def list_assignments(socket: Path, timeout_s: float = 5.0) -> list[Assignment]:
+    """Every device assignment the kubelet knows of, for all resources."""
+    channel = Channel(path=str(socket))
+    try:
+        reply = await PodResourcesListerStub(channel).list(ListPodResourcesRequest(), timeout=timeout_s)
+    except GRPCError as exc:
+        raise PodResourcesError(f"{socket}: List failed: {exc.status.name} {exc.message}") from exc
+    except (OSError, TimeoutError) as exc:
+        raise PodResourcesError(f"{socket}: cannot connect: {exc!r}") from exc
+    finally:
+        channel.close()
+    return [
+        Assignment(pod.namespace, pod.name, container.name, devices.resource_name, tuple(devices.device_ids))
+        for pod in reply.pod_resources
+        for container in pod.containers
+        for devices in container.devices
+    ]
+
+
+def in_use_by_resource(assignments: list[Assignment], prefix: str) -> dict[str, frozenset[str]]:
+    """Device IDs in use per resource name, for resources under `prefix` (``<resourceBaseName>/``)."""
+    found: dict[str, set[str]] = {}
+    for item in assignments:
+        if item.resource.startswith(prefix):
+            found.setdefault(item.resource, set()).update(item.device_ids)
+    return {name: frozenset(ids) for name, ids in found.items()}

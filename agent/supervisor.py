@@ -1,0 +1,499 @@
+"""The agent's lifecycle: the only module that owns servers, tasks and watchers.
+
+One reconciler task applies every change in order (config edits, kubelet restarts, in-use re-checks), so the
+running servers are never mutated from two places. Watchers only raise flags and wake it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+import watchfiles
+
+from agent.config import ConfigError, PoolConfig, default_config, parse_config, validate
+from agent.cpuset import CpuSet
+from agent.deviceplugin import (
+    KUBELET_SOCKET,
+    RegistrationError,
+    ResourceServer,
+    ResourceServicer,
+    register,
+)
+from agent.metrics import Metrics
+from agent.plan import Plan, Resource, build_plan, diff_plans
+from agent.podresources import PodResourcesError, in_use_by_resource, list_assignments
+from agent.topology import Topology, discover
+
+log = structlog.get_logger(__name__)
+
+# watchfiles groups events until none arrives for STEP ms: small enough for reload and re-registration well
+# under 100 ms, large enough that an idle agent wakes only a few dozen times a second in Rust code.
+WATCH_STEP_MS = 20
+WATCH_DEBOUNCE_MS = 200
+# Without inotify (some network file systems), a content check at this period catches every edit.
+CONFIG_POLL_S = 30.0
+# While devices are held back for pods that still use them, ask the PodResources API this often.
+IN_USE_RECHECK_S = 30.0
+REGISTER_BACKOFF_START_S = 0.1
+REGISTER_BACKOFF_MAX_S = 30.0
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    config_path: Path | None
+    root: Path = Path("/")
+    plugin_dir: Path = Path("/var/lib/kubelet/device-plugins")
+    pod_resources_socket: Path | None = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
+    # Pin the agent's own threads to the CPUs no exclusive pool hands out.
+    pin_self: bool = True
+
+
+@dataclass
+class ResourceState:
+    server: ResourceServer
+    registration: asyncio.Task[None] | None = None
+    registered: bool = False
+
+
+def cpuid_cpus(root: Path, cpus: CpuSet) -> CpuSet:
+    """CPUs whose ``/dev/cpu/<n>/cpuid`` exists under `root` (the cpuid driver is loaded)."""
+    return CpuSet(cpu for cpu in cpus if (root / "dev" / "cpu" / str(cpu) / "cpuid").exists())
+
+
+def housekeeping_cpus(plan: Plan, topology: Topology) -> CpuSet:
+    exclusive = CpuSet().union(*(r.cpus for r in plan.resources.values() if r.exclusive_pool))
+    return CpuSet(topology.cpus) - exclusive
+
+
+def pin_process(cpus: CpuSet) -> None:
+    """Pin every thread of this process (threads made later inherit their creator's mask)."""
+    for entry in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(entry), set(cpus))
+
+
+class Supervisor:
+    def __init__(self, settings: AgentSettings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.plan: Plan | None = None
+        self.topology: Topology | None = None
+        self.states: dict[str, ResourceState] = {}
+        self.config_generation = 0
+        self.last_config_error: str | None = None
+        self._config: PoolConfig | None = None
+        self._config_text: str | None = None
+        self._rejected_text: str | None = None
+        self._kubelet_inode: int | None = None
+        self._in_use_known = False
+        self._wake = asyncio.Event()
+        self._flags: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._cpuid: CpuSet = CpuSet()
+        self.started = asyncio.Event()
+
+    # --- public view, for the health endpoints and tests
+
+    def readiness(self) -> dict[str, dict[str, object]]:
+        """Per resource: registered with the kubelet, and how many ListAndWatch streams are open."""
+        return {
+            name: {"registered": state.registered, "streams": state.server.servicer.stream_count}
+            for name, state in self.states.items()
+        }
+
+    @property
+    def ready(self) -> bool:
+        if self.plan is None or not self.states:
+            return False
+        return all(s.registered and s.server.servicer.stream_count > 0 for s in self.states.values())
+
+    def notify(self, reason: str) -> None:
+        """Ask the reconciler to look again (reasons: config, kubelet, recheck)."""
+        self._flags.add(reason)
+        self._wake.set()
+
+    # --- lifecycle
+
+    async def run(self) -> None:
+        """Serve until stop() is called; then end streams, close servers and remove the sockets."""
+        self.settings.plugin_dir.mkdir(parents=True, exist_ok=True)
+        self._kubelet_inode = self._kubelet_socket_inode()
+        await self._reload(initial=True)
+        self._tasks = [
+            asyncio.create_task(self._watch_plugin_dir(), name="watch-plugin-dir"),
+            asyncio.create_task(self._recheck_loop(), name="in-use-recheck"),
+        ]
+        if self.settings.config_path is not None:
+            self._tasks.append(asyncio.create_task(self._watch_config(), name="watch-config"))
+            self._tasks.append(asyncio.create_task(self._poll_config(), name="poll-config"))
+        self.started.set()
+        try:
+            await self._reconcile_loop()
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for name in list(self.states):
+            await self._stop_resource(name)
+        log.info("agent.stopped")
+
+    async def _reconcile_loop(self) -> None:
+        while not self._stopping.is_set():
+            await self._wake.wait()
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            flags, self._flags = self._flags, set()
+            try:
+                if "kubelet" in flags:
+                    await self._check_kubelet()
+                if "config" in flags:
+                    await self._reload()
+                elif "recheck" in flags:
+                    await self._replan("in-use re-check")
+            except Exception:
+                # The reconciler must outlive any single failed step; the next event retries.
+                log.exception("reconcile.failed", flags=sorted(flags))
+
+    # --- config and plan
+
+    def _read_config(self) -> tuple[PoolConfig, str]:
+        """The config as the file holds it now, and its text ("" for the built-in default)."""
+        path = self.settings.config_path
+        if path is None:
+            return default_config(), ""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            if self._config_text:
+                raise _Unreadable(f"{path} was removed") from None
+            log.warning("config.missing", path=str(path), serving="the kernel's isolated CPUs")
+            return default_config(), ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _Unreadable(f"{path}: {exc}") from exc
+        return parse_config(text, str(path)), text
+
+    async def _reload(self, *, initial: bool = False) -> None:
+        """Re-read the config; apply it if it changed and is valid, else keep the last good one."""
+        try:
+            config, text = await asyncio.to_thread(self._read_config)
+        except _Unreadable as exc:
+            log.warning("config.unreadable", reason=str(exc), keeping="last good config")
+            return
+        except ConfigError as exc:
+            if text_of(exc) != self._rejected_text:
+                self._config_failed(exc)
+            return
+        if not initial and text == self._config_text:
+            return
+        try:
+            topology = await asyncio.to_thread(discover, self.settings.root)
+            validated = validate(config, topology)
+            in_use = await self._in_use(config.resource_base_name)
+            plan = build_plan(validated, topology, self.plan, in_use or {})
+        except ConfigError as exc:
+            self._config_failed(exc)
+            return
+        self._config, self._config_text, self.topology = config, text, topology
+        self._rejected_text = None
+        self.last_config_error = None
+        self.config_generation += 1
+        self.metrics.config_generation.set(self.config_generation)
+        if not initial:
+            self.metrics.reloads.inc(result="ok")
+        for warning in plan.warnings:
+            log.warning("config.warning", message=warning)
+        log.info(
+            "config.loaded",
+            source=config.source,
+            generation=self.config_generation,
+            resources={r.name: r.healthy_count for r in plan.resources.values()},
+        )
+        if not plan.resources:
+            log.warning("agent.nothing_to_serve", reason="the config has no pools, or no CPU is isolated")
+        await self._apply(plan)
+
+    def _config_failed(self, exc: ConfigError) -> None:
+        self._rejected_text = text_of(exc)
+        self.last_config_error = str(exc)
+        self.metrics.reloads.inc(result="error")
+        log.error(
+            "config.invalid",
+            source=exc.source,
+            problems=[p.describe(exc.source) for p in exc.problems],
+            keeping="last good config"
+            if self.plan is not None
+            else "nothing served until the config is fixed",
+        )
+
+    async def _replan(self, reason: str) -> None:
+        """Plan the applied config again with fresh in-use data (devices held back may be free now)."""
+        if self._config is None or self.topology is None:
+            return
+        in_use = await self._in_use(self._config.resource_base_name)
+        if in_use is None:
+            # Without in-use data, releasing held devices could hand one CPU to two pods: keep them.
+            return
+        try:
+            plan = build_plan(validate(self._config, self.topology), self.topology, self.plan, in_use)
+        except ConfigError as exc:
+            log.warning("replan.skipped", reason=reason, error=str(exc))
+            return
+        log.debug("replan", reason=reason)
+        await self._apply(plan)
+
+    async def _in_use(self, base: str) -> dict[str, frozenset[str]] | None:
+        """Device IDs in use per resource, None when the PodResources API cannot tell."""
+        socket = self.settings.pod_resources_socket
+        if socket is None:
+            return None
+        try:
+            assignments = await list_assignments(socket)
+        except PodResourcesError as exc:
+            if self.plan is not None:
+                log.warning("podresources.unavailable", reason=str(exc), effect="in-use devices unknown")
+            return None
+        in_use = in_use_by_resource(assignments, base + "/")
+        for name in self.states:
+            self.metrics.devices_in_use.set(len(in_use.get(name, ())), resource=name)
+        return in_use
+
+    async def _apply(self, plan: Plan) -> None:
+        old = self.plan
+        diff = diff_plans(old, plan)
+        self.plan = plan
+        if self.topology is not None:
+            self._cpuid = cpuid_cpus(self.settings.root, CpuSet(self.topology.cpus))
+        for name in diff.removed:
+            state = self.states.get(name)
+            if state is not None:
+                # An empty list first, so the kubelet drops the devices at once rather than on stream end.
+                state.server.servicer.update(_emptied(state.server.servicer.resource))
+                await self._stop_resource(name)
+        for name in diff.changed:
+            state = self.states.get(name)
+            new = plan.resources[name]
+            if state is None:
+                await self._start_resource(new)
+                continue
+            before = state.server.servicer.resource
+            state.server.servicer.update(new)
+            log.info(
+                "resource.updated", resource=name, devices=len(new.device_ids()), healthy=new.healthy_count
+            )
+            if before.pool_type is not new.pool_type:
+                # The kubelet reads the options only while registering.
+                self._start_registration(name)
+        for name in diff.added:
+            await self._start_resource(plan.resources[name])
+        if self.settings.pin_self and self.topology is not None:
+            self._pin(plan, self.topology)
+
+    def _pin(self, plan: Plan, topology: Topology) -> None:
+        cpus = housekeeping_cpus(plan, topology)
+        allowed = CpuSet(os.sched_getaffinity(0)) | cpus
+        if not cpus:
+            log.warning("affinity.unchanged", reason="every online CPU is in an exclusive pool")
+            return
+        try:
+            pin_process(cpus)
+        except OSError as exc:
+            log.warning("affinity.failed", cpus=cpus.format(), reason=str(exc))
+            return
+        log.info("affinity.pinned", housekeeping_cpus=cpus.format(), was=allowed.format())
+
+    # --- servers and registration
+
+    async def _start_resource(self, resource: Resource) -> None:
+        servicer = ResourceServicer(resource, self._cpuid, self.metrics)
+        server = ResourceServer(servicer, self.settings.plugin_dir / resource.socket_name)
+        try:
+            await server.start()
+        except (OSError, RuntimeError) as exc:
+            log.error("server.start_failed", resource=resource.name, socket=str(server.path), reason=str(exc))
+            return
+        self.states[resource.name] = ResourceState(server)
+        self._start_registration(resource.name)
+
+    async def _stop_resource(self, name: str) -> None:
+        state = self.states.pop(name, None)
+        if state is None:
+            return
+        await _cancel(state.registration)
+        await state.server.close()
+        self.metrics.forget_resource(name)
+
+    def _start_registration(self, name: str) -> None:
+        state = self.states[name]
+        if state.registration is not None and not state.registration.done():
+            state.registration.cancel()
+        state.registered = False
+        self.metrics.registered.set(0, resource=name)
+        state.registration = asyncio.create_task(self._register_loop(name), name=f"register:{name}")
+
+    async def _register_loop(self, name: str) -> None:
+        delay = REGISTER_BACKOFF_START_S
+        attempt = 0
+        while True:
+            state = self.states.get(name)
+            if state is None:
+                return
+            attempt += 1
+            started = time.monotonic()
+            try:
+                await register(self.settings.plugin_dir, state.server.servicer.resource)
+            except RegistrationError as exc:
+                self.metrics.registrations.inc(resource=name, result="error")
+                log.warning(
+                    "register.retry", resource=name, attempt=attempt, reason=str(exc), retry_in_s=delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REGISTER_BACKOFF_MAX_S)
+                continue
+            state.registered = True
+            self.metrics.registrations.inc(resource=name, result="ok")
+            self.metrics.registered.set(1, resource=name)
+            log.info(
+                "registered",
+                resource=name,
+                endpoint=state.server.path.name,
+                attempt=attempt,
+                ms=round((time.monotonic() - started) * 1000, 1),
+            )
+            return
+
+    # --- kubelet restarts
+
+    def _kubelet_socket_inode(self) -> int | None:
+        try:
+            return (self.settings.plugin_dir / KUBELET_SOCKET).stat().st_ino
+        except OSError:
+            return None
+
+    async def _check_kubelet(self) -> None:
+        """Look at the directory as it is now: a new kubelet.sock means serve anew and register again."""
+        inode = self._kubelet_socket_inode()
+        restarted = inode is not None and inode != self._kubelet_inode
+        self._kubelet_inode = inode
+        if restarted:
+            self.metrics.kubelet_restarts.inc()
+            log.info("kubelet.restarted", action="serving on fresh sockets and registering every resource")
+            await self._replan("kubelet restart")
+            names = list(self.states)
+        else:
+            names = [n for n, s in self.states.items() if not s.server.socket_present()]
+            if names:
+                log.warning("socket.vanished", resources=names, action="serving again and re-registering")
+        for name in names:
+            state = self.states.get(name)
+            if state is None:
+                continue
+            await _cancel(state.registration)
+            await state.server.close()
+            try:
+                await state.server.start()
+            except (OSError, RuntimeError) as exc:
+                log.error("server.start_failed", resource=name, reason=str(exc))
+                continue
+            self._start_registration(name)
+
+    # --- watchers: they only raise flags
+
+    async def _watch_plugin_dir(self) -> None:
+        async for _changes in watchfiles.awatch(
+            self.settings.plugin_dir,
+            step=WATCH_STEP_MS,
+            debounce=WATCH_DEBOUNCE_MS,
+            stop_event=self._stopping,
+            recursive=False,
+            ignore_permission_denied=True,
+        ):
+            self.notify("kubelet")
+
+    async def _watch_config(self) -> None:
+        assert self.settings.config_path is not None
+        directory = self.settings.config_path.parent
+        # A ConfigMap volume swaps its `..data` symlink: only a watch on the directory sees every update.
+        while not self._stopping.is_set():
+            if not directory.is_dir():
+                log.warning("config.dir_missing", path=str(directory), retry_in_s=CONFIG_POLL_S)
+                await asyncio.sleep(CONFIG_POLL_S)
+                continue
+            try:
+                async for _changes in watchfiles.awatch(
+                    directory,
+                    step=WATCH_STEP_MS,
+                    debounce=WATCH_DEBOUNCE_MS,
+                    stop_event=self._stopping,
+                    recursive=False,
+                    ignore_permission_denied=True,
+                ):
+                    self.notify("config")
+            except OSError as exc:
+                log.warning("config.watch_failed", path=str(directory), reason=str(exc), fallback="polling")
+                await asyncio.sleep(CONFIG_POLL_S)
+
+    async def _poll_config(self) -> None:
+        while True:
+            await asyncio.sleep(CONFIG_POLL_S)
+            self.notify("config")
+
+    async def _recheck_loop(self) -> None:
+        while True:
+            await asyncio.sleep(IN_USE_RECHECK_S)
+            if self.plan is not None and self.plan.pending:
+                self.notify("recheck")
+
+
+class _Unreadable(Exception):
+    """The config file cannot be read right now (removed, permissions): keep serving the last good one."""
+
+
+def text_of(exc: ConfigError) -> str:
+    return str(exc)
+
+
+def _emptied(resource: Resource) -> Resource:
+    return replace(resource, exclusive={}, shared_count=0, shared_retained=frozenset(), unhealthy=frozenset())
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def run_until_signalled(
+    supervisor: Supervisor, extra: list[Callable[[], Coroutine[Any, Any, None]]]
+) -> None:
+    """Run the supervisor (and helpers such as the health server) until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, supervisor.stop)
+    helpers = [asyncio.create_task(start()) for start in extra]
+    try:
+        await supervisor.run()
+    finally:
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)

@@ -1,0 +1,214 @@
+"""The pool config: schema errors name the file, the pool and the fault; validation against the host."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.config import (
+    ConfigError,
+    HtPolicy,
+    PoolType,
+    default_config,
+    load_config_file,
+    parse_config,
+    pool_env_name,
+    validate,
+)
+from agent.cpuset import CpuSet
+from tests.topologies import make_topology
+
+SRC = "/etc/cpupool/poolconfig.yaml"
+# 2 sockets x 4 cores x 2 threads: CPUs 0-15, siblings n and n+8, isolated 2-7,10-15.
+TOPO = make_topology(isolated="2-7,10-15")
+
+GOOD = """
+resourceBaseName: cpupool.io
+pools:
+  lowlatency: {cpus: "2-5", pooltype: exclusive}
+  shared:     {cpus: "6-7", pooltype: shared}
+"""
+
+
+def errors(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, SRC)
+    return str(info.value).splitlines()
+
+
+def test_parses_the_documented_example() -> None:
+    config = parse_config(GOOD, SRC)
+    assert config.resource_base_name == "cpupool.io"
+    assert config.resource_name("lowlatency") == "cpupool.io/lowlatency"
+    low, shared = config.pools["lowlatency"], config.pools["shared"]
+    assert (low.type, low.cpus, low.ht_policy) == (PoolType.EXCLUSIVE, CpuSet.parse("2-5"), None)
+    assert (shared.type, shared.cpus) == (PoolType.SHARED, CpuSet.parse("6-7"))
+
+
+def test_isolated_keyword_and_ht_policy() -> None:
+    config = parse_config(
+        "pools:\n  fast: {cpus: isolated, pooltype: exclusive, hyperThreadingPolicy: multiThreaded}\n", SRC
+    )
+    fast = config.pools["fast"]
+    assert fast.cpus is None and fast.cpus_text == "isolated"
+    assert fast.ht_policy is HtPolicy.MULTI
+    validated = validate(config, TOPO)
+    assert validated.cpus["fast"] == CpuSet.parse("2-7,10-15")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("pools: [1, 2]", "'pools' must map pool names to settings"),
+        ("resourceBaseName: x.io\n", "missing 'pools'"),
+        ("pools: {}\nextra: 1\n", "unknown key(s) extra"),
+        ("pools:\n  a: {cpus: '1', pooltype: exclusive, colour: red}\n", "pool 'a': unknown key(s) colour"),
+        ("pools:\n  a: {cpus: '1', pooltype: dedicated}\n", "pool 'a': unknown pooltype 'dedicated'"),
+        ("pools:\n  a: {cpus: '1'}\n", "pool 'a': missing 'pooltype'"),
+        ("pools:\n  a: {pooltype: shared}\n", "pool 'a': missing 'cpus'"),
+        ("pools:\n  a: {cpus: '3-1', pooltype: shared}\n", "pool 'a': invalid cpu list '3-1'"),
+        ("pools:\n  a: {cpus: '', pooltype: shared}\n", "pool 'a': cpus is empty"),
+        ("pools:\n  a: {cpus: [1], pooltype: shared}\n", "pool 'a': cpus must be a cpu list string"),
+        (
+            "pools:\n  a: {cpus: '1', pooltype: shared, hyperThreadingPolicy: multiThreaded}\n",
+            "hyperThreadingPolicy applies to exclusive pools only",
+        ),
+        (
+            "pools:\n  a: {cpus: '1', pooltype: exclusive, hyperThreadingPolicy: both}\n",
+            "unknown hyperThreadingPolicy 'both'",
+        ),
+        (
+            "pools:\n  a: {cpus: '1', pooltype: shared}\n  b: {cpus: '2', pooltype: shared}\n",
+            "at most one shared pool is allowed, found 2: a, b",
+        ),
+        ("resourceBaseName: kubernetes.io\npools: {}\n", "reserved for Kubernetes"),
+        ("resourceBaseName: nodes.kubernetes.io\npools: {}\n", "reserved for Kubernetes"),
+        ("resourceBaseName: Bad_Domain\npools:\n  a: {cpus: '1', pooltype: shared}\n", "not a DNS subdomain"),
+        (
+            "pools:\n  -bad-: {cpus: '1', pooltype: shared}\n",
+            "pool '-bad-': pool name '-bad-' is not a valid",
+        ),
+        ("pools:\n  " + "p" * 64 + ": {cpus: '1', pooltype: shared}\n", "is not a valid resource name part"),
+        ("pools:\n  a: {cpus: '1', pooltype: shared\n", "not valid YAML at line"),
+        ("", "got an empty file"),
+    ],
+)
+def test_schema_errors_name_file_pool_and_fault(text: str, expected: str) -> None:
+    lines = errors(text)
+    assert any(expected in line for line in lines), lines
+    assert all(line.startswith(SRC) for line in lines)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    lines = errors("pools:\n  a: {cpus: 'x', pooltype: exclusive}\n  b: {cpus: '1', pooltype: nope}\n")
+    assert len(lines) == 2
+    assert "pool 'a'" in lines[0] and "pool 'b'" in lines[1]
+
+
+def test_cpus_may_be_a_single_number() -> None:
+    config = parse_config("pools:\n  one: {cpus: 3, pooltype: exclusive}\n", SRC)
+    assert config.pools["one"].cpus == CpuSet([3])
+
+
+def validation_errors(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate(parse_config(text, SRC), TOPO)
+    return str(info.value)
+
+
+def test_cpus_that_are_not_online() -> None:
+    message = validation_errors("pools:\n  big: {cpus: '14-17', pooltype: exclusive}\n")
+    assert message == f"{SRC}: pool 'big': CPUs 16,17 are not online (online: 0-15)"
+
+
+def test_cpu_in_two_pools() -> None:
+    message = validation_errors(
+        "pools:\n  a: {cpus: '2-5', pooltype: exclusive}\n  b: {cpus: '5-6', pooltype: shared}\n"
+    )
+    assert message == f"{SRC}: pool 'a': CPUs 5 are also in pool 'b'"
+
+
+def test_ht_policy_needs_whole_cores() -> None:
+    message = validation_errors(
+        "pools:\n  a: {cpus: '2-3', pooltype: exclusive, hyperThreadingPolicy: singleThreaded}\n"
+    )
+    assert "CPU 2 is in the pool but its sibling(s) 10 are not" in message
+
+
+def test_isolated_pool_without_isolation_is_an_error() -> None:
+    config = parse_config("pools:\n  a: {cpus: isolated, pooltype: exclusive}\n", SRC)
+    with pytest.raises(ConfigError, match="the kernel isolates no online CPU"):
+        validate(config, make_topology())
+
+
+def test_exclusive_pool_on_scheduled_cpus_is_allowed_with_a_warning() -> None:
+    validated = validate(parse_config("pools:\n  a: {cpus: '0-2', pooltype: exclusive}\n", SRC), TOPO)
+    assert validated.cpus["a"] == CpuSet.parse("0-2")
+    assert len(validated.warnings) == 1
+    assert "exclusive CPUs 0,1 are not isolated" in validated.warnings[0]
+
+
+def test_default_config_serves_the_isolated_cpus() -> None:
+    config = default_config()
+    assert config.resource_name("isolcpus") == "cpupool.io/isolcpus"
+    assert validate(config, TOPO).cpus["isolcpus"] == CpuSet.parse("2-7,10-15")
+
+
+def test_load_config_file_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=f"{missing}: cannot read the file"):
+        load_config_file(missing)
+    good = tmp_path / "poolconfig.yaml"
+    good.write_text(GOOD)
+    assert load_config_file(good).source == str(good)
+
+
+@pytest.mark.parametrize(
+    ("pool", "env"), [("lowlatency", "CPUPOOL_LOWLATENCY_CPUS"), ("dpdk-rx.1", "CPUPOOL_DPDK_RX_1_CPUS")]
+)
+def test_pool_env_name(pool: str, env: str) -> None:
+    assert pool_env_name(pool) == env
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=300))
+def test_any_text_gives_a_config_or_a_config_error(text: str) -> None:
+    try:
+        parse_config(text, SRC)
+    except ConfigError as exc:
+        message = str(exc)
+    else:
+        return
+    assert message.startswith(SRC)
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300)
+@given(
+    st.dictionaries(
+        st.sampled_from(["resourceBaseName", "pools", "x"]),
+        yaml_values
+        | st.dictionaries(
+            st.text(max_size=6),
+            st.dictionaries(st.sampled_from(["cpus", "pooltype", "hyperThreadingPolicy"]), yaml_values),
+        ),
+    )
+)
+def test_any_structure_gives_a_config_or_a_config_error(data: dict[str, object]) -> None:
+    try:
+        config = parse_config(yaml.safe_dump(data), SRC)
+    except ConfigError:
+        return
+    with contextlib.suppress(ConfigError):
+        validate(config, TOPO)
