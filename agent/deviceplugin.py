@@ -71,7 +71,8 @@ class ResourceServicer(DevicePluginBase):
         self._cpuid_cpus = cpuid_cpus
         self._metrics = metrics
         self._wakeups: set[asyncio.Event] = set()
-        self._closing = False
+        # end_streams() bumps the epoch: streams opened before it end, a server started after it serves anew.
+        self._epoch = 0
         self._publish_device_metrics()
 
     @property
@@ -95,7 +96,7 @@ class ResourceServicer(DevicePluginBase):
 
     def end_streams(self) -> None:
         """End every ListAndWatch stream (grpclib's Server.close() would leave them hanging)."""
-        self._closing = True
+        self._epoch += 1
         for wakeup in self._wakeups:
             wakeup.set()
 
@@ -113,13 +114,14 @@ class ResourceServicer(DevicePluginBase):
 
     async def list_and_watch(self, message: Empty) -> AsyncIterator[ListAndWatchResponse]:
         wakeup = asyncio.Event()
+        epoch = self._epoch
         self._wakeups.add(wakeup)
         name = self._resource.name
         self._metrics.streams.set(len(self._wakeups), resource=name)
         log.info("listandwatch.opened", resource=name, devices=self._listing.device_count)
         try:
             # Each message is the full list: a slow reader skips intermediate lists, never gets a stale one.
-            while not self._closing:
+            while epoch == self._epoch:
                 listing = self._listing
                 yield listing
                 log.debug("listandwatch.sent", resource=name, devices=listing.device_count)

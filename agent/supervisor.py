@@ -55,6 +55,8 @@ class AgentSettings:
     pod_resources_socket: Path | None = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
     # Pin the agent's own threads to the CPUs no exclusive pool hands out.
     pin_self: bool = True
+    recheck_interval_s: float = IN_USE_RECHECK_S
+    config_poll_s: float = CONFIG_POLL_S
 
 
 @dataclass
@@ -453,12 +455,12 @@ class Supervisor:
 
     async def _poll_config(self) -> None:
         while True:
-            await asyncio.sleep(CONFIG_POLL_S)
+            await asyncio.sleep(self.settings.config_poll_s)
             self.notify("config")
 
     async def _recheck_loop(self) -> None:
         while True:
-            await asyncio.sleep(IN_USE_RECHECK_S)
+            await asyncio.sleep(self.settings.recheck_interval_s)
             if self.plan is not None and self.plan.pending:
                 self.notify("recheck")
 
