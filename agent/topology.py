@@ -617,7 +617,7 @@ def render_table(topology: Topology) -> str:
         lines += ["", f"NUMA node {node}: CPUs {node_cpus.format()}", *_columns(header, rows)]
     if topology.warnings:
         lines += ["", "warnings:", *(f"  - {warning}" for warning in topology.warnings)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def _columns(header: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> list[str]:
