@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -37,7 +38,7 @@ from agent.kubeletapi.v1beta1 import (
 )
 from agent.metrics import Metrics
 from agent.plan import Resource, shared_device_index
-from agent.wire import encode_resource
+from agent.wire import EncodedListAndWatchResponse, encode_resource
 
 log = structlog.get_logger(__name__)
 
@@ -61,16 +62,34 @@ def _quote(ids: Sequence[str]) -> str:
     return f"{shown}{more}"
 
 
+@dataclass(eq=False)
+class _Stream:
+    """One open ListAndWatch stream: the epoch it was opened in and the list it sent last."""
+
+    epoch: int
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    sent: EncodedListAndWatchResponse | None = None
+
+
 class ResourceServicer(DevicePluginBase):
     """Answers the kubelet for one resource. All RPCs are synchronous computations on in-memory data."""
 
-    def __init__(self, resource: Resource, cpuid_cpus: CpuSet, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        resource: Resource,
+        cpuid_cpus: CpuSet,
+        metrics: Metrics,
+        on_streams_closed: Callable[[str], None] | None = None,
+    ) -> None:
         self._resource = resource
+        # Called when the last ListAndWatch stream ends: the kubelet stopped watching this resource.
+        self._on_streams_closed = on_streams_closed
         self._listing = encode_resource(resource)
         # CPUs whose /dev/cpu/<n>/cpuid exists on the host, checked once: Allocate does no file IO.
         self._cpuid_cpus = cpuid_cpus
         self._metrics = metrics
-        self._wakeups: set[asyncio.Event] = set()
+        self._streams: set[_Stream] = set()
+        self._progress = asyncio.Event()
         # end_streams() bumps the epoch: streams opened before it end, a server started after it serves anew.
         self._epoch = 0
         self._publish_device_metrics()
@@ -81,7 +100,7 @@ class ResourceServicer(DevicePluginBase):
 
     @property
     def stream_count(self) -> int:
-        return len(self._wakeups)
+        return len(self._streams)
 
     def update(self, resource: Resource) -> bool:
         """Serve a new device list on every open stream; returns False when nothing changed."""
@@ -90,15 +109,15 @@ class ResourceServicer(DevicePluginBase):
         self._resource = resource
         self._listing = encode_resource(resource)
         self._publish_device_metrics()
-        for wakeup in self._wakeups:
-            wakeup.set()
+        for stream in self._streams:
+            stream.wakeup.set()
         return True
 
     def end_streams(self) -> None:
         """End every ListAndWatch stream (grpclib's Server.close() would leave them hanging)."""
         self._epoch += 1
-        for wakeup in self._wakeups:
-            wakeup.set()
+        for stream in self._streams:
+            stream.wakeup.set()
 
     def _publish_device_metrics(self) -> None:
         name = self._resource.name
@@ -113,24 +132,43 @@ class ResourceServicer(DevicePluginBase):
         )
 
     async def list_and_watch(self, message: Empty) -> AsyncIterator[ListAndWatchResponse]:
-        wakeup = asyncio.Event()
-        epoch = self._epoch
-        self._wakeups.add(wakeup)
+        stream = _Stream(self._epoch)
+        self._streams.add(stream)
         name = self._resource.name
-        self._metrics.streams.set(len(self._wakeups), resource=name)
+        self._metrics.streams.set(len(self._streams), resource=name)
         log.info("listandwatch.opened", resource=name, devices=self._listing.device_count)
         try:
             # Each message is the full list: a slow reader skips intermediate lists, never gets a stale one.
-            while epoch == self._epoch:
+            while True:
                 listing = self._listing
-                yield listing
-                log.debug("listandwatch.sent", resource=name, devices=listing.device_count)
-                await wakeup.wait()
-                wakeup.clear()
+                if listing is not stream.sent:
+                    yield listing
+                    # The generator resumes once grpclib has handed the message to the transport.
+                    stream.sent = listing
+                    self._progress.set()
+                    log.debug("listandwatch.sent", resource=name, devices=listing.device_count)
+                if stream.epoch != self._epoch:
+                    return
+                await stream.wakeup.wait()
+                stream.wakeup.clear()
         finally:
-            self._wakeups.discard(wakeup)
-            self._metrics.streams.set(len(self._wakeups), resource=name)
+            self._streams.discard(stream)
+            self._metrics.streams.set(len(self._streams), resource=name)
             log.info("listandwatch.closed", resource=name)
+            if not self._streams and stream.epoch == self._epoch and self._on_streams_closed is not None:
+                self._on_streams_closed(name)
+
+    async def flush(self, timeout_s: float = 1.0) -> bool:
+        """Wait until every open stream has sent the current list (True), or `timeout_s` passed (False)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while any(s.sent is not self._listing for s in self._streams):
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return False
+            self._progress.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), remaining)
+        return True
 
     async def get_preferred_allocation(
         self, message: PreferredAllocationRequest

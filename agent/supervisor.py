@@ -44,6 +44,8 @@ CONFIG_POLL_S = 30.0
 # While devices are held back for pods that still use them, ask the PodResources API this often.
 IN_USE_RECHECK_S = 30.0
 REGISTER_BACKOFF_START_S = 0.1
+# How long a resource may go without a ListAndWatch stream before the agent registers it again.
+STREAM_LOST_GRACE_S = 1.0
 REGISTER_BACKOFF_MAX_S = 30.0
 
 
@@ -64,6 +66,8 @@ class ResourceState:
     server: ResourceServer
     registration: asyncio.Task[None] | None = None
     registered: bool = False
+    # Started when the kubelet's stream ends without a new kubelet.sock: register again if none reopens.
+    watchdog: asyncio.Task[None] | None = None
 
 
 def cpuid_cpus(root: Path, cpus: CpuSet) -> CpuSet:
@@ -289,6 +293,7 @@ class Supervisor:
             if state is not None:
                 # An empty list first, so the kubelet drops the devices at once rather than on stream end.
                 state.server.servicer.update(_emptied(state.server.servicer.resource))
+                await state.server.servicer.flush()
                 await self._stop_resource(name)
         for name in diff.changed:
             state = self.states.get(name)
@@ -325,7 +330,7 @@ class Supervisor:
     # --- servers and registration
 
     async def _start_resource(self, resource: Resource) -> None:
-        servicer = ResourceServicer(resource, self._cpuid, self.metrics)
+        servicer = ResourceServicer(resource, self._cpuid, self.metrics, self._streams_closed)
         server = ResourceServer(servicer, self.settings.plugin_dir / resource.socket_name)
         try:
             await server.start()
@@ -340,8 +345,28 @@ class Supervisor:
         if state is None:
             return
         await _cancel(state.registration)
+        await _cancel(state.watchdog)
         await state.server.close()
         self.metrics.forget_resource(name)
+
+    def _streams_closed(self, name: str) -> None:
+        state = self.states.get(name)
+        if state is None or self._stopping.is_set():
+            return
+        if state.watchdog is None or state.watchdog.done():
+            state.watchdog = asyncio.create_task(self._stream_watchdog(name), name=f"watchdog:{name}")
+
+    async def _stream_watchdog(self, name: str) -> None:
+        # A kubelet restart is normally seen through kubelet.sock and handled at once; this covers a kubelet
+        # that went away (or an event that was missed): without a stream the resource is not served.
+        await asyncio.sleep(STREAM_LOST_GRACE_S)
+        state = self.states.get(name)
+        if state is None or state.server.servicer.stream_count > 0:
+            return
+        if state.registration is not None and not state.registration.done():
+            return
+        log.warning("listandwatch.lost", resource=name, action="registering again until the kubelet answers")
+        self._start_registration(name)
 
     def _start_registration(self, name: str) -> None:
         state = self.states[name]

@@ -1,0 +1,216 @@
+"""Live without restarts: ConfigMap edits, kubelet restarts, in-use devices kept safe."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from agent.cpuset import CpuSet
+from agent.supervisor import STREAM_LOST_GRACE_S
+from tests.emulator import ResourceSnapshot
+from tests.harness import POOLS, Running, running_agent
+
+FAST, MULTI, SHARED = "cpupool.io/fast", "cpupool.io/multi", "cpupool.io/shared"
+
+
+def ids(snap: ResourceSnapshot) -> set[str]:
+    return {d.id for d in snap.devices}
+
+
+def health(snap: ResourceSnapshot) -> dict[str, str]:
+    return {d.id: d.health for d in snap.devices}
+
+
+async def all_registered(run: Running, *names: str) -> None:
+    for name in names:
+        await run.emu.wait_registered(name)
+        await run.emu.wait_devices(name)
+
+
+def stream_ends(run: Running, name: str) -> int:
+    return sum(1 for e in run.emu.stream_ends if e.resource == name)
+
+
+async def test_edit_changes_pools_on_open_streams(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as run:
+        await all_registered(run, FAST, MULTI, SHARED)
+        registrations = len(run.emu.registrations)
+        run.configmap.write(
+            """
+pools:
+  fast:   {cpus: "2-5", pooltype: exclusive}
+  shared: {cpus: "12-14", pooltype: shared}
+  extra:  {cpus: "20-21", pooltype: exclusive}
+"""
+        )
+        fast = await run.emu.wait_devices(FAST, lambda s: ids(s) == {"2", "3", "4", "5"})
+        assert fast.stream_open
+        await run.emu.wait_devices(SHARED, lambda s: s.allocatable == 3000)
+        await all_registered(run, "cpupool.io/extra")
+        # The removed pool: an empty list first, then its socket goes.
+        await run.emu.wait_for(
+            lambda: not (run.plugin_dir / "cpupool-multi.sock").exists(), what="multi socket gone"
+        )
+        multi = run.emu.resource(MULTI)
+        assert multi is not None and multi.allocatable == 0
+        # Changed pools kept their streams: no stream end, no new registration for them.
+        assert stream_ends(run, FAST) == stream_ends(run, SHARED) == 0
+        new = [r.resource for r in run.emu.registrations[registrations:]]
+        assert new == ["cpupool.io/extra"]
+        assert run.supervisor.config_generation == 2
+
+
+async def test_invalid_edit_keeps_the_last_good_config(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as run:
+        await all_registered(run, FAST, MULTI, SHARED)
+        run.configmap.write(
+            'pools:\n  fast: {cpus: "2-5", pooltype: exclusive}\n  bad: {cpus: "40", pooltype: shared}\n'
+        )
+        await run.emu.wait_for(lambda: run.supervisor.last_config_error is not None, what="the error to show")
+        error = run.supervisor.last_config_error
+        assert error is not None
+        assert (
+            str(run.configmap.file) in error and "pool 'bad'" in error and "CPUs 40 are not online" in error
+        )
+        assert run.supervisor.metrics.reloads.get(result="error") == 1
+        assert run.supervisor.config_generation == 1
+        fast = run.emu.resource(FAST)
+        assert fast is not None and len(fast.devices) == 12 and fast.stream_open
+        # Fixing the file clears the error.
+        run.configmap.write('pools:\n  fast: {cpus: "2-5", pooltype: exclusive}\n')
+        await run.emu.wait_devices(FAST, lambda s: len(s.devices) == 4)
+        assert run.supervisor.last_config_error is None
+
+
+async def test_twenty_edits_in_a_row_end_on_the_last(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as run:
+        await all_registered(run, FAST, MULTI, SHARED)
+        for n in range(20):
+            run.configmap.write(f'pools:\n  fast: {{cpus: "2-{2 + n % 6}", pooltype: exclusive}}\n')
+            await asyncio.sleep(0.01 * (n % 3))
+        last = {str(c) for c in range(2, 2 + 19 % 6 + 1)}
+        fast = await run.emu.wait_devices(FAST, lambda s: ids(s) == last)
+        assert fast.stream_open
+        assert stream_ends(run, FAST) == 0
+        # The content, not the order of events, decides: the agent serves exactly the file.
+        assert run.supervisor.last_config_error is None
+
+
+async def test_shrinking_a_pool_keeps_an_allocated_device_unhealthy_until_released(tmp_path: Path) -> None:
+    async with running_agent(tmp_path, recheck_interval_s=0.1) as run:
+        await all_registered(run, FAST)
+        held = await run.emu.call_preferred(FAST, ["7"], [], 1)
+        allocation = await run.emu.allocate(FAST, 1, must_include=held, pod="busy")
+        assert allocation.device_ids == ("7",)
+        run.configmap.write(
+            'pools:\n  fast: {cpus: "2-6", pooltype: exclusive}\n  shared: {cpus: "12-13", pooltype: shared}\n'
+        )
+        fast = await run.emu.wait_devices(FAST, lambda s: "7" in health(s) and len(s.devices) == 6)
+        assert health(fast)["7"] == "Unhealthy"
+        assert fast.allocatable == 5
+        await asyncio.sleep(0.3)
+        assert health(run.emu.resource(FAST))["7"] == "Unhealthy"  # type: ignore[arg-type]
+        run.emu.release("busy")
+        await run.emu.wait_devices(FAST, lambda s: ids(s) == {"2", "3", "4", "5", "6"})
+
+
+async def test_cpu_moved_between_pools_while_in_use_is_not_handed_out_twice(tmp_path: Path) -> None:
+    async with running_agent(tmp_path, recheck_interval_s=0.1) as run:
+        await all_registered(run, FAST)
+        await run.emu.allocate(FAST, 1, must_include=["7"], pod="busy")
+        run.configmap.write(
+            'pools:\n  fast: {cpus: "2-6", pooltype: exclusive}\n  other: {cpus: "7", pooltype: exclusive}\n'
+        )
+        other = await run.emu.wait_devices("cpupool.io/other")
+        assert health(other) == {"7": "Unhealthy"}
+        run.emu.release("busy")
+        await run.emu.wait_devices("cpupool.io/other", lambda s: health(s) == {"7": "Healthy"})
+
+
+async def test_restart_reregisters_every_resource(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as run:
+        await all_registered(run, FAST, MULTI, SHARED)
+        since = time.monotonic()
+        await run.emu.restart()
+        for name in (FAST, MULTI, SHARED):
+            await run.emu.wait_registered(name, since=since)
+        fast = await run.emu.wait_devices(FAST)
+        assert len(fast.devices) == 12
+        assert run.supervisor.metrics.kubelet_restarts.get() >= 1
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_fifty_restarts_with_allocations_leak_nothing(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as run:
+        await all_registered(run, FAST, MULTI, SHARED)
+        await run.emu.allocate(FAST, 1, pod="warmup")
+        run.emu.release("warmup")
+        fds_before = open_fds()
+        tasks_before = len(asyncio.all_tasks())
+        for n in range(50):
+            since = time.monotonic()
+            # Every fifth restart comes back at once and again while the agent is registering.
+            await run.emu.restart()
+            if n % 5 == 0:
+                await asyncio.sleep(0.005)
+                since = time.monotonic()
+                await run.emu.restart()
+            for name in (FAST, MULTI, SHARED):
+                await run.emu.wait_registered(name, since=since, timeout=10)
+            fast = await run.emu.wait_devices(FAST, timeout=10)
+            shared = await run.emu.wait_devices(SHARED, timeout=10)
+            assert len(fast.devices) == 12 and shared.allocatable == 2000
+            if n % 10 == 0:
+                result = await run.emu.allocate(FAST, 2, pod=f"p{n}")
+                assert len(result.envs["EXCLUSIVE_CPUS"].split(",")) == 2
+                run.emu.release(f"p{n}")
+        sockets = sorted(p.name for p in run.plugin_dir.iterdir())
+        assert sockets == ["cpupool-fast.sock", "cpupool-multi.sock", "cpupool-shared.sock", "kubelet.sock"]
+        # Stream watchdogs started by the restarts end after their grace period; nothing else may linger.
+        await run.emu.wait_for(
+            lambda: len(asyncio.all_tasks()) <= tasks_before,
+            timeout=STREAM_LOST_GRACE_S + 2,
+            what=f"tasks to settle: {sorted(t.get_name() for t in asyncio.all_tasks())}",
+        )
+        # grpc and grpclib keep a few descriptors per connection; anything that grows with restarts is a leak.
+        assert open_fds() <= fds_before + 6
+
+
+async def test_kubelet_that_never_comes_back(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as run:
+        await all_registered(run, FAST, MULTI, SHARED)
+        await run.emu.stop()
+        (run.plugin_dir / "kubelet.sock").unlink(missing_ok=True)
+        # Streams are gone: not ready, and the agent keeps trying to register (with backoff).
+        await run.emu.wait_for(lambda: not run.supervisor.ready, what="the agent to be unready")
+        await run.emu.wait_for(
+            lambda: run.supervisor.metrics.registrations.get(resource=FAST, result="error") >= 2,
+            timeout=10,
+            what="registration retries",
+        )
+        since = time.monotonic()
+        await run.emu.start()
+        await run.emu.wait_registered(FAST, since=since)
+        await run.emu.wait_for(lambda: run.supervisor.ready, what="the agent to be ready again")
+
+
+async def test_default_isolcpus_resource_without_config_file(tmp_path: Path) -> None:
+    async with running_agent(tmp_path, config=None) as run:
+        await all_registered(run, "cpupool.io/isolcpus")
+        snap = run.emu.resource("cpupool.io/isolcpus")
+        assert snap is not None and ids(snap) == {str(c) for c in CpuSet.parse("2-7,18-23")}
+
+
+async def test_config_file_appearing_later_is_picked_up(tmp_path: Path) -> None:
+    async with running_agent(tmp_path, config=POOLS) as run:
+        await all_registered(run, FAST)
+        # The file vanishing (ConfigMap deleted) keeps what is served.
+        os.unlink(run.configmap.file)
+        await asyncio.sleep(0.4)
+        fast = run.emu.resource(FAST)
+        assert fast is not None and fast.stream_open and len(fast.devices) == 12
