@@ -104,9 +104,7 @@ async def test_shrinking_a_pool_keeps_an_allocated_device_unhealthy_until_releas
         held = await run.emu.call_preferred(FAST, ["7"], [], 1)
         allocation = await run.emu.allocate(FAST, 1, must_include=held, pod="busy")
         assert allocation.device_ids == ("7",)
-        run.configmap.write(
-            'pools:\n  fast: {cpus: "2-6", pooltype: exclusive}\n  shared: {cpus: "12-13", pooltype: shared}\n'
-        )
+        run.configmap.write('pools:\n  fast: {cpus: "2-6", pooltype: exclusive}\n')
         fast = await run.emu.wait_devices(FAST, lambda s: "7" in health(s) and len(s.devices) == 6)
         assert health(fast)["7"] == "Unhealthy"
         assert fast.allocatable == 5
