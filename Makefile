@@ -9,7 +9,7 @@ PROTO_SRC := protos/k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1/api.proto \
              protos/k8s.io/kubelet/pkg/apis/podresources/v1/api.proto
 GEN_DIR := agent/kubeletapi
 
-.PHONY: venv test lint demo bench protos check-protos clean
+.PHONY: venv helm test lint demo bench protos check-protos clean
 
 venv: $(STAMP)
 
@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,dev]'
 	touch $@
 
-test: $(STAMP)
+# The Helm CLI for the chart tests (tests/test_chart.py), installed into the venv.
+helm: $(STAMP)
+	PYTHON=$(PY) bash scripts/install-helm.sh $(BIN)/helm
+
+test: $(STAMP) helm
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
