@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(agent)
 
+    from agent import status  # noqa: PLC0415 - keeps `cpupool agent` start-up lean
+
+    status_cmd = sub.add_parser("status", help="what the agent serves and which pods hold which CPUs")
+    status.add_arguments(status_cmd)
+    _add_common(status_cmd)
     return parser
 
 
@@ -76,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_discover(args)
     if command == "check-config":
         return cmd_check_config(args)
+    if command == "status":
+        from agent import status  # noqa: PLC0415
+
+        return status.run(args)
     return cmd_agent(args)
 
 
