@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
 from grpclib import GRPCError
 from grpclib.client import Channel
-from grpclib.const import Status
+from grpclib.const import Handler, Status
 from grpclib.server import Server
 
 from agent.allocation import AllocationError, preferred_allocation
@@ -22,7 +23,9 @@ from agent.cpuset import CpuSet
 from agent.kubeletapi.v1beta1 import (
     AllocateRequest,
     AllocateResponse,
+    ContainerAllocateRequest,
     ContainerAllocateResponse,
+    ContainerPreferredAllocationRequest,
     ContainerPreferredAllocationResponse,
     DevicePluginBase,
     DevicePluginOptions,
@@ -69,6 +72,42 @@ class _Stream:
     epoch: int
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     sent: EncodedListAndWatchResponse | None = None
+
+
+_Req = TypeVar("_Req")
+
+
+def _requests(items: Sequence[object], kind: type[_Req]) -> list[_Req]:
+    """The container requests, checked: a malformed message can decode into values of the wrong type."""
+    checked = []
+    for index, item in enumerate(items):
+        if not isinstance(item, kind):
+            raise RequestError(f"container request {index} is not a {kind.__name__} (malformed message)")
+        checked.append(item)
+    return checked
+
+
+def _check_ids(ids: Sequence[object], where: str) -> None:
+    if not all(isinstance(i, str) for i in ids):
+        raise RequestError(f"{where}: device IDs must be strings (malformed message)")
+
+
+def _guarded(path: str, func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+    """Any failure other than a gRPC status becomes one, logged: a bad request never surfaces as a crash."""
+
+    async def handler(stream: Any) -> None:
+        try:
+            await func(stream)
+        except (GRPCError, asyncio.CancelledError):
+            raise
+        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+            log.warning("request.malformed", method=path, reason=repr(exc))
+            raise GRPCError(Status.INVALID_ARGUMENT, f"{path}: malformed request: {exc}") from None
+        except Exception as exc:
+            log.exception("request.failed", method=path)
+            raise GRPCError(Status.INTERNAL, f"{path}: {exc!r}") from None
+
+    return handler
 
 
 class ResourceServicer(DevicePluginBase):
@@ -124,6 +163,12 @@ class ResourceServicer(DevicePluginBase):
         healthy = self._resource.healthy_count
         self._metrics.devices.set(healthy, resource=name, health="healthy")
         self._metrics.devices.set(self._listing.device_count - healthy, resource=name, health="unhealthy")
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            path: handler._replace(func=_guarded(path, handler.func))
+            for path, handler in super().__mapping__().items()
+        }
 
     async def get_device_plugin_options(self, message: Empty) -> DevicePluginOptions:
         return DevicePluginOptions(
@@ -181,7 +226,7 @@ class ResourceServicer(DevicePluginBase):
                         list(req.available_deviceIDs), list(req.must_include_deviceIDs), req.allocation_size
                     )
                 )
-                for req in message.container_requests
+                for req in _requests(message.container_requests, ContainerPreferredAllocationRequest)
             ]
         except (AllocationError, RequestError) as exc:
             self._count("GetPreferredAllocation", started, ok=False)
@@ -192,6 +237,10 @@ class ResourceServicer(DevicePluginBase):
 
     def _prefer(self, available: list[str], must_include: list[str], size: int) -> list[str]:
         resource = self._resource
+        _check_ids(available, "available_deviceIDs")
+        _check_ids(must_include, "must_include_deviceIDs")
+        if not isinstance(size, int):
+            raise RequestError(f"allocation_size is not an integer: {size!r}")
         if resource.exclusive_pool:
             return preferred_allocation(resource.exclusive, available, must_include, size)
         # Millicpus of one shared pool are interchangeable: the lowest indexes keep the list readable.
@@ -212,7 +261,7 @@ class ResourceServicer(DevicePluginBase):
     async def allocate(self, message: AllocateRequest) -> AllocateResponse:
         started = time.perf_counter()
         try:
-            requests = message.container_requests
+            requests = _requests(message.container_requests, ContainerAllocateRequest)
             responses = [self._allocate_container(i, req.devices_ids) for i, req in enumerate(requests)]
         except RequestError as exc:
             self._count("Allocate", started, ok=False)
@@ -224,6 +273,7 @@ class ResourceServicer(DevicePluginBase):
     def _allocate_container(self, index: int, ids: Sequence[str]) -> ContainerAllocateResponse:
         resource = self._resource
         where = f"container request {index}"
+        _check_ids(ids, where)
         if not ids:
             raise RequestError(f"{where} lists no device IDs")
         total = (

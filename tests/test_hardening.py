@@ -1,0 +1,87 @@
+"""Bad input on the wire: garbage bytes, wrong field types, empty and enormous requests get errors."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.emulator import DEVICEPLUGIN, PluginCallError
+from tests.harness import Running, running_agent
+
+FAST, SHARED = "cpupool.io/fast", "cpupool.io/shared"
+
+
+def raw_call(socket: Path, method: str, payload: bytes) -> tuple[grpc.StatusCode, str, bytes | None]:
+    """Send `payload` as the request bytes, unchecked, with Google's gRPC."""
+    with grpc.insecure_channel(f"unix://{socket}") as channel:
+        call = channel.unary_unary(f"/v1beta1.DevicePlugin/{method}")
+        try:
+            reply = call(payload, timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details() or "", None
+        return grpc.StatusCode.OK, "", reply
+
+
+async def still_serving(run: Running) -> None:
+    result = await run.emu.allocate(FAST, 1)
+    assert len(result.device_ids) == 1
+    run.emu.release(result.pod)
+
+
+@pytest.mark.parametrize(
+    ("method", "payload"),
+    [
+        ("Allocate", b"\x08\x01"),  # field 1 as a varint: decodes to a list holding an int
+        ("Allocate", b"\x0a\x03\x0a\x01\xff"),  # a device ID that is not UTF-8
+        ("Allocate", b"\x0a\x02\x08\x05"),  # an ID field of the wrong wire type
+        ("GetPreferredAllocation", b"\x08\x07"),
+        ("GetPreferredAllocation", b"\x0a\x04\x0a\x02\xc3\x28"),
+        ("GetPreferredAllocation", b"\x0a\x02\x18\x7f\x0a\x03\x0a\x01\x32"),
+    ],
+)
+async def test_garbage_requests_get_an_error_and_the_agent_keeps_serving(
+    tmp_path: Path, method: str, payload: bytes
+) -> None:
+    async with running_agent(tmp_path) as run:
+        await run.emu.wait_devices(FAST)
+        code, details, _ = await asyncio.to_thread(
+            raw_call, run.plugin_dir / "cpupool-fast.sock", method, payload
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert details
+        await still_serving(run)
+
+
+async def test_empty_requests_get_empty_answers(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as run:
+        await run.emu.wait_devices(FAST)
+        for method in ("Allocate", "GetPreferredAllocation", "PreStartContainer", "GetDevicePluginOptions"):
+            code, details, reply = await asyncio.to_thread(
+                raw_call, run.plugin_dir / "cpupool-fast.sock", method, b""
+            )
+            assert code == grpc.StatusCode.OK, (method, details)
+        options = DEVICEPLUGIN.pb2.DevicePluginOptions.FromString(reply)
+        assert options.get_preferred_allocation_available
+        await still_serving(run)
+
+
+async def test_enormous_requests_get_clear_errors(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as run:
+        await run.emu.wait_devices(FAST)
+        await run.emu.wait_devices(SHARED)
+        many = [str(i) for i in range(100_000)]
+        with pytest.raises(PluginCallError) as info:
+            await run.emu.call_preferred(FAST, many, [], 4)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "100000" in info.value.details or "unknown" in info.value.details
+        with pytest.raises(PluginCallError) as info:
+            await run.emu.call_allocate(SHARED, many)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "100000 device IDs" in info.value.details
+        with pytest.raises(PluginCallError) as info:
+            await run.emu.call_preferred(FAST, ["2", "3"], [], -1)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        await still_serving(run)
