@@ -112,16 +112,25 @@ class Supervisor:
 
     def readiness(self) -> dict[str, dict[str, object]]:
         """Per resource: registered with the kubelet, and how many ListAndWatch streams are open."""
-        return {
-            name: {"registered": state.registered, "streams": state.server.servicer.stream_count}
-            for name, state in self.states.items()
-        }
+        report: dict[str, dict[str, object]] = {}
+        for name in self.plan.resources if self.plan is not None else ():
+            state = self.states.get(name)
+            if state is None:
+                report[name] = {"served": False, "registered": False, "streams": 0}
+            else:
+                streams = state.server.servicer.stream_count
+                report[name] = {"served": True, "registered": state.registered, "streams": streams}
+        return report
 
     @property
     def ready(self) -> bool:
-        if self.plan is None or not self.states:
+        if self.plan is None:
             return False
-        return all(s.registered and s.server.servicer.stream_count > 0 for s in self.states.values())
+        for name in self.plan.resources:
+            state = self.states.get(name)
+            if state is None or not state.registered or state.server.servicer.stream_count == 0:
+                return False
+        return True
 
     def notify(self, reason: str) -> None:
         """Ask the reconciler to look again (reasons: config, kubelet, recheck)."""
@@ -299,8 +308,7 @@ class Supervisor:
             state = self.states.get(name)
             new = plan.resources[name]
             if state is None:
-                await self._start_resource(new)
-                continue
+                continue  # not served (socket taken): _start_missing tries again below
             before = state.server.servicer.resource
             state.server.servicer.update(new)
             log.info(
@@ -311,6 +319,7 @@ class Supervisor:
                 self._start_registration(name)
         for name in diff.added:
             await self._start_resource(plan.resources[name])
+        await self._start_missing()
         if self.settings.pin_self and self.topology is not None:
             self._pin(plan, self.topology)
 
@@ -438,9 +447,19 @@ class Supervisor:
             try:
                 await state.server.start()
             except (OSError, RuntimeError) as exc:
-                log.error("server.start_failed", resource=name, reason=str(exc))
+                log.error("server.start_failed", resource=name, reason=str(exc), retry="on the next event")
+                await self._stop_resource(name)
                 continue
             self._start_registration(name)
+        await self._start_missing()
+
+    async def _start_missing(self) -> None:
+        """Serve every planned resource that has no server (its socket was taken when we last tried)."""
+        if self.plan is None:
+            return
+        for name, resource in self.plan.resources.items():
+            if name not in self.states:
+                await self._start_resource(resource)
 
     # --- watchers: they only raise flags
 

@@ -233,5 +233,12 @@ async def test_refuses_a_socket_another_server_answers_and_clears_a_stale_one(tm
             assert live.stat().st_ino == before
             assert run.supervisor.states[SHARED].server.socket_present()
             assert stale.stat().st_ino != before
+            assert run.supervisor.readiness()[FAST] == {"served": False, "registered": False, "streams": 0}
+            assert not run.supervisor.ready
+            # Once the other server is gone, the next kubelet start brings the resource up.
+            listener.close()
+            await run.emu.start()
+            await registered(run, FAST, MULTI, SHARED)
+            await run.emu.wait_for(lambda: run.supervisor.ready, what="the agent to be ready")
     finally:
         listener.close()
