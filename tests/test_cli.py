@@ -1,0 +1,95 @@
+"""The `cpupool` command line: discover, check-config and their exit codes, and the log formats."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from tests.harness import FIXTURES, POOLS
+
+DUAL32 = str(FIXTURES / "dual32")
+
+
+def cpupool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_discover_prints_the_topology_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["discover", "--root", DUAL32]) == 0
+    out = capsys.readouterr().out
+    assert "NUMA node 1: CPUs 8-15,24-31" in out
+    assert "isolated 2-7,18-23" in out
+
+
+def test_discover_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["discover", "--root", DUAL32, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["online"] == "0-31" and data["isolated"] == "2-7,18-23"
+
+
+def test_discover_of_a_root_without_sysfs_is_a_usage_error(tmp_path: Path) -> None:
+    result = cpupool("discover", "--root", str(tmp_path))
+    assert result.returncode == 2
+    assert "online" in result.stderr
+
+
+def test_check_config_valid_prints_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "poolconfig.yaml"
+    config.write_text(POOLS)
+    assert main(["check-config", str(config), "--root", DUAL32]) == 0
+    out = capsys.readouterr().out
+    assert f"{config}: valid, 3 resource(s)" in out
+    assert "cpupool.io/shared" in out and "2000" in out
+    assert "warning:" in out and "not isolated" in out
+
+
+def test_check_config_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "poolconfig.yaml"
+    config.write_text(POOLS)
+    assert main(["check-config", str(config), "--root", DUAL32, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    by_name = {r["resource"]: r for r in data["resources"]}
+    assert by_name["cpupool.io/multi"]["devices"] == 4
+    assert by_name["cpupool.io/multi"]["hyperThreadingPolicy"] == "multiThreaded"
+    assert 0 < by_name["cpupool.io/shared"]["list_message_bytes"] < 4 * 1024 * 1024
+
+
+def test_check_config_invalid_exits_1_with_every_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "poolconfig.yaml"
+    config.write_text('pools:\n  a: {cpus: "40-41", pooltype: exclusive}\n  b: {cpus: "1", pooltype: nope}\n')
+    assert main(["check-config", str(config), "--root", DUAL32]) == 1
+    err = capsys.readouterr().err
+    assert f"{config}: pool 'b': unknown pooltype 'nope'" in err
+
+
+def test_check_config_unreadable_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(tmp_path / "missing.yaml"), "--root", DUAL32]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_logs_are_json_when_not_on_a_terminal(tmp_path: Path) -> None:
+    config = tmp_path / "poolconfig.yaml"
+    config.write_text(POOLS)
+    result = cpupool("check-config", str(config), "--root", DUAL32)
+    assert result.returncode == 0
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert any(e["event"] == "topology.discovered" and e["level"] == "info" for e in events)
+
+
+def test_console_log_format_is_readable(tmp_path: Path) -> None:
+    result = cpupool("discover", "--root", DUAL32, "--log-format", "console")
+    assert "topology.discovered" in result.stderr and not result.stderr.lstrip().startswith("{")
+
+
+def test_usage_errors_exit_2() -> None:
+    assert cpupool("no-such-command").returncode == 2
+    assert cpupool("agent", "--log-level", "loud").returncode == 2
