@@ -7,6 +7,7 @@ selectors, the webhook's TLS chain and the agent's command line against the real
 
 from __future__ import annotations
 
+import argparse
 import base64
 import datetime
 import os
@@ -326,6 +327,18 @@ def test_agent_command_line_is_accepted_by_the_real_cli(variant: tuple[str, list
     assert args.command == "agent"
     assert str(args.config) == "/etc/cpupool/poolconfig.yaml"
     assert str(args.root) == "/host"
+
+
+@pytest.mark.parametrize("name", ["default", "custom"])
+def test_webhook_command_line_is_accepted_by_the_real_cli(render: Render, name: str) -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if "webhook" not in commands:
+        pytest.skip("`cpupool webhook` is not on this branch yet")
+    container = _container(_one(render(name), "Deployment"), "webhook")
+    assert container["command"] == ["cpupool"]
+    args = parser.parse_args(container["args"])
+    assert args.command == "webhook"
 
 
 def test_agent_mounts_are_directories_where_its_arguments_point(variant: tuple[str, list[Doc]]) -> None:
