@@ -145,12 +145,9 @@ class Supervisor:
         self._kubelet_inode = self._kubelet_socket_inode()
         await self._reload(initial=True)
         self._tasks = [
-            asyncio.create_task(self._watch_plugin_dir(), name="watch-plugin-dir"),
+            asyncio.create_task(self._watch(), name="watch"),
             asyncio.create_task(self._recheck_loop(), name="in-use-recheck"),
         ]
-        if self.settings.config_path is not None:
-            self._tasks.append(asyncio.create_task(self._watch_config(), name="watch-config"))
-            self._tasks.append(asyncio.create_task(self._poll_config(), name="poll-config"))
         self.started.set()
         try:
             await self._reconcile_loop()
@@ -463,44 +460,69 @@ class Supervisor:
 
     # --- watchers: they only raise flags
 
-    async def _watch_plugin_dir(self) -> None:
-        async for _changes in watchfiles.awatch(
-            self.settings.plugin_dir,
-            step=WATCH_STEP_MS,
-            debounce=WATCH_DEBOUNCE_MS,
-            stop_event=self._stopping,
-            recursive=False,
-            ignore_permission_denied=True,
-        ):
-            self.notify("kubelet")
+    def _config_dir(self) -> Path | None:
+        path = self.settings.config_path
+        return path.absolute().parent if path is not None else None
 
-    async def _watch_config(self) -> None:
-        assert self.settings.config_path is not None
-        directory = self.settings.config_path.parent
-        # A ConfigMap volume swaps its `..data` symlink: only a watch on the directory sees every update.
+    def _classify(self, path: str) -> str | None:
+        """Which flag a changed path raises, None for files the agent does not care about."""
+        changed = Path(path)
+        config = self.settings.config_path
+        # A ConfigMap update shows as `..data` / `..<timestamp>` entries, a plain file as itself.
+        is_config = (
+            config is not None
+            and changed.parent == self._config_dir()
+            and (changed.name == config.name or changed.name.startswith(".."))
+        )
+        if is_config:
+            return "config"
+        if changed.parent == self.settings.plugin_dir.absolute() and changed.name.endswith(".sock"):
+            return "kubelet"
+        return None
+
+    async def _watch(self) -> None:
+        """One watcher for the plugin directory and the config's directory.
+
+        Every watcher thread wakes each WATCH_STEP_MS, so one thread for both keeps an idle agent cheap.
+        Directories, never the config file: a ConfigMap volume swaps its `..data` symlink, which a watch on
+        the file sees once, then never."""
         while not self._stopping.is_set():
-            if not directory.is_dir():
-                log.warning("config.dir_missing", path=str(directory), retry_in_s=CONFIG_POLL_S)
-                await asyncio.sleep(CONFIG_POLL_S)
-                continue
+            paths = [self.settings.plugin_dir.absolute()]
+            config_dir = self._config_dir()
+            if config_dir is not None and config_dir.is_dir() and config_dir not in paths:
+                paths.append(config_dir)
             try:
-                async for _changes in watchfiles.awatch(
-                    directory,
+                async for changes in watchfiles.awatch(
+                    *paths,
+                    watch_filter=lambda _change, path: self._classify(path) is not None,
                     step=WATCH_STEP_MS,
                     debounce=WATCH_DEBOUNCE_MS,
                     stop_event=self._stopping,
+                    rust_timeout=int(self.settings.config_poll_s * 1000),
+                    yield_on_timeout=True,
                     recursive=False,
                     ignore_permission_denied=True,
                 ):
-                    self.notify("config")
-            except OSError as exc:
-                log.warning("config.watch_failed", path=str(directory), reason=str(exc), fallback="polling")
-                await asyncio.sleep(CONFIG_POLL_S)
-
-    async def _poll_config(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.config_poll_s)
-            self.notify("config")
+                    if not changes:
+                        # Quiet for a while: check the config's content anyway (file systems without
+                        # inotify), and watch its directory if it appeared since.
+                        self.notify("config")
+                        if config_dir is not None and config_dir not in paths and config_dir.is_dir():
+                            break
+                        continue
+                    for flag in {self._classify(path) for _, path in changes}:
+                        if flag is not None:
+                            self.notify(flag)
+            except (OSError, RuntimeError) as exc:
+                log.warning(
+                    "watch.failed",
+                    paths=[str(p) for p in paths],
+                    reason=str(exc),
+                    fallback=f"checking every {self.settings.config_poll_s:g} s",
+                )
+                await asyncio.sleep(self.settings.config_poll_s)
+                self.notify("config")
+                self.notify("kubelet")
 
     async def _recheck_loop(self) -> None:
         while True:
