@@ -1,0 +1,208 @@
+"""The pod annotation ``<resourceBaseName>/cpus``: which processes of which container run on which pool.
+
+The value is JSON, the original CPU pooler's schema::
+
+    [{"container": "app",
+      "processes": [{"process": "/bin/worker", "args": ["-n", "1"], "pool": "dedicated", "cpus": 2},
+                    {"process": "/bin/housekeeper", "args": [], "pool": "shared", "cpus": 200}]}]
+
+`cpus` counts CPUs for an exclusive pool and millicpus for a shared pool. This module checks the shape
+only (JSON Schema plus what a schema cannot say); checks against the pod live in `agent.mutation`.
+It also reads the downward API file in which the kubelet writes a pod's annotations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+
+ANNOTATION_SUFFIX = "cpus"
+
+# The schema is the user-facing contract: additionalProperties false makes a typo such as "proces"
+# an error instead of a silently ignored key.
+ANNOTATION_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "cpupool process pinning",
+    "type": "array",
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["container", "processes"],
+        "properties": {
+            "container": {"type": "string", "minLength": 1},
+            "processes": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["process", "pool", "cpus"],
+                    "properties": {
+                        "process": {"type": "string", "minLength": 1},
+                        "args": {"type": "array", "items": {"type": "string"}},
+                        "pool": {"type": "string", "minLength": 1},
+                        "cpus": {"type": "integer", "minimum": 1},
+                    },
+                },
+            },
+        },
+    },
+}
+
+_VALIDATOR = jsonschema.Draft202012Validator(ANNOTATION_SCHEMA)
+
+
+class AnnotationError(ValueError):
+    """An annotation that cannot be used; every problem names where in the JSON it is."""
+
+    def __init__(self, key: str, problems: list[str]) -> None:
+        self.key = key
+        self.problems = problems
+        super().__init__(f"annotation {key}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    process: str
+    args: tuple[str, ...]
+    pool: str
+    # CPUs for an exclusive pool, millicpus for a shared one.
+    cpus: int
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    container: str
+    processes: tuple[ProcessSpec, ...]
+
+
+@dataclass(frozen=True)
+class PodAnnotation:
+    containers: tuple[ContainerSpec, ...]
+
+    def for_container(self, name: str) -> ContainerSpec | None:
+        return next((c for c in self.containers if c.container == name), None)
+
+
+def annotation_key(resource_base_name: str) -> str:
+    return f"{resource_base_name}/{ANNOTATION_SUFFIX}"
+
+
+def _where(path: Any) -> str:
+    """A JSON path such as ``$[0].processes[1].cpus`` for an error's location."""
+    text = "$"
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text
+
+
+def parse_annotation(text: str, key: str = annotation_key("cpupool.io")) -> PodAnnotation:
+    """Parse and check an annotation value. Raises AnnotationError listing every problem."""
+    try:
+        data: Any = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AnnotationError(
+            key, [f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]
+        ) from exc
+    errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    if errors:
+        raise AnnotationError(key, [f"{_where(e.absolute_path)}: {e.message}" for e in errors])
+
+    containers: list[ContainerSpec] = []
+    seen: dict[str, int] = {}
+    problems: list[str] = []
+    for index, entry in enumerate(data):
+        name = entry["container"]
+        if name in seen:
+            problems.append(
+                f"$[{index}].container: container {name!r} is listed twice (first at $[{seen[name]}])"
+            )
+            continue
+        seen[name] = index
+        processes = tuple(
+            ProcessSpec(p["process"], tuple(p.get("args", ())), p["pool"], int(p["cpus"]))
+            for p in entry["processes"]
+        )
+        containers.append(ContainerSpec(name, processes))
+    if problems:
+        raise AnnotationError(key, problems)
+    return PodAnnotation(tuple(containers))
+
+
+# --- the downward API annotations file ---------------------------------------------------------
+
+_SIMPLE_ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 92, '"': 34, "'": 39}
+
+
+class DownwardFileError(ValueError):
+    """A downward API file that is not in the kubelet's ``key="value"`` format."""
+
+
+def _unquote_go(quoted: str, line_no: int) -> str:
+    """Undo Go's strconv.Quote, which the kubelet applies to each annotation value."""
+    if len(quoted) < 2 or quoted[0] != '"' or quoted[-1] != '"':
+        raise DownwardFileError(f"line {line_no}: the value is not a double-quoted string")
+    body = quoted[1:-1]
+    out = bytearray()
+    i = 0
+    while i < len(body):
+        char = body[i]
+        if char != "\\":
+            if char == '"':
+                raise DownwardFileError(f"line {line_no}: unescaped quote inside the value")
+            out += char.encode("utf-8")
+            i += 1
+            continue
+        if i + 1 >= len(body):
+            raise DownwardFileError(f"line {line_no}: the value ends inside an escape")
+        code = body[i + 1]
+        i += 2
+        if code in _SIMPLE_ESCAPES:
+            out.append(_SIMPLE_ESCAPES[code])
+            continue
+        width = {"x": 2, "u": 4, "U": 8}.get(code)
+        try:
+            if width is not None:
+                digits = body[i : i + width]
+                value = int(digits, 16) if len(digits) == width else -1
+                i += width
+                if value < 0:
+                    raise ValueError(digits)
+                # \x is one byte (Go strings are bytes); \u and \U are code points.
+                out += bytes([value]) if code == "x" else chr(value).encode("utf-8")
+            elif code in "01234567":
+                digits = body[i - 1 : i + 2]
+                if len(digits) != 3:
+                    raise ValueError(digits)
+                out.append(int(digits, 8))
+                i += 2
+            else:
+                raise ValueError(code)
+        except ValueError as exc:
+            raise DownwardFileError(f"line {line_no}: bad escape sequence \\{code} in the value") from exc
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DownwardFileError(f"line {line_no}: the value is not UTF-8") from exc
+
+
+def parse_downward_annotations(text: str) -> Mapping[str, str]:
+    """The annotations in a downward API file: one ``key="go-quoted value"`` per line."""
+    result: dict[str, str] = {}
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        key, sep, quoted = line.partition("=")
+        if not sep or not key:
+            raise DownwardFileError(f'line {line_no}: expected key="value", got {line[:80]!r}')
+        result[key] = _unquote_go(quoted, line_no)
+    return result
+
+
+def format_downward_annotations(annotations: Mapping[str, str]) -> str:
+    """The kubelet's format, for tests and tools: sorted keys, JSON-quoted values (a subset of Go's)."""
+    return "\n".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in sorted(annotations.items()))
