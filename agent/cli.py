@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     status_cmd = sub.add_parser("status", help="what the agent serves and which pods hold which CPUs")
     status.add_arguments(status_cmd)
     _add_common(status_cmd)
+
+    from agent import webhook  # noqa: PLC0415
+
+    webhook_cmd = sub.add_parser("webhook", help="run the admission webhook that pins pool processes")
+    webhook.add_arguments(webhook_cmd)
+    _add_common(webhook_cmd)
     return parser
 
 
@@ -85,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent import status  # noqa: PLC0415
 
         return status.run(args)
+    if command == "webhook":
+        from agent import webhook  # noqa: PLC0415
+
+        return webhook.run(args)
     return cmd_agent(args)
 
 

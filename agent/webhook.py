@@ -1,0 +1,343 @@
+"""`cpupool webhook`: the mutating admission webhook, an aiohttp HTTPS server.
+
+``POST /mutate`` answers AdmissionReview ``admission.k8s.io/v1`` for pod CREATE with the JSONPatch of
+`agent.mutation`; ``GET /healthz`` is for probes. The certificate and key are read again whenever their
+content changes (a renewed Secret volume), without a restart: every TLS handshake picks the context loaded
+last, through the SNI callback that OpenSSL runs for each ClientHello, with or without a server name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import signal
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from agent.config import ConfigError, load_config_file
+from agent.mutation import MutationSettings, PodRejected, mutate_pod
+
+log = structlog.get_logger(__name__)
+
+ADMISSION_API_VERSION = "admission.k8s.io/v1"
+MAX_BODY_BYTES = 1024 * 1024
+# How often the certificate files are compared even when no file event came (lost or unsupported events).
+CERT_RECHECK_SECONDS = 30.0
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+class BadRequest(Exception):
+    """A request that is not a usable AdmissionReview; answered with HTTP 400 and this reason."""
+
+
+class CertificateError(Exception):
+    """The certificate or key cannot be loaded; names the files and the reason."""
+
+
+def _string(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{where} must be a non-empty string")
+    return value
+
+
+def review_response(
+    uid: str,
+    *,
+    allowed: bool = True,
+    patch: list[dict[str, Any]] | None = None,
+    warnings: tuple[str, ...] = (),
+    message: str | None = None,
+) -> dict[str, Any]:
+    response: dict[str, Any] = {"uid": uid, "allowed": allowed}
+    if patch:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode("ascii")
+    if warnings:
+        response["warnings"] = list(warnings)
+    if message is not None:
+        response["status"] = {"code": 403, "reason": "Forbidden", "message": message}
+    return {"apiVersion": ADMISSION_API_VERSION, "kind": "AdmissionReview", "response": response}
+
+
+def review(body: bytes, settings: MutationSettings) -> dict[str, Any]:
+    """The AdmissionReview answer to a request body. Raises BadRequest for requests it cannot answer."""
+    try:
+        data: Any = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object (an AdmissionReview)")
+    if data.get("kind") != "AdmissionReview":
+        raise BadRequest(f"kind must be AdmissionReview, got {data.get('kind')!r}")
+    if data.get("apiVersion") != ADMISSION_API_VERSION:
+        raise BadRequest(f"apiVersion must be {ADMISSION_API_VERSION}, got {data.get('apiVersion')!r}")
+    request = data.get("request")
+    if not isinstance(request, dict):
+        raise BadRequest("the AdmissionReview has no request object")
+    uid = _string(request.get("uid"), "request.uid")
+    kind = request.get("kind")
+    resource = request.get("resource")
+    is_pod = (isinstance(kind, dict) and kind.get("kind") == "Pod" and kind.get("group", "") == "") or (
+        isinstance(resource, dict) and resource.get("resource") == "pods" and not request.get("subResource")
+    )
+    if not is_pod or request.get("operation") != "CREATE":
+        # The webhook configuration sends pod creations only; anything else passes untouched.
+        return review_response(uid)
+    pod = request.get("object")
+    if not isinstance(pod, dict):
+        raise BadRequest("request.object must be the pod being created")
+    namespace = request.get("namespace") or ""
+    metadata = pod.get("metadata")
+    name = (metadata.get("name") or metadata.get("generateName")) if isinstance(metadata, dict) else None
+    try:
+        mutation = mutate_pod(pod, settings)
+    except PodRejected as exc:
+        log.info("webhook.denied", namespace=namespace, pod=name, uid=uid, reason=str(exc))
+        return review_response(uid, allowed=False, message=f"cpupool: {exc}")
+    if mutation.patch:
+        log.info("webhook.mutated", namespace=namespace, pod=name, uid=uid, containers=list(mutation.wrapped))
+    for warning in mutation.warnings:
+        log.info("webhook.warning", namespace=namespace, pod=name, uid=uid, warning=warning)
+    return review_response(uid, patch=mutation.patch, warnings=mutation.warnings)
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+
+def _context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise CertificateError(f"cannot load certificate {cert} with key {key}: {exc}") from exc
+    return context
+
+
+class CertificateStore:
+    """The serving certificate: the context of the last good pair of files, reloaded on change."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self._cert = cert
+        self._key = key
+        # Digest first: a change between the two reads then shows up on the next check.
+        self._digest = self._read_digest()
+        self._current = _context(cert, key)
+        self.reloads = 0
+        self._server = _context(cert, key)
+        self._server.sni_callback = self._choose
+
+    def _choose(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _ctx: ssl.SSLContext
+    ) -> None:
+        connection.context = self._current
+
+    @property
+    def server_context(self) -> ssl.SSLContext:
+        """The context to serve with; each handshake switches to the latest certificate."""
+        return self._server
+
+    def _read_digest(self) -> bytes:
+        digest = hashlib.sha256()
+        for path in (self._cert, self._key):
+            try:
+                digest.update(path.read_bytes())
+            except OSError:
+                return b""
+            digest.update(b"\0")
+        return digest.digest()
+
+    def reload_if_changed(self) -> bool:
+        """Load the files again when their content changed; keep the old pair when the new one is bad."""
+        digest = self._read_digest()
+        if not digest or digest == self._digest:
+            return False
+        try:
+            context = _context(self._cert, self._key)
+        except CertificateError as exc:
+            # Often a half-written pair (certificate updated, key not yet): the next event retries.
+            log.warning("webhook.certificate_reload_failed", reason=str(exc))
+            return False
+        self._current = context
+        self._digest = digest
+        self.reloads += 1
+        log.info("webhook.certificate_reloaded", cert=str(self._cert), reloads=self.reloads)
+        return True
+
+    async def watch(self, recheck_seconds: float = CERT_RECHECK_SECONDS) -> None:
+        """Reload on changes until cancelled. Watches the directories: Secret volumes swap a symlink."""
+        from watchfiles import awatch  # noqa: PLC0415 - only the server needs it
+
+        directories = sorted({str(self._cert.parent), str(self._key.parent)})
+        try:
+            async for _ in awatch(
+                *directories,
+                debounce=200,
+                rust_timeout=int(recheck_seconds * 1000),
+                yield_on_timeout=True,
+                recursive=False,
+            ):
+                self.reload_if_changed()
+        except (OSError, RuntimeError) as exc:
+            log.warning("webhook.certificate_watch_failed", reason=str(exc), fallback_seconds=recheck_seconds)
+        # Without file events, comparing the content now and then still catches every renewal.
+        while True:
+            await asyncio.sleep(recheck_seconds)
+            self.reload_if_changed()
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+def make_app(settings: MutationSettings, store: CertificateStore | None = None) -> web.Application:
+    async def mutate(request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            return _bad(f"the body is larger than {MAX_BODY_BYTES} bytes")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _bad(f"the body is larger than {MAX_BODY_BYTES} bytes")
+        try:
+            answer = review(body, settings)
+        except BadRequest as exc:
+            return _bad(str(exc))
+        return web.json_response(answer)
+
+    async def healthz(_: web.Request) -> web.Response:
+        body: dict[str, Any] = {"status": "ok"}
+        if store is not None:
+            body["certificate_reloads"] = store.reloads
+        return web.json_response(body)
+
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app.router.add_post("/mutate", mutate)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def _bad(reason: str) -> web.Response:
+    log.info("webhook.bad_request", reason=reason)
+    return web.json_response({"error": "bad request", "reason": reason}, status=400)
+
+
+@dataclass(frozen=True)
+class WebhookOptions:
+    cert: Path
+    key: Path
+    port: int = 8443
+    host: str = "0.0.0.0"
+    config: Path | None = None
+    exclusive_quota: bool = True
+
+
+def load_settings(options: WebhookOptions) -> MutationSettings:
+    """Mutation settings from the pool config, read once. Raises ConfigError."""
+    if options.config is None:
+        return MutationSettings(exclusive_quota=options.exclusive_quota)
+    config = load_config_file(options.config)
+    return MutationSettings.from_config(config, exclusive_quota=options.exclusive_quota)
+
+
+class Webhook:
+    """The running server: owns the aiohttp runner and the certificate watcher task."""
+
+    def __init__(self, settings: MutationSettings, store: CertificateStore, host: str, port: int) -> None:
+        self._settings = settings
+        self._store = store
+        self._host = host
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        if self._runner is None or not self._runner.addresses:
+            raise RuntimeError("the webhook is not started")
+        return int(self._runner.addresses[0][1])
+
+    async def start(self, *, recheck_seconds: float = CERT_RECHECK_SECONDS) -> None:
+        self._runner = web.AppRunner(make_app(self._settings, self._store), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._store.server_context)
+        await site.start()
+        self._watcher = asyncio.create_task(self._store.watch(recheck_seconds), name="webhook-cert-watch")
+        log.info("webhook.listening", host=self._host, port=self.port)
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+async def serve(options: WebhookOptions, settings: MutationSettings) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    store = CertificateStore(options.cert, options.key)
+    webhook = Webhook(settings, store, options.host, options.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await webhook.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("webhook.stopping")
+        await webhook.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cert", type=Path, required=True, help="PEM certificate (chain) to serve")
+    parser.add_argument("--key", type=Path, required=True, help="PEM private key of the certificate")
+    parser.add_argument("--port", type=int, default=8443)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="pool config (pool types); without it types are unknown"
+    )
+    parser.add_argument(
+        "--no-exclusive-quota",
+        dest="exclusive_quota",
+        action="store_false",
+        help="give containers with exclusive CPUs no CFS quota (their cpu limit is removed)",
+    )
+
+
+def options_from_args(args: argparse.Namespace) -> WebhookOptions:
+    return WebhookOptions(args.cert, args.key, args.port, args.host, args.config, args.exclusive_quota)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    try:
+        settings = load_settings(options)
+        CertificateStore(options.cert, options.key)
+    except ConfigError as exc:
+        log.error("webhook.config_invalid", reason=str(exc))
+        return EXIT_USAGE
+    except CertificateError as exc:
+        log.error("webhook.certificate_invalid", reason=str(exc))
+        return EXIT_USAGE
+    log.info(
+        "webhook.starting",
+        config=str(options.config) if options.config else None,
+        resource_base_name=settings.resource_base_name,
+        pools=sorted(settings.pools) if settings.pools is not None else None,
+        exclusive_quota=settings.exclusive_quota,
+    )
+    asyncio.run(serve(options, settings))
+    return EXIT_OK
