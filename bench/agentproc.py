@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
@@ -109,6 +112,21 @@ class AgentProcess:
     def threads(self) -> int:
         self.check_alive()
         return len(list(Path(f"/proc/{self.pid}/task").iterdir()))
+
+    def log_events(self) -> list[tuple[float, str]]:
+        """(time.monotonic() equivalent, event) of every JSON log line so far, to break a latency down.
+
+        The log stamps wall-clock time; both clocks advance together on one machine over a benchmark."""
+        offset = time.time() - time.monotonic()
+        events = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+                at = datetime.fromisoformat(entry["timestamp"]).timestamp() - offset
+            except (ValueError, KeyError, TypeError):
+                continue
+            events.append((at, str(entry.get("event", ""))))
+        return events
 
     async def stop(self, timeout_s: float = 10.0) -> int:
         """SIGTERM, then wait; a process that does not stop in time is killed (and says so)."""

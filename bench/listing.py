@@ -117,20 +117,23 @@ async def send_figures(workdir: Path, root: Path, repeats: int) -> list[Figure]:
     return [start, update]
 
 
+def _convert_seconds(payload: bytes) -> float:
+    """What the emulator does with a list before stamping it: parse, then one Python object per device."""
+    started = time.perf_counter()
+    devices_from_response(DEVICEPLUGIN.pb2.ListAndWatchResponse.FromString(payload))
+    return time.perf_counter() - started
+
+
 async def emulator_figure(workdir: Path, root: Path) -> Figure:
     """The grpcio kubelet emulator registers the agent and accepts the 200,000-device list."""
     async with running_agent(workdir, shared_pool_config(FULL), root=root) as run:
         registered = await run.emu.wait_registered(RESOURCE, timeout=30)
         snap = await run.emu.wait_devices(RESOURCE, lambda s: s.capacity > 0, timeout=30)
         record = next(r for r in run.emu.list_and_watch_messages if r.resource == RESOURCE)
-    payload = encode_resource(
-        build_plan(
-            validate(parse_config(shared_pool_config(FULL), "bench"), discover(root)), discover(root)
-        ).resources[RESOURCE]
-    ).SerializeToString()
-    started = time.perf_counter()
-    devices_from_response(DEVICEPLUGIN.pb2.ListAndWatchResponse.FromString(payload))
-    convert_s = time.perf_counter() - started
+    topology = discover(root)
+    plan = build_plan(validate(parse_config(shared_pool_config(FULL), "bench"), topology), topology)
+    payload = encode_resource(plan.resources[RESOURCE]).SerializeToString()
+    convert_s = min(_convert_seconds(payload) for _ in range(3))
     return Figure(
         "shared_list_emulator",
         "200-CPU shared pool list through the kubelet emulator",

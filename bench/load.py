@@ -120,7 +120,7 @@ async def load_figure(node: Node, concurrency: int) -> Figure:
     clients = {name: PluginClient(node.socket(name)) for name in (DEDICATED, WHOLE_CORES, SHARED)}
     try:
         for client in clients.values():
-            client.wait_ready()
+            await asyncio.to_thread(client.wait_ready)
         load = ClosedLoop(clients, concurrency)
         started = time.monotonic()
         load.start()

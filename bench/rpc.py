@@ -44,7 +44,7 @@ async def allocate_round_trip(dedicated: Path, shared: Path, calls: int) -> list
     for key, title, socket, id_lists in cases:
         client = PluginClient(socket)
         try:
-            client.wait_ready()
+            await asyncio.to_thread(client.wait_ready)
             requests = [allocate_request(ids) for ids in id_lists]
             samples = await asyncio.to_thread(_timed_loop, client, "Allocate", requests, calls)
         finally:
@@ -114,7 +114,7 @@ async def preferred_rpc(socket: Path, iterations: int) -> Figure:
     per_case: dict[str, Any] = {}
     worst = 0.0
     try:
-        client.wait_ready()
+        await asyncio.to_thread(client.wait_ready)
         ids = [str(c) for c in range(128)]
         for label, available, must, size in preferred_cases(ids):
             request = preferred_request(available, must, size)
