@@ -9,7 +9,7 @@ PROTO_SRC := protos/k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1/api.proto \
              protos/k8s.io/kubelet/pkg/apis/podresources/v1/api.proto
 GEN_DIR := agent/kubeletapi
 
-.PHONY: venv helm test lint demo bench protos check-protos clean
+.PHONY: venv helm test lint demo bench protos check-protos clean process-starter
 
 venv: $(STAMP)
 
@@ -35,6 +35,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# The static process-starter (dist/process-starter) for application images without Python. Slow and
+# apt-dependent, so not part of `make test`; tests that run the binary skip when it is missing.
+process-starter:
+	bash scripts/build-process-starter.sh
 
 # Regenerate the betterproto2 code (grpclib server bases and async clients) from protos/.
 # The compiler formats its output with ruff, so the venv's bin must be on PATH.

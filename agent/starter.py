@@ -216,7 +216,10 @@ def plan_launches(
             launches.append(Launch(label, executable, (process.process, *process.args), cpus))
     else:
         if not command:
-            where = f"{key} has no entry for container {env.get(ENV_CONTAINER_NAME)!r}"
+            if annotation_text is None:
+                where = f"the pod has no {key} annotation"
+            else:
+                where = f"{key} has no entry for container {env.get(ENV_CONTAINER_NAME)!r}"
             raise StarterError(f"nothing to start: {where} and no command was given as arguments")
         cpus = CpuSet().union(*(pool.cpus for pool in pools.values()))
         if not cpus:
