@@ -118,18 +118,22 @@ def read_pools(env: Mapping[str, str], entry: ContainerSpec | None) -> dict[str,
     declared = _declared_pools(env, entry)
     shared = _cpu_list(env, ENV_SHARED)
     exclusive = _cpu_list(env, ENV_EXCLUSIVE)
-    pools: dict[str, Pool] = {}
+    found: dict[str, tuple[CpuSet | None, PoolType]] = {}
     for name, declared_type in declared.items():
-        var = pool_env_name(name)
-        cpus = _cpu_list(env, var)
-        source = var
+        cpus = _cpu_list(env, pool_env_name(name))
         kind = declared_type
         if kind is None:
             # Only the shared pool's Allocate sets SHARED_CPUS, and there is one shared pool at most.
             kind = PoolType.SHARED if cpus is not None and cpus == shared else PoolType.EXCLUSIVE
+        found[name] = (cpus, kind)
+    # EXCLUSIVE_CPUS is whatever the last exclusive Allocate set: it speaks for one exclusive pool only.
+    only_exclusive = sum(1 for _, kind in found.values() if kind is PoolType.EXCLUSIVE) == 1
+    pools: dict[str, Pool] = {}
+    for name, (pool_cpus, kind) in found.items():
+        var = pool_env_name(name)
+        cpus, source = pool_cpus, var
         if cpus is None:
             # An older agent or a hand-made environment: the generic variables, when unambiguous.
-            only_exclusive = sum(1 for t in declared.values() if t is not PoolType.SHARED) == 1
             if kind is PoolType.SHARED and shared is not None:
                 cpus, source = shared, ENV_SHARED
             elif kind is PoolType.EXCLUSIVE and exclusive is not None and only_exclusive:
