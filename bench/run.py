@@ -23,6 +23,7 @@ from bench.load import load_figure
 from bench.node import running_node
 from bench.report import Figure, build_report, render, write_report
 from bench.rpc import allocate_round_trip, preferred_pure, preferred_rpc
+from bench.starter import starter_startup
 
 REPORT = Path(__file__).parent / "report.json"
 NODE_RESOURCES = ("cpupool.io/dedicated", "cpupool.io/dedicated-ht", "cpupool.io/shared")
@@ -41,6 +42,7 @@ class Sizes:
     restarts: int = 50
     concurrency: int = 1000
     emulator_list: bool = True
+    starter_runs: int = 30
 
 
 QUICK = Sizes(
@@ -53,6 +55,7 @@ QUICK = Sizes(
     restarts=3,
     concurrency=100,
     emulator_list=False,
+    starter_runs=3,
 )
 
 
@@ -76,7 +79,11 @@ async def run_all(workdir: Path, sizes: Sizes) -> list[Figure]:
     async def listing() -> list[Figure]:
         return await shared_list(workdir / "list", sizes.list_repeats, sizes.emulator_list)
 
+    async def starter() -> list[Figure]:
+        return [await asyncio.to_thread(starter_startup, workdir / "starter", sizes.starter_runs)]
+
     await _step("preferred allocation, pure function", pure, figures)
+    await _step("process-starter start-up", starter, figures)
     await _step("200,000-device shared list", listing, figures)
 
     async with running_node(workdir / "node", dual64, DUAL64_CONFIG, NODE_RESOURCES) as node:
