@@ -87,8 +87,9 @@ def review(body: bytes, settings: MutationSettings) -> dict[str, Any]:
     uid = _string(request.get("uid"), "request.uid")
     kind = request.get("kind")
     resource = request.get("resource")
-    is_pod = (isinstance(kind, dict) and kind.get("kind") == "Pod" and kind.get("group", "") == "") or (
-        isinstance(resource, dict) and resource.get("resource") == "pods" and not request.get("subResource")
+    is_pod = not request.get("subResource") and (
+        (isinstance(kind, dict) and kind.get("kind") == "Pod" and kind.get("group", "") == "")
+        or (isinstance(resource, dict) and resource.get("resource") == "pods")
     )
     if not is_pod or request.get("operation") != "CREATE":
         # The webhook configuration sends pod creations only; anything else passes untouched.

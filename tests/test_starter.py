@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -543,6 +544,14 @@ def _chroot_problem() -> str | None:
         return UNSHARE_PROBLEM
     if shutil.which("gcc") is None or shutil.which("chroot") is None:
         return "needs gcc (static libc) and chroot(8)"
+    with tempfile.TemporaryDirectory() as target:
+        probe = subprocess.run(
+            ["unshare", "--mount", "--pid", "--fork", "mount", "-t", "proc", "proc", target],
+            capture_output=True,
+            check=False,
+        )
+    if probe.returncode != 0:
+        return f"cannot mount in a new mount namespace here: {probe.stderr.decode().strip()}"
     return None
 
 

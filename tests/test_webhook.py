@@ -674,6 +674,7 @@ async def test_other_operations_and_kinds_pass_untouched(server: Server) -> None
     p = pod(container("app", command=["/a"], pools={"shared": "100"}))
     for request in (
         review(p, operation="UPDATE"),
+        review(p, subResource="ephemeralcontainers"),
         review(
             None,
             kind={"group": "apps", "version": "v1", "kind": "Deployment"},
