@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import structlog
 from grpclib import GRPCError
 from grpclib.client import Channel
 from grpclib.const import Handler, Status
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server
 
 from agent.allocation import AllocationError, preferred_allocation
@@ -329,13 +331,47 @@ async def _socket_answers(path: Path) -> bool:
     return True
 
 
+class _TrackingServer(Server):
+    """grpclib's Server, remembering its connections so that close() can end them.
+
+    grpclib's own close() cancels in-flight calls without answering them and leaves the connections open:
+    a client then waits forever. The agent lets calls finish first and closes the connections after, so a
+    client sees either its answer or a closed connection it can redial at once.
+    """
+
+    def __init__(self, handlers: list[Any]) -> None:
+        super().__init__(handlers)
+        self.protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = super()._protocol_factory()
+        self.protocols.add(protocol)
+        return protocol
+
+    def in_flight(self) -> list[asyncio.Task[None]]:
+        """The calls being answered now (ListAndWatch streams included until they end)."""
+        return [
+            task
+            for handler in self._handlers
+            for task in getattr(handler, "_tasks", {}).values()
+            if not task.done()
+        ]
+
+    def drop_connections(self) -> None:
+        for protocol in list(self.protocols):
+            connection = getattr(protocol, "connection", None)
+            transport = getattr(connection, "_transport", None)
+            if transport is not None:
+                transport.close()
+
+
 class ResourceServer:
     """One resource's grpclib server on its own unix socket. Owns the socket file while it runs."""
 
     def __init__(self, servicer: ResourceServicer, path: Path) -> None:
         self.servicer = servicer
         self.path = path
-        self._server: Server | None = None
+        self._server: _TrackingServer | None = None
         self._inode: int | None = None
 
     async def start(self) -> None:
@@ -346,10 +382,14 @@ class ResourceServer:
                 raise SocketInUseError(f"{self.path}: another process already serves this socket")
             log.info("socket.stale_removed", path=str(self.path))
             self.path.unlink(missing_ok=True)
-        server = Server([self.servicer])
-        await server.start(path=str(self.path))
+        server = _TrackingServer([self.servicer])
+        # The socket is born 0600: only root (the kubelet) may call Allocate or ListAndWatch.
+        previous_umask = os.umask(0o177)
+        try:
+            await server.start(path=str(self.path))
+        finally:
+            os.umask(previous_umask)
         self._server = server
-        os.chmod(self.path, 0o600)
         self._inode = self.path.stat().st_ino
         log.info("server.started", resource=self.servicer.resource.name, socket=str(self.path))
 
@@ -360,11 +400,16 @@ class ResourceServer:
         except OSError:
             return False
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 1.0) -> None:
+        """End the streams, let in-flight calls answer (they take milliseconds), then close everything."""
         self.servicer.end_streams()
         server, self._server = self._server, None
         if server is not None:
+            in_flight = server.in_flight()
+            if in_flight:
+                await asyncio.wait(in_flight, timeout=grace_s)
             server.close()
+            server.drop_connections()
             try:
                 await asyncio.wait_for(server.wait_closed(), timeout=5.0)
             except TimeoutError:

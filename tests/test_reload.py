@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import grpc
+
 from agent.cpuset import CpuSet
 from agent.supervisor import STREAM_LOST_GRACE_S
 from tests.emulator import ResourceSnapshot
@@ -212,3 +214,26 @@ async def test_config_file_appearing_later_is_picked_up(tmp_path: Path) -> None:
         await asyncio.sleep(0.4)
         fast = run.emu.resource(FAST)
         assert fast is not None and fast.stream_open and len(fast.devices) == 12
+
+
+async def test_removed_pool_drops_its_connections_so_clients_fail_fast(tmp_path: Path) -> None:
+    async with running_agent(tmp_path) as run:
+        await all_registered(run, MULTI)
+        channel = grpc.insecure_channel(f"unix://{run.plugin_dir / 'cpupool-multi.sock'}")
+        options = channel.unary_unary("/v1beta1.DevicePlugin/GetDevicePluginOptions")
+        try:
+            assert await asyncio.to_thread(options, b"", timeout=5) is not None
+            run.configmap.write('pools:\n  fast: {cpus: "2-7", pooltype: exclusive}\n')
+            await run.emu.wait_for(lambda: MULTI not in run.supervisor.states, what="multi to stop")
+            started = time.monotonic()
+            try:
+                await asyncio.to_thread(options, b"", timeout=5)
+            except grpc.RpcError as exc:
+                code = exc.code()
+            else:
+                code = grpc.StatusCode.OK
+            # A closed connection, not a call left hanging until its deadline.
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - started < 4
+        finally:
+            channel.close()
