@@ -118,7 +118,7 @@ def plan_summary(plan: Plan) -> list[dict[str, Any]]:
             "pooltype": str(r.pool_type),
             "hyperThreadingPolicy": str(r.ht_policy) if r.ht_policy else None,
             "cpus": r.cpus.format(),
-            "devices": len(r.device_ids()),
+            "devices": r.device_count,
             "socket": r.socket_name,
             "list_message_bytes": list_message_size(r),
         }

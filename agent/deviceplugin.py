@@ -278,11 +278,7 @@ class ResourceServicer(DevicePluginBase):
         _check_ids(ids, where)
         if not ids:
             raise RequestError(f"{where} lists no device IDs")
-        total = (
-            len(resource.exclusive)
-            if resource.exclusive_pool
-            else resource.shared_count + len(resource.shared_retained)
-        )
+        total = resource.device_count
         if len(ids) > total:
             raise RequestError(f"{where} lists {len(ids)} device IDs; this resource has only {total} devices")
         if len(set(ids)) != len(ids):

@@ -308,9 +308,7 @@ class Supervisor:
                 continue  # not served (socket taken): _start_missing tries again below
             before = state.server.servicer.resource
             state.server.servicer.update(new)
-            log.info(
-                "resource.updated", resource=name, devices=len(new.device_ids()), healthy=new.healthy_count
-            )
+            log.info("resource.updated", resource=name, devices=new.device_count, healthy=new.healthy_count)
             if before.pool_type is not new.pool_type:
                 # The kubelet reads the options only while registering.
                 self._start_registration(name)

@@ -8,8 +8,9 @@ Device.ID = 1, health = 2, topology = 3; TopologyInfo.nodes = 1; NUMANode.ID = 1
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from agent.kubeletapi.v1beta1 import ListAndWatchResponse
 from agent.plan import HEALTHY, UNHEALTHY, DeviceView, Resource, shared_device_id
@@ -57,36 +58,35 @@ def encode_devices(devices: Iterable[DeviceView]) -> bytes:
     return b"".join(parts)
 
 
-def _base36_ids(count: int) -> Iterator[list[bytes]]:
-    """Shared device IDs 0 .. count-1 in order, grouped by length (all IDs of a group share a length)."""
-    length = 1
-    done = 0
-    while done < count:
-        heads = _BASE36[1:] if length > 1 else _BASE36
-        group: list[bytes] = []
-        for head in heads:
-            for tail in itertools.product(_BASE36, repeat=length - 1):
-                group.append(bytes((head, *tail)))
-                done += 1
-                if done == count:
-                    yield group
-                    return
-        yield group
-        length += 1
+@functools.cache
+def _tails(width: int) -> list[bytes]:
+    """Every base-36 digit string of `width` characters, in order (36**3 = 46,656 at most in practice)."""
+    return [bytes(t) for t in itertools.product(_BASE36, repeat=width)]
 
 
 def encode_shared(count: int, retained: Iterable[int]) -> bytes:
     """The list of a shared pool: `count` healthy millicpu devices, then the retained (unhealthy) ones.
 
-    Every healthy device of one ID length has the same framing, so one bytes.join per length builds the
-    message: about 30 ms for 200,000 devices where a loop over device objects takes seconds.
+    The IDs 0 .. count-1 in base 36 come in runs that share their length and first digit; within a run
+    every device differs only by its last digits, so one bytes.join per run writes the whole run. That is
+    a few milliseconds for 200,000 devices, where a loop over device objects takes seconds.
     """
     health = _field(2, HEALTHY.encode())
     parts: list[bytes] = []
-    for group in _base36_ids(count):
-        width = len(group[0])
-        prefix = _varint(1 << 3 | _LEN) + _varint(width + 2 + len(health)) + b"\x0a" + _varint(width)
-        parts.append(prefix + (health + prefix).join(group) + health)
+    left = count
+    width = 1
+    while left > 0:
+        heads = _BASE36 if width == 1 else _BASE36[1:]
+        tails = _tails(width - 1)
+        framing = _varint(1 << 3 | _LEN) + _varint(width + 2 + len(health)) + b"\x0a" + _varint(width)
+        for head in heads:
+            if left <= 0:
+                break
+            run = tails[:left] if left < len(tails) else tails
+            prefix = framing + bytes((head,))
+            parts.append(prefix + (health + prefix).join(run) + health)
+            left -= len(run)
+        width += 1
     parts.append(encode_devices(DeviceView(shared_device_id(i), UNHEALTHY, None) for i in sorted(retained)))
     return b"".join(parts)
 
@@ -94,11 +94,9 @@ def encode_shared(count: int, retained: Iterable[int]) -> bytes:
 def encode_resource(resource: Resource) -> EncodedListAndWatchResponse:
     if resource.exclusive_pool:
         payload = encode_devices(resource.devices())
-        count = len(resource.exclusive)
     else:
         payload = encode_shared(resource.shared_count, resource.shared_retained)
-        count = resource.shared_count + len(resource.shared_retained)
-    return EncodedListAndWatchResponse(payload, count)
+    return EncodedListAndWatchResponse(payload, resource.device_count)
 
 
 class EncodedListAndWatchResponse(ListAndWatchResponse):

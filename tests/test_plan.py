@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from agent.config import ConfigError, parse_config, validate
+from agent.config import ConfigError, PoolType, parse_config, validate
 from agent.cpuset import CpuSet
 from agent.kubeletapi.v1beta1 import Device, ListAndWatchResponse, NumaNode, TopologyInfo
 from agent.plan import (
     HEALTHY,
     MAX_MESSAGE_BYTES,
     UNHEALTHY,
+    DeviceView,
     Plan,
+    Resource,
     build_plan,
     diff_plans,
     list_message_size,
@@ -19,7 +21,7 @@ from agent.plan import (
     shared_device_index,
 )
 from agent.topology import Topology
-from agent.wire import encode_resource
+from agent.wire import encode_devices, encode_resource, encode_shared
 from tests.topologies import make_topology
 
 TOPO = make_topology(isolated="2-7,10-15")
@@ -208,3 +210,26 @@ def test_shared_pool_shrink_retains_high_ids_in_use() -> None:
     assert shared.healthy_count == 1000
     assert shared.devices()[-1].id == high and shared.devices()[-1].health == UNHEALTHY
     assert shared.has_device(high) and shared.has_device("3")
+
+
+@pytest.mark.parametrize(
+    ("count", "retained"), [(0, ()), (1, ()), (36, ()), (37, (5000,)), (1297, ()), (46_693, (99_999,))]
+)
+def test_fast_shared_encoding_matches_device_by_device_encoding(
+    count: int, retained: tuple[int, ...]
+) -> None:
+    views = [DeviceView(shared_device_id(i), HEALTHY, None) for i in range(count)]
+    views += [DeviceView(shared_device_id(i), UNHEALTHY, None) for i in sorted(retained)]
+    encoded = encode_shared(count, retained)
+    assert encoded == encode_devices(views)
+    resource = Resource(
+        "cpupool.io/s",
+        "s",
+        PoolType.SHARED,
+        None,
+        CpuSet(),
+        shared_count=count,
+        shared_retained=frozenset(retained),
+    )
+    assert list_message_size(resource) == len(encoded)
+    assert resource.device_count == count + len(retained)
