@@ -7,6 +7,7 @@ satisfiable request gets an answer and the work stays a few sorts over the avail
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ class AllocationError(ValueError):
     """A request no allocation can satisfy; the message names the offending IDs or sizes."""
 
 
+@functools.lru_cache(maxsize=8192)
 def id_key(device_id: str) -> _IdKey:
     """Sort key: decimal IDs by value ("9" before "10"), any other ID after them, by text."""
     if device_id.isascii() and device_id.isdigit():

@@ -7,6 +7,7 @@ that keeps its meaning.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -22,6 +23,8 @@ MILLICPUS_PER_CPU = 1000
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+# Our shared IDs: lower-case base 36 without leading zeros, 8 digits at most.
+_SHARED_ID = re.compile(r"0|[1-9a-z][0-9a-z]{0,7}")
 
 
 def shared_device_id(index: int) -> str:
@@ -37,9 +40,7 @@ def shared_device_id(index: int) -> str:
 
 def shared_device_index(device_id: str) -> int | None:
     """The millicpu index behind a shared device ID, None when the text is not one of ours."""
-    if not device_id or len(device_id) > 8 or (len(device_id) > 1 and device_id[0] == "0"):
-        return None
-    if any(ch not in _DIGITS for ch in device_id):
+    if _SHARED_ID.fullmatch(device_id) is None:
         return None
     return int(device_id, 36)
 

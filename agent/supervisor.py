@@ -99,7 +99,7 @@ class Supervisor:
         self._config: PoolConfig | None = None
         self._config_text: str | None = None
         self._rejected_text: str | None = None
-        self._kubelet_inode: int | None = None
+        self._kubelet_socket: tuple[int, int] | None = None
         self._in_use_known = False
         self._wake = asyncio.Event()
         self._flags: set[str] = set()
@@ -142,7 +142,7 @@ class Supervisor:
     async def run(self) -> None:
         """Serve until stop() is called; then end streams, close servers and remove the sockets."""
         self.settings.plugin_dir.mkdir(parents=True, exist_ok=True)
-        self._kubelet_inode = self._kubelet_socket_inode()
+        self._kubelet_socket = self._kubelet_socket_identity()
         await self._reload(initial=True)
         self._tasks = [
             asyncio.create_task(self._watch(), name="watch"),
@@ -413,17 +413,19 @@ class Supervisor:
 
     # --- kubelet restarts
 
-    def _kubelet_socket_inode(self) -> int | None:
+    def _kubelet_socket_identity(self) -> tuple[int, int] | None:
+        """(inode, change time) of kubelet.sock: a re-created socket can get its old inode number back."""
         try:
-            return (self.settings.plugin_dir / KUBELET_SOCKET).stat().st_ino
+            info = (self.settings.plugin_dir / KUBELET_SOCKET).stat()
         except OSError:
             return None
+        return info.st_ino, info.st_ctime_ns
 
     async def _check_kubelet(self) -> None:
         """Look at the directory as it is now: a new kubelet.sock means serve anew and register again."""
-        inode = self._kubelet_socket_inode()
-        restarted = inode is not None and inode != self._kubelet_inode
-        self._kubelet_inode = inode
+        identity = self._kubelet_socket_identity()
+        restarted = identity is not None and identity != self._kubelet_socket
+        self._kubelet_socket = identity
         if restarted:
             self.metrics.kubelet_restarts.inc()
             log.info("kubelet.restarted", action="serving on fresh sockets and registering every resource")

@@ -171,6 +171,8 @@ async def test_fifty_restarts_with_allocations_leak_nothing(tmp_path: Path) -> N
                 run.emu.release(f"p{n}")
         sockets = sorted(p.name for p in run.plugin_dir.iterdir())
         assert sockets == ["cpupool-fast.sock", "cpupool-multi.sock", "cpupool-shared.sock", "kubelet.sock"]
+        # Every restart was recognised as one (a re-created kubelet.sock may reuse its inode number).
+        assert run.supervisor.metrics.kubelet_restarts.get() >= 50
         # Stream watchdogs started by the restarts end after their grace period; nothing else may linger.
         await run.emu.wait_for(
             lambda: len(asyncio.all_tasks()) <= tasks_before,

@@ -1,0 +1,6 @@
+"""Shared pytest set-up."""
+
+# Imported at start-up, not lazily by its pytest plugin at the end of the session: a late import there
+# trips a CPython 3.11 bug ("AST constructor recursion depth mismatch", python/cpython#106905) after
+# runs that used many threads.
+import hypothesis  # noqa: F401
