@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import watchfiles
 
 from agent.config import ConfigError, PoolConfig, default_config, parse_config, validate
 from agent.cpuset import CpuSet
@@ -28,6 +27,7 @@ from agent.deviceplugin import (
     ResourceServicer,
     register,
 )
+from agent.dirwatch import watch_directories
 from agent.metrics import Metrics
 from agent.plan import Plan, Resource, build_plan, diff_plans
 from agent.podresources import PodResourcesError, in_use_by_resource, list_assignments
@@ -35,12 +35,10 @@ from agent.topology import Topology, discover
 
 log = structlog.get_logger(__name__)
 
-# watchfiles groups events until none arrives for STEP ms: small enough for reload and re-registration well
-# under 100 ms, large enough that an idle agent wakes only a few dozen times a second in Rust code.
-WATCH_STEP_MS = 20
-WATCH_DEBOUNCE_MS = 200
-# Without inotify (some network file systems), a content check at this period catches every edit.
+# Without change events (some network file systems), a content check at this period catches every edit.
 CONFIG_POLL_S = 30.0
+# A watched directory that vanished (say, the config's) is watched again after this long.
+WATCH_RETRY_S = 1.0
 # While devices are held back for pods that still use them, ask the PodResources API this often.
 IN_USE_RECHECK_S = 30.0
 REGISTER_BACKOFF_START_S = 0.1
@@ -464,53 +462,50 @@ class Supervisor:
         path = self.settings.config_path
         return path.absolute().parent if path is not None else None
 
-    def _classify(self, path: str) -> str | None:
+    def _classify(self, changed: Path) -> str | None:
         """Which flag a changed path raises, None for files the agent does not care about."""
-        changed = Path(path)
         config = self.settings.config_path
+        config_dir = self._config_dir()
+        plugin_dir = self.settings.plugin_dir.absolute()
+        if changed == config_dir:
+            return "config"
+        if changed == plugin_dir:
+            return "kubelet"
         # A ConfigMap update shows as `..data` / `..<timestamp>` entries, a plain file as itself.
         is_config = (
             config is not None
-            and changed.parent == self._config_dir()
+            and changed.parent == config_dir
             and (changed.name == config.name or changed.name.startswith(".."))
         )
         if is_config:
             return "config"
-        if changed.parent == self.settings.plugin_dir.absolute() and changed.name.endswith(".sock"):
+        if changed.parent == plugin_dir and changed.name.endswith(".sock"):
             return "kubelet"
         return None
 
     async def _watch(self) -> None:
-        """One watcher for the plugin directory and the config's directory.
-
-        Every watcher thread wakes each WATCH_STEP_MS, so one thread for both keeps an idle agent cheap.
-        Directories, never the config file: a ConfigMap volume swaps its `..data` symlink, which a watch on
-        the file sees once, then never."""
+        """Watch the plugin directory and the config's directory (never the config file: a ConfigMap
+        volume swaps its `..data` symlink, which a watch on the file sees once, then never)."""
         while not self._stopping.is_set():
             paths = [self.settings.plugin_dir.absolute()]
             config_dir = self._config_dir()
             if config_dir is not None and config_dir.is_dir() and config_dir not in paths:
                 paths.append(config_dir)
             try:
-                async for changes in watchfiles.awatch(
-                    *paths,
-                    watch_filter=lambda _change, path: self._classify(path) is not None,
-                    step=WATCH_STEP_MS,
-                    debounce=WATCH_DEBOUNCE_MS,
-                    stop_event=self._stopping,
-                    rust_timeout=int(self.settings.config_poll_s * 1000),
-                    yield_on_timeout=True,
-                    recursive=False,
-                    ignore_permission_denied=True,
+                async for changes in watch_directories(
+                    paths,
+                    accept=lambda path: self._classify(path) is not None,
+                    stop=self._stopping,
+                    quiet_s=self.settings.config_poll_s,
                 ):
                     if not changes:
-                        # Quiet for a while: check the config's content anyway (file systems without
-                        # inotify), and watch its directory if it appeared since.
+                        # Quiet for a while: check the config's content anyway (file systems that do not
+                        # report changes), and watch its directory if it appeared since.
                         self.notify("config")
                         if config_dir is not None and config_dir not in paths and config_dir.is_dir():
                             break
                         continue
-                    for flag in {self._classify(path) for _, path in changes}:
+                    for flag in {self._classify(path) for path in changes}:
                         if flag is not None:
                             self.notify(flag)
             except (OSError, RuntimeError) as exc:
@@ -518,9 +513,9 @@ class Supervisor:
                     "watch.failed",
                     paths=[str(p) for p in paths],
                     reason=str(exc),
-                    fallback=f"checking every {self.settings.config_poll_s:g} s",
+                    retry_in_s=WATCH_RETRY_S,
                 )
-                await asyncio.sleep(self.settings.config_poll_s)
+                await asyncio.sleep(WATCH_RETRY_S)
                 self.notify("config")
                 self.notify("kubelet")
 

@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
+from agent import dirwatch
 from agent.cpuset import CpuSet
 from agent.supervisor import STREAM_LOST_GRACE_S
 from tests.emulator import ResourceSnapshot
@@ -239,3 +241,19 @@ async def test_removed_pool_drops_its_connections_so_clients_fail_fast(tmp_path:
             assert time.monotonic() - started < 4
         finally:
             channel.close()
+
+
+async def test_reload_and_restart_without_inotify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where inotify cannot be used, the watchfiles fallback carries edits and restarts the same way."""
+
+    def unavailable(_directories: object) -> None:
+        raise OSError(38, "inotify is not available here")
+
+    monkeypatch.setattr(dirwatch, "_Inotify", unavailable)
+    async with running_agent(tmp_path) as run:
+        await all_registered(run, FAST, MULTI, SHARED)
+        run.configmap.write('pools:\n  fast: {cpus: "2-3", pooltype: exclusive}\n')
+        await run.emu.wait_devices(FAST, lambda s: ids(s) == {"2", "3"})
+        since = time.monotonic()
+        await run.emu.restart()
+        await run.emu.wait_registered(FAST, since=since)

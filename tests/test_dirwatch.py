@@ -1,0 +1,103 @@
+"""Directory watching: inotify on the event loop, and the watchfiles fallback, give the same batches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent import dirwatch
+from tests.harness import ConfigMapDir
+
+
+@pytest.fixture(params=["inotify", "watchfiles"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "watchfiles":
+
+        def unavailable(_directories: object) -> None:
+            raise OSError(38, "inotify is not available here")
+
+        monkeypatch.setattr(dirwatch, "_Inotify", unavailable)
+    return str(request.param)
+
+
+@contextlib.asynccontextmanager
+async def watching(directories: list[Path], quiet_s: float = 30.0) -> AsyncIterator[asyncio.Queue[set[Path]]]:
+    batches: asyncio.Queue[set[Path]] = asyncio.Queue()
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        async for batch in dirwatch.watch_directories(
+            directories, accept=lambda p: not p.name.endswith(".ignored"), stop=stop, quiet_s=quiet_s
+        ):
+            await batches.put(batch)
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0.2)  # the watch is set up (watchfiles starts a thread)
+    try:
+        yield batches
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+
+
+async def collect(batches: asyncio.Queue[set[Path]], until: Path) -> set[Path]:
+    seen: set[Path] = set()
+    while until not in seen:
+        seen |= await asyncio.wait_for(batches.get(), 5)
+    return seen
+
+
+async def test_configmap_swap_is_seen_in_the_directory(tmp_path: Path, backend: str) -> None:
+    configmap = ConfigMapDir(tmp_path / "cfg")
+    configmap.write("a: 1\n")
+    async with watching([configmap.path]) as batches:
+        configmap.write("a: 2\n")
+        seen = await collect(batches, configmap.path / "..data")
+        assert all(p.parent == configmap.path for p in seen)
+
+
+async def test_two_directories_and_the_filter(tmp_path: Path, backend: str) -> None:
+    first, second = tmp_path / "one", tmp_path / "two"
+    first.mkdir()
+    second.mkdir()
+    async with watching([first, second]) as batches:
+        (first / "x.ignored").write_text("")
+        (second / "kubelet.sock").write_text("")
+        seen = await collect(batches, second / "kubelet.sock")
+        assert first / "x.ignored" not in seen
+        (first / "kubelet.sock").write_text("")
+        (first / "kubelet.sock").unlink()
+        assert first / "kubelet.sock" in await collect(batches, first / "kubelet.sock")
+
+
+async def test_quiet_period_yields_an_empty_batch(tmp_path: Path, backend: str) -> None:
+    async with watching([tmp_path], quiet_s=0.3) as batches:
+        assert await asyncio.wait_for(batches.get(), 5) == set()
+
+
+async def test_removed_directory_is_reported(tmp_path: Path) -> None:
+    watched = tmp_path / "gone"
+    watched.mkdir()
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        async for _ in dirwatch.watch_directories([watched], accept=lambda p: True, stop=stop, quiet_s=30):
+            pass
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0.05)
+    watched.rmdir()
+    with pytest.raises(dirwatch.WatchLost):
+        await asyncio.wait_for(task, 5)
+
+
+async def test_missing_directory_is_reported_not_degraded(tmp_path: Path) -> None:
+    with pytest.raises(dirwatch.WatchLost):
+        async for _ in dirwatch.watch_directories(
+            [tmp_path / "absent"], accept=lambda p: True, stop=asyncio.Event(), quiet_s=30
+        ):
+            pass
