@@ -43,7 +43,12 @@ from agent.kubeletapi.v1beta1 import (
 )
 from agent.metrics import Metrics
 from agent.plan import Resource, shared_device_index
-from agent.wire import EncodedListAndWatchResponse, encode_resource
+from agent.wire import (
+    AllocateRequestDecoder,
+    EncodedListAndWatchResponse,
+    PreferredAllocationRequestDecoder,
+    encode_resource,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -112,6 +117,12 @@ def _guarded(path: str, func: Callable[[Any], Awaitable[None]]) -> Callable[[Any
     return handler
 
 
+_DECODERS: dict[str, type] = {
+    "/v1beta1.DevicePlugin/Allocate": AllocateRequestDecoder,
+    "/v1beta1.DevicePlugin/GetPreferredAllocation": PreferredAllocationRequestDecoder,
+}
+
+
 class ResourceServicer(DevicePluginBase):
     """Answers the kubelet for one resource. All RPCs are synchronous computations on in-memory data."""
 
@@ -167,10 +178,14 @@ class ResourceServicer(DevicePluginBase):
         self._metrics.devices.set(self._listing.device_count - healthy, resource=name, health="unhealthy")
 
     def __mapping__(self) -> dict[str, Handler]:
-        return {
+        mapping = {
             path: handler._replace(func=_guarded(path, handler.func))
             for path, handler in super().__mapping__().items()
         }
+        # The admission-path requests get dedicated decoders (see agent.wire).
+        for path, decoder in _DECODERS.items():
+            mapping[path] = mapping[path]._replace(request_type=decoder)
+        return mapping
 
     async def get_device_plugin_options(self, message: Empty) -> DevicePluginOptions:
         return DevicePluginOptions(

@@ -12,7 +12,13 @@ import functools
 import itertools
 from collections.abc import Iterable
 
-from agent.kubeletapi.v1beta1 import ListAndWatchResponse
+from agent.kubeletapi.v1beta1 import (
+    AllocateRequest,
+    ContainerAllocateRequest,
+    ContainerPreferredAllocationRequest,
+    ListAndWatchResponse,
+    PreferredAllocationRequest,
+)
 from agent.plan import HEALTHY, UNHEALTHY, DeviceView, Resource, shared_device_id
 
 _BASE36 = b"0123456789abcdefghijklmnopqrstuvwxyz"
@@ -112,3 +118,116 @@ class EncodedListAndWatchResponse(ListAndWatchResponse):
 
     def __bytes__(self) -> bytes:
         return self._payload
+
+
+# --- Decoding the two requests on the admission path -------------------------------------------------------
+# The generic decoder spends about 2 µs per repeated string: 1 ms for an Allocate of 500 millicpus, half of
+# the round trip. These readers do the same work in a tenth of the time. Unknown fields are skipped as
+# protobuf requires; anything malformed raises ValueError, which the servicer answers INVALID_ARGUMENT.
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated or over-long varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(data: bytes) -> list[tuple[int, int | bytes]]:
+    """(field number, value) pairs: an int for varints, bytes for length-delimited fields."""
+    out: list[tuple[int, int | bytes]] = []
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        if number == 0:
+            raise ValueError("field number 0")
+        if wire_type == 0:
+            value, pos = _read_varint(data, pos)
+            out.append((number, value))
+        elif wire_type == _LEN:
+            length, pos = _read_varint(data, pos)
+            if pos + length > len(data):
+                raise ValueError("truncated length-delimited field")
+            out.append((number, data[pos : pos + length]))
+            pos += length
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        if pos > len(data):
+            raise ValueError("truncated fixed-size field")
+    return out
+
+
+def _strings(fields: list[tuple[int, int | bytes]], number: int) -> list[str]:
+    values = []
+    for field_number, value in fields:
+        if field_number == number:
+            if not isinstance(value, bytes):
+                raise ValueError(f"field {number} must be a string")
+            values.append(value.decode("utf-8"))
+    return values
+
+
+def _messages(data: bytes, number: int) -> list[list[tuple[int, int | bytes]]]:
+    out = []
+    for field_number, value in _fields(data):
+        if field_number == number:
+            if not isinstance(value, bytes):
+                raise ValueError(f"field {number} must be a message")
+            out.append(_fields(value))
+    return out
+
+
+class AllocateRequestDecoder:
+    """Stands in for AllocateRequest as a handler's request type: grpclib's codec only calls FromString."""
+
+    @staticmethod
+    def FromString(data: bytes) -> AllocateRequest:
+        return AllocateRequest(
+            container_requests=[
+                ContainerAllocateRequest(devices_ids=_strings(fields, 1)) for fields in _messages(data, 1)
+            ]
+        )
+
+
+def _int32(fields: list[tuple[int, int | bytes]], number: int) -> int:
+    value = 0
+    for field_number, raw in fields:
+        if field_number == number:
+            if not isinstance(raw, int):
+                raise ValueError(f"field {number} must be an integer")
+            value = raw
+    # int32 is sent as a 64-bit two's complement varint when negative.
+    value &= 0xFFFFFFFFFFFFFFFF
+    if value >= 1 << 63:
+        value -= 1 << 64
+    if not -(2**31) <= value < 2**31:
+        raise ValueError(f"field {number} is out of the int32 range")
+    return value
+
+
+class PreferredAllocationRequestDecoder:
+    """Stands in for PreferredAllocationRequest as a handler's request type (see AllocateRequestDecoder)."""
+
+    @staticmethod
+    def FromString(data: bytes) -> PreferredAllocationRequest:
+        return PreferredAllocationRequest(
+            container_requests=[
+                ContainerPreferredAllocationRequest(
+                    available_deviceIDs=_strings(fields, 1),
+                    must_include_deviceIDs=_strings(fields, 2),
+                    allocation_size=_int32(fields, 3),
+                )
+                for fields in _messages(data, 1)
+            ]
+        )
