@@ -137,12 +137,6 @@ class Plan:
             r.unhealthy or r.shared_retained or r.cpus != r.config_cpus for r in self.resources.values()
         )
 
-    def by_pool(self, pool: str) -> Resource | None:
-        for resource in self.resources.values():
-            if resource.pool == pool:
-                return resource
-        return None
-
 
 @dataclass(frozen=True)
 class PlanDiff:

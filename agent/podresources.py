@@ -10,8 +10,6 @@ from grpclib.client import Channel
 
 from agent.kubeletapi.v1 import ListPodResourcesRequest, PodResourcesListerStub
 
-DEFAULT_SOCKET = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
-
 
 class PodResourcesError(RuntimeError):
     """The PodResources API could not be asked; the message says why."""

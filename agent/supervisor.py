@@ -96,7 +96,7 @@ class Supervisor:
         self.last_config_error: str | None = None
         self._config: PoolConfig | None = None
         self._config_text: str | None = None
-        self._rejected_text: str | None = None
+        self._rejected: tuple[str | None, str] | None = None
         self._kubelet_socket: tuple[int, int] | None = None
         self._in_use_known = False
         self._wake = asyncio.Event()
@@ -185,45 +185,45 @@ class Supervisor:
 
     # --- config and plan
 
-    def _read_config(self) -> tuple[PoolConfig, str]:
-        """The config as the file holds it now, and its text ("" for the built-in default)."""
+    def _read_config(self) -> str | None:
+        """The config file's text now; None means "no config file": serve the built-in default."""
         path = self.settings.config_path
         if path is None:
-            return default_config(), ""
+            return None
         try:
-            text = path.read_text(encoding="utf-8")
+            return path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            if self._config_text:
+            if self._config_text is not None:
                 raise _Unreadable(f"{path} was removed") from None
             log.warning("config.missing", path=str(path), serving="the kernel's isolated CPUs")
-            return default_config(), ""
+            return None
         except (OSError, UnicodeDecodeError) as exc:
             raise _Unreadable(f"{path}: {exc}") from exc
-        return parse_config(text, str(path)), text
 
     async def _reload(self, *, initial: bool = False) -> None:
         """Re-read the config; apply it if it changed and is valid, else keep the last good one."""
         try:
-            config, text = await asyncio.to_thread(self._read_config)
+            text = await asyncio.to_thread(self._read_config)
         except _Unreadable as exc:
             log.warning("config.unreadable", reason=str(exc), keeping="last good config")
             return
-        except ConfigError as exc:
-            if text_of(exc) != self._rejected_text:
-                self._config_failed(exc)
-            return
         if not initial and text == self._config_text:
+            if self._rejected is not None:
+                # The file is back to the config being served: the earlier error no longer applies.
+                self._rejected = self.last_config_error = None
+                log.info("config.error_cleared", reason="the file is back to the config being served")
             return
         try:
+            config = default_config() if text is None else parse_config(text, str(self.settings.config_path))
             topology = await asyncio.to_thread(discover, self.settings.root)
             validated = validate(config, topology)
             in_use = await self._in_use(config.resource_base_name)
             plan = build_plan(validated, topology, self.plan, in_use or {})
         except ConfigError as exc:
-            self._config_failed(exc)
+            self._config_failed(exc, text)
             return
         self._config, self._config_text, self.topology = config, text, topology
-        self._rejected_text = None
+        self._rejected = None
         self.last_config_error = None
         self.config_generation += 1
         self.metrics.config_generation.set(self.config_generation)
@@ -241,8 +241,12 @@ class Supervisor:
             log.warning("agent.nothing_to_serve", reason="the config has no pools, or no CPU is isolated")
         await self._apply(plan)
 
-    def _config_failed(self, exc: ConfigError) -> None:
-        self._rejected_text = text_of(exc)
+    def _config_failed(self, exc: ConfigError, text: str | None) -> None:
+        # The periodic content check retries a rejected config (a CPU may come online), but the same
+        # text failing the same way is reported once.
+        if (text, str(exc)) == self._rejected:
+            return
+        self._rejected = (text, str(exc))
         self.last_config_error = str(exc)
         self.metrics.reloads.inc(result="error")
         log.error(
@@ -528,10 +532,6 @@ class Supervisor:
 
 class _Unreadable(Exception):
     """The config file cannot be read right now (removed, permissions): keep serving the last good one."""
-
-
-def text_of(exc: ConfigError) -> str:
-    return str(exc)
 
 
 def _emptied(resource: Resource) -> Resource:

@@ -82,6 +82,14 @@ async def test_invalid_edit_keeps_the_last_good_config(tmp_path: Path) -> None:
         assert run.supervisor.config_generation == 1
         fast = run.emu.resource(FAST)
         assert fast is not None and len(fast.devices) == 12 and fast.stream_open
+        # The periodic content check does not report the same fault again.
+        run.supervisor.notify("config")
+        await asyncio.sleep(0.2)
+        assert run.supervisor.metrics.reloads.get(result="error") == 1
+        # Going back to the served config clears the error.
+        run.configmap.write(POOLS)
+        await run.emu.wait_for(lambda: run.supervisor.last_config_error is None, what="the error to clear")
+        assert run.supervisor.config_generation == 1
         # Fixing the file clears the error.
         run.configmap.write('pools:\n  fast: {cpus: "2-5", pooltype: exclusive}\n')
         await run.emu.wait_devices(FAST, lambda s: len(s.devices) == 4)
