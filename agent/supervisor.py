@@ -223,6 +223,8 @@ class Supervisor:
             self._config_failed(exc, text)
             return
         self._config, self._config_text, self.topology = config, text, topology
+        # Read with the topology, off the loop: Allocate and re-plans then do no file IO.
+        self._cpuid = await asyncio.to_thread(cpuid_cpus, self.settings.root, CpuSet(topology.cpus))
         self._rejected = None
         self.last_config_error = None
         self.config_generation += 1
@@ -294,8 +296,6 @@ class Supervisor:
         old = self.plan
         diff = diff_plans(old, plan)
         self.plan = plan
-        if self.topology is not None:
-            self._cpuid = cpuid_cpus(self.settings.root, CpuSet(self.topology.cpus))
         for name in diff.removed:
             state = self.states.get(name)
             if state is not None:
