@@ -30,10 +30,17 @@ class TopologyError(Exception):
 
 @dataclass(frozen=True, order=True)
 class CoreKey:
-    """A physical core: the kernel's core_id is only unique within its package."""
+    """A physical core, unique on the host.
+
+    The kernel's core_id is only unique within a package, and on multi-die packages only within a die; the
+    kernel's sibling lists decide which threads form a core. Where one (package, core_id) still names several
+    cores, each of them is told apart by its lowest online thread.
+    """
 
     package: int
     core_id: int
+    # -1 where (package, core_id) names one core; else the core's lowest online thread.
+    first_thread: int = -1
 
 
 @dataclass(frozen=True)
@@ -458,25 +465,69 @@ def _cpus(host: _Host, online: CpuSet) -> dict[int, Cpu]:
         keys[cpu] = CoreKey(package, core_id)
         l3[cpu] = _l3_id(host, cpu, problems)
 
-    by_core: dict[CoreKey, set[int]] = {}
-    for cpu, key in keys.items():
-        by_core.setdefault(key, set()).add(cpu)
+    cores = _core_groups(online, listed, keys)
     cpus: dict[int, Cpu] = {}
     for cpu in online:
-        same_core = CpuSet(by_core[keys[cpu]])
         siblings = listed[cpu]
         if siblings is None:
-            siblings = same_core
-        elif siblings != same_core:
+            siblings = cores[cpu][1]
+        elif any(keys[sibling] != keys[cpu] for sibling in siblings):
             problems.add(
                 cpu,
                 f"{CPU_DIR}/cpuN/topology/thread_siblings_list",
                 "disagrees with core_id/physical_package_id",
                 "siblings taken from the list",
             )
-        cpus[cpu] = Cpu(id=cpu, core=keys[cpu], numa_node=nodes[cpu], siblings=siblings, l3=l3[cpu])
+        cpus[cpu] = Cpu(id=cpu, core=cores[cpu][0], numa_node=nodes[cpu], siblings=siblings, l3=l3[cpu])
     problems.report(host)
     return cpus
+
+
+def _core_groups(
+    online: CpuSet, listed: Mapping[int, CpuSet | None], keys: Mapping[int, CoreKey]
+) -> dict[int, tuple[CoreKey, CpuSet]]:
+    """Each CPU's core (key and threads): threads the kernel lists together form one core.
+
+    Sibling lists win over (package, core_id), which repeats on multi-die packages whose core_id restarts
+    per die; only CPUs without any list are grouped by (package, core_id).
+    """
+    parent = {cpu: cpu for cpu in online}
+
+    def root(cpu: int) -> int:
+        while parent[cpu] != cpu:
+            parent[cpu] = parent[parent[cpu]]
+            cpu = parent[cpu]
+        return cpu
+
+    def join(a: int, b: int) -> None:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    unlisted: dict[CoreKey, int] = {}
+    for cpu in online:
+        siblings = listed[cpu]
+        if siblings is not None:
+            for sibling in siblings:
+                join(cpu, sibling)
+        else:
+            join(cpu, unlisted.setdefault(keys[cpu], cpu))
+    groups: dict[int, set[int]] = {}
+    for cpu in online:
+        groups.setdefault(root(cpu), set()).add(cpu)
+    # A core carries its lowest thread's numbers; a number that two cores share gains that thread.
+    claims: dict[CoreKey, int] = {}
+    for first in groups:
+        claims[keys[first]] = claims.get(keys[first], 0) + 1
+    result: dict[int, tuple[CoreKey, CpuSet]] = {}
+    for first, members in groups.items():
+        key = keys[first]
+        if claims[key] > 1:
+            key = CoreKey(key.package, key.core_id, first_thread=first)
+        threads = CpuSet(members)
+        for cpu in members:
+            result[cpu] = (key, threads)
+    return result
 
 
 def _listed_siblings(host: _Host, cpu: int, online: CpuSet, problems: _PerCpuProblems) -> CpuSet | None:

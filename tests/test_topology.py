@@ -125,6 +125,47 @@ def test_offline_cpus_are_left_out_even_where_their_files_remain() -> None:
     assert t.warnings == ()
 
 
+def test_multi_die_package_reusing_core_ids_keeps_two_thread_cores() -> None:
+    # One package, two dies; core_id restarts on each die, so (package, core_id) alone would make
+    # CPUs 0, 4, 8 and 12 one 4-thread "core". The kernel's sibling lists say otherwise, and win.
+    t = discover(SYSFS_DIR / "multidie")
+    assert t.cpus[0].siblings == cs("0,8")
+    assert t.cpus[4].siblings == cs("4,12")
+    assert t.cpus[0].core != t.cpus[4].core
+    assert t.cpus[0].core == t.cpus[8].core
+    assert t.cpus[4].core == t.cpus[12].core
+    cores = t.cores()
+    assert len(cores) == 8
+    assert sorted(cores.values(), key=lambda threads: threads.first) == [
+        cs(f"{first},{first + 8}") for first in range(8)
+    ]
+    # The kernel's own numbering stays visible; the key only gains the lowest thread where core_id repeats.
+    assert t.cpus[4].core.core_id == 0 and t.cpus[4].core.package == 0
+    assert t.cpus[4].core == CoreKey(package=0, core_id=0, first_thread=4)
+    # A reused core_id is how such hosts are built, not a fault worth a warning.
+    assert t.warnings == ()
+
+
+def test_multi_die_table_keeps_each_core_together() -> None:
+    table = render_table(discover(SYSFS_DIR / "multidie"))
+    firsts = [line.split()[0] for line in table.splitlines() if line.strip()]
+    ids = [int(first) for first in firsts if first.isdigit()]
+    assert ids[:4] == [0, 8, 1, 9]
+    assert _row(table, 12) == ["12", "0", "0", "4,12", "1"]
+    assert _row(table, 14) == ["14", "0", "2", "6,14", "1", "isolated"]
+
+
+def test_cores_are_unique_whatever_core_ids_say(tmp_path: Path) -> None:
+    # Every CPU claims core 0: only the sibling lists tell the 16 cores of dual32 apart.
+    root = build(tmp_path, dual32())
+    for cpu in range(32):
+        (root / CPU / f"cpu{cpu}/topology/core_id").write_text("0\n")
+    t = discover(root)
+    assert len(t.cores()) == 16
+    assert all(len(threads) == 2 for threads in t.cores().values())
+    assert len({cpu.core for cpu in t.cpus.values()}) == 16
+
+
 def test_disagreeing_isolation_trusts_sysfs_and_says_so(recorded: RecordingLog) -> None:
     root = SYSFS_DIR / "disagree"
     t = discover(root)
@@ -414,9 +455,12 @@ def test_sibling_list_disagreeing_with_core_ids_is_reported(tmp_path: Path) -> N
     root = build(tmp_path, dual32())
     (root / CPU / "cpu3/topology/core_id").write_text("2\n")
     t = discover(root)
-    # The kernel's list wins for siblings; the mismatch is there for the user to see.
+    # The kernel's list wins for siblings and for the core; the mismatch is there for the user to see,
+    # named on the CPUs whose listed siblings carry another core_id.
     assert t.cpus[3].siblings == cs("3,19")
-    assert any("disagrees with core_id" in w and "CPUs 2,3,18,19:" in w for w in t.warnings), t.warnings
+    assert t.cores()[t.cpus[3].core] == cs("3,19")
+    assert t.cores()[t.cpus[2].core] == cs("2,18")
+    assert any("disagrees with core_id" in w and "CPUs 3,19:" in w for w in t.warnings), t.warnings
 
 
 def test_cpus_outside_every_node_default_to_node_0(tmp_path: Path) -> None:
