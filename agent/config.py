@@ -148,8 +148,9 @@ def pool_name_problems(pool: str) -> list[str]:
 
 def parse_config(text: str, source: str) -> PoolConfig:
     """Parse and check the schema of a config text; no topology is needed. Raises ConfigError."""
+    problems: list[Problem] = []
     try:
-        data: Any = yaml.safe_load(text)
+        data: Any = _load_yaml(text, problems)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -158,9 +159,8 @@ def parse_config(text: str, source: str) -> PoolConfig:
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
         message = f"expected a mapping with 'resourceBaseName' and 'pools', got {got}"
-        raise ConfigError(source, [Problem(None, message)])
+        raise ConfigError(source, [*problems, Problem(None, message)])
 
-    problems: list[Problem] = []
     unknown = sorted(str(k) for k in data if k not in _TOP_KEYS)
     if unknown:
         allowed = "allowed: pools, resourceBaseName"
@@ -181,14 +181,27 @@ def parse_config(text: str, source: str) -> PoolConfig:
         raw_pools = {}
 
     pools: dict[str, PoolSpec] = {}
+    written_as: dict[str, Any] = {}
     for raw_name, settings in raw_pools.items():
         name = str(raw_name)
+        if name in written_as:
+            # Two YAML keys (1 and "1") that are one pool name, hence one resource and one socket.
+            problems.append(
+                Problem(
+                    name,
+                    f"given twice, as {written_as[name]!r} and {raw_name!r}: both name the resource "
+                    f"{base}/{name} and the socket cpupool-{name}.sock; keep one",
+                )
+            )
+            continue
+        written_as[name] = raw_name
         spec = _parse_pool(name, settings, problems)
         for message in pool_name_problems(name):
             problems.append(Problem(name, message))
         if spec is not None:
             pools[name] = spec
 
+    problems += _env_name_collisions(list(written_as))
     shared = [p.name for p in pools.values() if p.type is PoolType.SHARED]
     if len(shared) > 1:
         found = f"found {len(shared)}: {', '.join(shared)}"
@@ -196,6 +209,73 @@ def parse_config(text: str, source: str) -> PoolConfig:
     if problems:
         raise ConfigError(source, problems)
     return PoolConfig(base, pools, source)
+
+
+def _env_name_collisions(names: list[str]) -> list[Problem]:
+    """Pool names that differ only in case or in '-', '_', '.' share one container variable."""
+    by_env: dict[str, list[str]] = {}
+    for name in names:
+        by_env.setdefault(pool_env_name(name), []).append(name)
+    problems: list[Problem] = []
+    for env, group in by_env.items():
+        if len(group) > 1:
+            listed = ", ".join(repr(name) for name in group[:-1]) + f" and {group[-1]!r}"
+            problems.append(
+                Problem(
+                    None,
+                    f"pools {listed} all give containers the environment variable {env}, "
+                    "so one would hide the other's CPUs; rename all but one",
+                )
+            )
+    return problems
+
+
+_YAML_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _load_yaml(text: str, problems: list[Problem]) -> Any:
+    """yaml.safe_load, plus a problem for each key given twice in a mapping (YAML silently keeps the last)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _duplicate_keys(node, (), set(), problems)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _duplicate_keys(node: yaml.Node, path: tuple[str, ...], seen: set[int], problems: list[Problem]) -> None:
+    if id(node) in seen:
+        # Aliases may repeat or even contain a node: visit each once.
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _duplicate_keys(item, path, seen, problems)
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[tuple[str, str], int] = {}
+    for key_node, value_node in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _YAML_MERGE:
+            line = key_node.start_mark.line + 1
+            key = (key_node.tag, key_node.value)
+            if key in first_line:
+                lines = f"lines {first_line[key]} and {line}"
+                if path == ("pools",):
+                    message = f"given twice ({lines}): YAML keeps only the last; give each pool one entry"
+                    problems.append(Problem(key_node.value, message))
+                else:
+                    pool = path[1] if len(path) >= 2 and path[0] == "pools" else None
+                    message = f"key {key_node.value!r} given twice ({lines}): YAML keeps only the last"
+                    problems.append(Problem(pool, message))
+            else:
+                first_line[key] = line
+            _duplicate_keys(value_node, (*path, key_node.value), seen, problems)
+        else:
+            _duplicate_keys(value_node, path, seen, problems)
 
 
 def _parse_pool(name: str, settings: Any, problems: list[Problem]) -> PoolSpec | None:

@@ -110,6 +110,44 @@ def test_every_problem_is_reported_at_once() -> None:
     assert "pool 'a'" in lines[0] and "pool 'b'" in lines[1]
 
 
+@pytest.mark.parametrize(
+    ("first", "second"), [("a-b", "a_b"), ("a_b", "A.B"), ("a-b", "A.B"), ("dpdk.rx", "DPDK-RX")]
+)
+def test_pool_names_sharing_an_environment_variable_are_refused(first: str, second: str) -> None:
+    # A container holding both pools would get one CPUPOOL_A_B_CPUS: one pool's CPUs would vanish.
+    pool = "{cpus: '%s', pooltype: exclusive}"
+    lines = errors(f"pools:\n  {first}: {pool % 1}\n  {second}: {pool % 2}\n")
+    env = pool_env_name(first)
+    assert len(lines) == 1, lines
+    assert repr(first) in lines[0] and repr(second) in lines[0] and env in lines[0], lines
+
+
+def test_three_colliding_pool_names_are_one_problem_naming_all() -> None:
+    lines = errors(
+        "pools:\n  a-b: {cpus: '1', pooltype: exclusive}\n  a_b: {cpus: '2', pooltype: exclusive}\n"
+        "  A.B: {cpus: '3', pooltype: exclusive}\n"
+    )
+    assert len(lines) == 1, lines
+    assert all(name in lines[0] for name in ("'a-b'", "'a_b'", "'A.B'", "CPUPOOL_A_B_CPUS"))
+
+
+def test_a_pool_given_twice_is_refused_not_silently_replaced() -> None:
+    # YAML keeps only the last of two equal keys; the first pool would vanish without a word.
+    lines = errors("pools:\n  a: {cpus: '1', pooltype: exclusive}\n  a: {cpus: '2', pooltype: shared}\n")
+    assert any("pool 'a'" in line and "twice" in line and "lines 2 and 3" in line for line in lines), lines
+
+
+def test_pool_names_that_are_one_string_are_refused() -> None:
+    # 1 and "1" are two YAML keys but one pool name, one resource cpupool.io/1 and one socket cpupool-1.sock.
+    lines = errors("pools:\n  1: {cpus: '1', pooltype: exclusive}\n  '1': {cpus: '2', pooltype: exclusive}\n")
+    assert any("pool '1'" in line and "cpupool-1.sock" in line for line in lines), lines
+
+
+def test_duplicate_top_level_keys_are_refused() -> None:
+    lines = errors("resourceBaseName: a.io\nresourceBaseName: b.io\npools: {}\n")
+    assert any("'resourceBaseName'" in line and "twice" in line for line in lines), lines
+
+
 def test_cpus_may_be_a_single_number() -> None:
     config = parse_config("pools:\n  one: {cpus: 3, pooltype: exclusive}\n", SRC)
     assert config.pools["one"].cpus == CpuSet([3])
