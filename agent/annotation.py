@@ -6,9 +6,13 @@ The value is JSON, the original CPU pooler's schema::
       "processes": [{"process": "/bin/worker", "args": ["-n", "1"], "pool": "dedicated", "cpus": 2},
                     {"process": "/bin/housekeeper", "args": [], "pool": "shared", "cpus": 200}]}]
 
-`cpus` counts CPUs for an exclusive pool and millicpus for a shared pool. This module checks the shape
-only (JSON Schema plus what a schema cannot say); checks against the pod live in `agent.mutation`.
-It also reads the downward API file in which the kubelet writes a pod's annotations.
+`cpus` counts CPUs (hardware threads) for an exclusive pool and millicpus for a shared pool. This module
+checks the shape only; checks against the pod live in `agent.mutation`, checks against the node in the
+process-starter. It also reads the downward API file in which the kubelet writes a pod's annotations.
+
+The process-starter parses the annotation too, and runs as PID 1 of application containers: this module
+imports nothing beyond the standard library. `ANNOTATION_SCHEMA` is the published contract; the checks
+below implement exactly it (with jsonschema's wording), which the tests verify against jsonschema itself.
 """
 
 from __future__ import annotations
@@ -18,12 +22,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
+from agent.starter.contract import ANNOTATION_SUFFIX, annotation_key
 
-ANNOTATION_SUFFIX = "cpus"
+__all__ = [
+    "ANNOTATION_SCHEMA",
+    "ANNOTATION_SUFFIX",
+    "AnnotationError",
+    "ContainerSpec",
+    "DownwardFileError",
+    "PodAnnotation",
+    "ProcessSpec",
+    "annotation_key",
+    "format_downward_annotations",
+    "parse_annotation",
+    "parse_downward_annotations",
+]
 
-# The schema is the user-facing contract: additionalProperties false makes a typo such as "proces"
-# an error instead of a silently ignored key.
+# additionalProperties false makes a typo such as "proces" an error instead of a silently ignored key.
 ANNOTATION_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "cpupool process pinning",
@@ -53,7 +68,8 @@ ANNOTATION_SCHEMA: dict[str, Any] = {
     },
 }
 
-_VALIDATOR = jsonschema.Draft202012Validator(ANNOTATION_SCHEMA)
+_CONTAINER_KEYS = ("container", "processes")
+_PROCESS_KEYS = ("process", "args", "pool", "cpus")
 
 
 class AnnotationError(ValueError):
@@ -88,16 +104,89 @@ class PodAnnotation:
         return next((c for c in self.containers if c.container == name), None)
 
 
-def annotation_key(resource_base_name: str) -> str:
-    return f"{resource_base_name}/{ANNOTATION_SUFFIX}"
-
-
-def _where(path: Any) -> str:
+def _where(path: tuple[str | int, ...]) -> str:
     """A JSON path such as ``$[0].processes[1].cpus`` for an error's location."""
     text = "$"
     for part in path:
         text += f"[{part}]" if isinstance(part, int) else f".{part}"
     return text
+
+
+def _is_integer(value: object) -> bool:
+    # JSON Schema's integer: any number with a zero fractional part (2.0 counts), never a boolean.
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _check_object(
+    value: object, path: tuple[str | int, ...], keys: tuple[str, ...], required: tuple[str, ...]
+) -> list[tuple[tuple[str | int, ...], str]]:
+    if not isinstance(value, dict):
+        return [(path, f"{value!r} is not of type 'object'")]
+    faults: list[tuple[tuple[str | int, ...], str]] = []
+    faults += [(path, f"{name!r} is a required property") for name in required if name not in value]
+    extra = [name for name in value if name not in keys]
+    if extra:
+        listed = ", ".join(repr(name) for name in extra)
+        verb = "was" if len(extra) == 1 else "were"
+        faults.append((path, f"Additional properties are not allowed ({listed} {verb} unexpected)"))
+    return faults
+
+
+def _check_string(value: object, path: tuple[str | int, ...]) -> list[tuple[tuple[str | int, ...], str]]:
+    if not isinstance(value, str):
+        return [(path, f"{value!r} is not of type 'string'")]
+    return [(path, f"{value!r} should be non-empty")] if not value else []
+
+
+def _check_process(value: object, path: tuple[str | int, ...]) -> list[tuple[tuple[str | int, ...], str]]:
+    faults = _check_object(value, path, _PROCESS_KEYS, ("process", "pool", "cpus"))
+    if not isinstance(value, dict):
+        return faults
+    for name in ("process", "pool"):
+        if name in value:
+            faults += _check_string(value[name], (*path, name))
+    if "args" in value:
+        args = value["args"]
+        if not isinstance(args, list):
+            faults.append(((*path, "args"), f"{args!r} is not of type 'array'"))
+        else:
+            faults += [
+                ((*path, "args", i), f"{arg!r} is not of type 'string'")
+                for i, arg in enumerate(args)
+                if not isinstance(arg, str)
+            ]
+    if "cpus" in value:
+        cpus = value["cpus"]
+        if not _is_integer(cpus):
+            faults.append(((*path, "cpus"), f"{cpus!r} is not of type 'integer'"))
+        elif cpus < 1:
+            faults.append(((*path, "cpus"), f"{cpus!r} is less than the minimum of 1"))
+    return faults
+
+
+def _schema_faults(data: object) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every way `data` breaks ANNOTATION_SCHEMA, as (place, message)."""
+    if not isinstance(data, list):
+        return [((), f"{data!r} is not of type 'array'")]
+    faults: list[tuple[tuple[str | int, ...], str]] = []
+    for index, entry in enumerate(data):
+        faults += _check_object(entry, (index,), _CONTAINER_KEYS, _CONTAINER_KEYS)
+        if not isinstance(entry, dict):
+            continue
+        if "container" in entry:
+            faults += _check_string(entry["container"], (index, "container"))
+        if "processes" in entry:
+            processes = entry["processes"]
+            if not isinstance(processes, list):
+                faults.append(((index, "processes"), f"{processes!r} is not of type 'array'"))
+            elif not processes:
+                faults.append(((index, "processes"), "[] should be non-empty"))
+            else:
+                for number, process in enumerate(processes):
+                    faults += _check_process(process, (index, "processes", number))
+    return faults
 
 
 def parse_annotation(text: str, key: str = annotation_key("cpupool.io")) -> PodAnnotation:
@@ -108,9 +197,9 @@ def parse_annotation(text: str, key: str = annotation_key("cpupool.io")) -> PodA
         raise AnnotationError(
             key, [f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"]
         ) from exc
-    errors = sorted(_VALIDATOR.iter_errors(data), key=lambda e: (list(map(str, e.absolute_path)), e.message))
-    if errors:
-        raise AnnotationError(key, [f"{_where(e.absolute_path)}: {e.message}" for e in errors])
+    faults = sorted(_schema_faults(data), key=lambda f: (list(map(str, f[0])), f[1]))
+    if faults:
+        raise AnnotationError(key, [f"{_where(place)}: {message}" for place, message in faults])
 
     containers: list[ContainerSpec] = []
     seen: dict[str, int] = {}

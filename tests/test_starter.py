@@ -1,6 +1,8 @@
-"""The process-starter, run for real: each child's CPUs read from /proc/<pid>/status, signals forwarded,
-zombies reaped, exit statuses, bad inputs refused before anything starts, and the static binary in an
-empty chroot (when `make process-starter` has built it)."""
+"""The process-starter, run for real: each child's CPUs read from /proc/<pid>/status and checked against
+the cores of fake SMT-1, SMT-2 and SMT-4 nodes, every signal forwarded (to grandchildren in the child's
+own process group too), zombies reaped, exit statuses, a refused sched_setaffinity, bad inputs refused
+before anything starts, and the bundled binary in an empty read-only chroot (when `make process-starter`
+has built it)."""
 
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from typing import Any
 import pytest
 
 from agent.annotation import format_downward_annotations
-from agent.config import PoolType
 from agent.cpuset import CpuSet
-from agent.starter import StarterError, plan_launches
+from agent.starter.cores import read_placement, split
+from agent.starter.plan import StarterError, plan_launches
+from tests.fixtures.make_sysfs import CpuSpec, TreeSpec, write_tree
 
 REPO = Path(__file__).resolve().parent.parent
 BINARY = REPO / "dist" / "process-starter"
@@ -233,6 +236,275 @@ def test_a_container_without_an_entry_runs_its_command(starter: Starter) -> None
     assert run.wait() == 128 + signal.SIGHUP
 
 
+# --- cores and NUMA nodes of fake nodes ----------------------------------------------------------------
+
+
+def smt_tree(cpus: Any, threads: int, *, numbering: str = "x86", nodes: int = 1) -> TreeSpec:
+    """A fake node made of `cpus`, with cores of `threads` threads.
+
+    x86 numbering puts a core's siblings one core-count apart (2 and 18 of 32 CPUs); power numbering
+    puts them next to each other (4k..4k+3). The cores are spread evenly over `nodes` NUMA nodes.
+    """
+    ordered = sorted(cpus)
+    count = -(-len(ordered) // threads)
+    if numbering == "x86":
+        cores = [ordered[k::count] for k in range(count)]
+    else:
+        cores = [ordered[k * threads : (k + 1) * threads] for k in range(count)]
+    per_node = -(-count // nodes)
+    specs: dict[int, CpuSpec] = {}
+    node_cpus: dict[int, list[int]] = {}
+    every = ",".join(map(str, ordered))
+    for index, core in enumerate(cores):
+        node_cpus.setdefault(index // per_node, []).extend(core)
+        for cpu in core:
+            siblings = ",".join(map(str, sorted(core)))
+            specs[cpu] = CpuSpec(package=0, core_id=index, siblings=siblings, package_cpus=every)
+    return TreeSpec(
+        cpus=specs,
+        online=every,
+        present=every,
+        cmdline="root=/dev/sda1",
+        nodes={node: ",".join(map(str, sorted(members))) for node, members in node_cpus.items()},
+    )
+
+
+def _cores(tree: TreeSpec) -> list[CpuSet]:
+    return sorted({CpuSet.parse(spec.siblings) for spec in tree.cpus.values()}, key=min)
+
+
+def _node_of(tree: TreeSpec) -> dict[int, int]:
+    assert tree.nodes is not None
+    return {cpu: node for node, text in tree.nodes.items() for cpu in CpuSet.parse(text)}
+
+
+def check_split(shares: list[CpuSet], pool: CpuSet, tree: TreeSpec) -> None:
+    """What a user of the starter counts on, whatever the shape of the node."""
+    assert CpuSet().union(*shares) == pool and sum(map(len, shares)) == len(pool), "disjoint, all used"
+    nodes = _node_of(tree)
+    cores = [core & pool for core in _cores(tree) if core & pool]
+    for share in shares:
+        partial = [core for core in cores if core & share and (core - share)]
+        # Whole cores, but for at most one core to make up the count, and one NUMA node when one fits.
+        assert len(partial) <= 1, (share.format(), [c.format() for c in partial])
+        if len(share) <= max(sum(1 for c in pool if nodes[c] == n) for n in set(nodes.values())):
+            assert len({nodes[cpu] for cpu in share}) == 1, share.format()
+
+
+@pytest.mark.parametrize(
+    ("tree", "pool", "wants", "expected"),
+    [
+        # x86 SMT-2 (siblings n, n+16): two processes of two CPUs each get a whole core each, where an
+        # ascending split would give each process one thread of both cores.
+        (smt_tree(range(32), 2, nodes=2), "2,3,18,19", [2, 2], ["2,18", "3,19"]),
+        (smt_tree(range(32), 2, nodes=2), "2,3,18,19", [1, 2, 1], ["2", "3,19", "18"]),
+        # Two NUMA nodes (0-7,16-23 and 8-15,24-31): each share stays on one node.
+        (smt_tree(range(32), 2, nodes=2), "6,7,8,9,22,23,24,25", [4, 4], ["6,7,22,23", "8,9,24,25"]),
+        (smt_tree(range(32), 2, nodes=2), "6,7,8,22,23,24", [2, 4], ["8,24", "6,7,22,23"]),
+        # SMT off: every CPU is a core; the best-fitting node first.
+        (smt_tree(range(16), 1, nodes=2), "0,1,8,9,10", [1, 3, 1], ["0", "8-10", "1"]),
+        # POWER SMT-4 (threads 4k..4k+3): a whole core, then halves of one core.
+        (smt_tree(range(16), 4, numbering="power"), "4-11", [2, 4, 2], ["4,5", "8-11", "6,7"]),
+        (smt_tree(range(16), 4, numbering="power"), "0-7", [1, 1, 4, 2], ["0", "1", "4-7", "2,3"]),
+    ],
+)
+def test_a_pool_is_split_by_core_and_numa_node(
+    tmp_path: Path, tree: TreeSpec, pool: str, wants: list[int], expected: list[str]
+) -> None:
+    cpus = CpuSet.parse(pool)
+    placement = read_placement(write_tree(tree, tmp_path), cpus)
+    assert placement.warnings == ()
+    shares = split(cpus, wants, placement)
+    assert [share.format() for share in shares] == expected
+    check_split(shares, cpus, tree)
+
+
+def test_without_topology_files_each_cpu_is_a_core_of_its_own(tmp_path: Path) -> None:
+    placement = read_placement(tmp_path, CpuSet([3, 5]))
+    assert len(placement.warnings) == 2 and "taken as a core of its own" in placement.warnings[0]
+    assert split(CpuSet([3, 5]), [1, 1], placement) == [CpuSet([3]), CpuSet([5])]
+
+
+@pytest.mark.parametrize(
+    ("threads", "numbering"), [(1, "x86"), (2, "x86"), (4, "power"), (4, "x86")], ids=str
+)
+def test_each_child_runs_on_whole_cores_of_the_node(
+    starter: Starter, tmp_path: Path, threads: int, numbering: str
+) -> None:
+    # The fake node is made of this machine's own CPUs, so the affinity the kernel reports is real.
+    tree = smt_tree(ALLOWED, threads, numbering=numbering, nodes=2 if len(ALLOWED) >= 4 else 1)
+    root = write_tree(tree, tmp_path / "node")
+    cores = [core for core in _cores(tree)]
+    wants = [len(core) for core in reversed(cores)]
+    processes = [proc(SLEEP, "excl", want, f"{2000 + i}") for i, want in enumerate(wants)]
+    env = starter.env(
+        [{"container": "app", "processes": processes}],
+        CPUPOOL_POOLS="excl=exclusive",
+        CPUPOOL_EXCL_CPUS=ALL.comma_list(),
+        CPUPOOL_SYS_ROOT=str(root),
+    )
+    run = starter.start(env)
+    kids = children_by_arg(run.pid, len(wants))
+    shares = [affinity(kids[f"{2000 + i}"]) for i in range(len(wants))]
+    check_split(shares, ALL, tree)
+    # Every process asked for one core's worth of CPUs, so each got exactly one core.
+    assert sorted(shares, key=min) == cores
+    run.process.send_signal(signal.SIGTERM)
+    assert run.wait() == 128 + signal.SIGTERM
+
+
+def test_multithreaded_counts_are_checked_against_the_node(tmp_path: Path) -> None:
+    # Two multiThreaded devices are two cores: 8 CPUs on this SMT-4 node, where an annotation written
+    # for SMT-2 (4 CPUs) must be refused before anything starts, with the node's shape in the message.
+    root = write_tree(smt_tree(range(16), 4, numbering="power"), tmp_path)
+    env = {
+        "PATH": os.defpath,
+        "CONTAINER_NAME": "app",
+        "CPUPOOL_POOLS": "ht=exclusive",
+        "CPUPOOL_HT_CPUS": "8-15",
+    }
+    with pytest.raises(StarterError) as info:
+        plan_launches(env, [], _annotation(proc(SH, "ht", 3), proc(SH, "ht", 1)), CpuSet(range(16)), root)
+    assert "take 4 CPUs, but CPUPOOL_HT_CPUS gives the container 8 CPUs (8-15): 2 cores of 4 threads" in str(
+        info.value
+    )
+    assert "must add up to 8" in str(info.value)
+    launches = plan_launches(
+        env, [], _annotation(proc(SH, "ht", 6), proc(SH, "ht", 2)), CpuSet(range(16)), root
+    )
+    assert [launch.cpus.format() for launch in launches] == ["8-13", "14,15"]
+    # The same pod on an SMT-off node: two devices are two CPUs.
+    off = write_tree(smt_tree(range(16), 1), tmp_path / "off")
+    env["CPUPOOL_HT_CPUS"] = "8,9"
+    launches = plan_launches(
+        env, [], _annotation(proc(SH, "ht", 1), proc(SH, "ht", 1)), CpuSet(range(16)), off
+    )
+    assert [launch.cpus.format() for launch in launches] == ["8", "9"]
+
+
+# --- signals ------------------------------------------------------------------------------------------
+
+GROUP_LEADER = r"""
+import os, signal, subprocess, sys, time
+out = sys.argv[1]
+os.setpgid(0, 0)  # a process group of its own, like a server with workers or a shell job
+for s in (signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT):
+    signal.signal(s, lambda signum, frame: None)  # the leader gets them too, and lives on
+kids = [subprocess.Popen([sys.executable, "-c", sys.argv[2], out, f"worker{i}"]) for i in range(2)]
+for kid in kids:
+    kid.wait()
+"""
+
+WORKER = r"""
+import os, signal, sys, time
+out, name = sys.argv[1], sys.argv[2]
+def record(signum, frame):
+    with open(os.path.join(out, name), "a") as f:
+        f.write(signal.Signals(signum).name + "\n")
+for s in (signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT):
+    signal.signal(s, record)
+open(os.path.join(out, name + ".ready"), "w").close()
+while True:
+    time.sleep(1)
+"""
+
+SENT = (signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT)
+
+
+def test_every_signal_reaches_grandchildren_in_the_childs_process_group(starter: Starter) -> None:
+    out = starter.tmp / "signals"
+    out.mkdir()
+    leader = proc(sys.executable, "sh", 10, "-c", GROUP_LEADER, str(out), WORKER)
+    run = starter.start(starter.env([{"container": "app", "processes": [leader]}]))
+    wait_until(lambda: len(list(out.glob("*.ready"))) == 2, "both workers to set their handlers")
+    for signum in SENT:
+        run.process.send_signal(signum)
+        # One at a time: the same signal sent twice before it is taken counts once.
+        wait_until(
+            lambda signum=signum: all(
+                (out / w).exists() and signum.name in (out / w).read_text().split()
+                for w in ("worker0", "worker1")
+            ),
+            f"{signum.name} to reach both workers",
+        )
+    for worker in ("worker0", "worker1"):
+        assert (out / worker).read_text().split() == [s.name for s in SENT]
+    workers = [pid for pid in children(next(iter(children(run.pid)))) if pid]
+    run.process.send_signal(signal.SIGTERM)
+    # The leader dies of SIGTERM, and so do its workers: the whole group got it.
+    assert run.wait() == 128 + signal.SIGTERM
+    wait_until(lambda: all(gone(pid) for pid in workers), "the workers to be gone")
+    forwarded = [
+        json.loads(line)["signal"] for line in run.stderr().splitlines() if "starter.forwarding" in line
+    ]
+    assert forwarded == [*(s.name for s in SENT), "SIGTERM"]
+
+
+def test_a_real_time_signal_is_forwarded(starter: Starter) -> None:
+    mark, ready = starter.tmp / "rt", starter.tmp / "ready"
+    trap = f"trap 'echo got > {mark}; exit 7' {int(signal.SIGRTMIN) + 3}"
+    script = f"{trap}; touch {ready}; while :; do sleep 0.05; done"
+    run = starter.start(starter.env([{"container": "app", "processes": [proc(SH, "sh", 10, "-c", script)]}]))
+    wait_until(ready.exists, "the shell to set its trap")
+    run.process.send_signal(signal.SIGRTMIN + 3)
+    assert run.wait() == 7
+    assert mark.read_text().strip() == "got"
+    assert '"SIGRTMIN+3"' in run.stderr()
+
+
+# --- a refused pinning ------------------------------------------------------------------------------------
+
+SUPERVISE = r"""
+import os, sys
+from agent.cpuset import CpuSet
+from agent.starter.plan import Launch
+from agent.starter.supervise import Supervisor
+ok = Launch("process 0 (sleep)", sys.argv[1], (sys.argv[1], "3000"), CpuSet(os.sched_getaffinity(0)))
+bad = Launch("process 1 (sleep)", sys.argv[1], (sys.argv[1], "3001"), CpuSet([int(sys.argv[2])]))
+sys.exit(Supervisor([ok, bad], dict(os.environ), 5.0).run())
+"""
+
+
+def test_a_refused_sched_setaffinity_stops_the_started_children_and_exits_2(starter: Starter) -> None:
+    # The planning check sees the same mask, so only a cpuset that changes between planning and the
+    # spawn (or a kernel that refuses for its own reasons) gets here: the supervisor is driven directly.
+    run = starter.start(starter.env(), program=[sys.executable, "-c", SUPERVISE, SLEEP, str(NOT_HERE)])
+    assert run.wait() == 2
+    err = run.stderr()
+    assert f"process-starter: process 1 (sleep): cannot pin to CPUs {NOT_HERE} (Invalid argument)" in err
+    assert f"may run on CPUs {ALL.format()} only" in err
+    started = [json.loads(line) for line in err.splitlines() if '"starter.started"' in line]
+    assert [s["process"] for s in started] == ["process 0 (sleep)"]
+    assert gone(started[0]["pid"]), "the child started before the failure must be stopped"
+
+
+@needs_two_cpus
+def test_cpus_outside_the_containers_cpuset_are_refused(starter: Starter) -> None:
+    # A forged CPUPOOL_<POOL>_CPUS (or a pool the runtime does not enforce): the starter, restricted to
+    # one CPU as a cpuset would, refuses to pin to the other one instead of running there.
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        pytest.skip("needs taskset(1)")
+    a, b = EXCL.to_list()
+    annotation = [{"container": "app", "processes": [proc(SLEEP, "excl", 2, "1")]}]
+    run = starter.start(
+        starter.env(annotation), program=[taskset, "-c", str(a), sys.executable, "-m", "agent.starter"]
+    )
+    assert run.wait() == 2
+    assert f"CPUs {b} are not available to this container (its CPUs: {a})" in run.stderr()
+
+
+def test_the_starter_imports_none_of_the_webhooks_code() -> None:
+    code = (
+        "import sys, agent.starter.run\n"
+        "heavy = {'structlog', 'yaml', 'jsonschema', 'aiohttp', 'grpclib'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy "
+        "or m in ('agent.mutation', 'agent.config', 'agent.webhook', 'agent.logs')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 # --- exit status --------------------------------------------------------------------------------------
 
 
@@ -381,7 +653,7 @@ NOT_HERE = max(ALLOWED) + 1000
             [{"container": "app", "processes": [proc(SLEEP, "excl", 2), proc(SLEEP, "excl", 9)]}],
             {},
             [],
-            "want 11 CPUs by now, but CPUPOOL_EXCL_CPUS has",
+            "the processes on exclusive pool 'excl' take 11 CPUs, but CPUPOOL_EXCL_CPUS gives",
         ),
         (
             [{"container": "app", "processes": [proc(SLEEP, "sh", 1)]}],
@@ -450,7 +722,7 @@ def _annotation(*processes: dict[str, Any]) -> str:
     return json.dumps([{"container": "app", "processes": list(processes)}])
 
 
-def test_exclusive_cpus_are_taken_in_list_order_per_pool() -> None:
+def test_exclusive_cpus_are_split_per_pool_in_annotation_order(tmp_path: Path) -> None:
     env = {
         "PATH": os.defpath,
         "CONTAINER_NAME": "app",
@@ -459,8 +731,9 @@ def test_exclusive_cpus_are_taken_in_list_order_per_pool() -> None:
         "CPUPOOL_B_CPUS": "10,11",
     }
     text = _annotation(proc(SH, "a", 2), proc(SH, "b", 1), proc(SH, "a", 1), proc(SH, "b", 1))
-    launches = plan_launches(env, [], text, CpuSet(range(16)))
-    # In ascending CPU order (the agent's lists are ascending anyway), each pool on its own.
+    # One thread per core, one NUMA node: each pool is handed out lowest CPUs first, pool by pool.
+    root = write_tree(smt_tree(range(16), threads=1), tmp_path)
+    launches = plan_launches(env, [], text, CpuSet(range(16)), root)
     assert [launch.cpus.format() for launch in launches] == ["3,5", "10", "7", "11"]
     assert launches[0].argv == (SH,) and launches[0].executable == SH
 
@@ -497,7 +770,6 @@ def test_pool_types_come_from_the_webhooks_list() -> None:
     env = {"PATH": os.defpath, "CPUPOOL_POOLS": "x=shared", "CPUPOOL_X_CPUS": "2,3"}
     (launch,) = plan_launches(env, [SH, "-c", "true"], None, CpuSet(range(4)))
     assert launch.cpus == CpuSet([2, 3]) and launch.argv == (SH, "-c", "true")
-    assert PoolType("shared") is PoolType.SHARED
 
 
 # --- the static binary -------------------------------------------------------------------------------------

@@ -1,0 +1,5 @@
+import sys
+
+from agent.starter import main
+
+sys.exit(main())
