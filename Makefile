@@ -8,6 +8,9 @@ STAMP  := $(VENV)/.installed
 PROTO_SRC := protos/k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1/api.proto \
              protos/k8s.io/kubelet/pkg/apis/podresources/v1/api.proto
 GEN_DIR := agent/kubeletapi
+# NRI's protocol (github.com/containerd/nri v0.12.5, pkg/api/api.proto), generated into its own package.
+NRI_PROTO_SRC := protos/github.com/containerd/nri/pkg/api/api.proto
+NRI_GEN_DIR := agent/nriapi
 
 .PHONY: venv helm test lint demo bench protos check-protos clean process-starter
 
@@ -50,6 +53,11 @@ protos: $(STAMP)
 	    --python_betterproto2_out=$(GEN_DIR) \
 	    --python_betterproto2_opt=client_generation=async,server_generation=async \
 	    $(PROTO_SRC)
+	rm -rf $(NRI_GEN_DIR)
+	mkdir -p $(NRI_GEN_DIR)
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
+	    --python_betterproto2_out=$(NRI_GEN_DIR) \
+	    $(NRI_PROTO_SRC)
 
 # Fails when `make protos` would change the committed generated code.
 check-protos: $(STAMP)
@@ -59,6 +67,12 @@ check-protos: $(STAMP)
 	    --python_betterproto2_opt=client_generation=async,server_generation=async \
 	    $(PROTO_SRC) >/dev/null
 	diff -r .protos-check $(GEN_DIR) || { echo "generated code is stale: run 'make protos'"; rm -rf .protos-check; exit 1; }
+	rm -rf .protos-check
+	mkdir -p .protos-check
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
+	    --python_betterproto2_out=.protos-check \
+	    $(NRI_PROTO_SRC) >/dev/null
+	diff -r .protos-check $(NRI_GEN_DIR) || { echo "generated NRI code is stale: run 'make protos'"; rm -rf .protos-check; exit 1; }
 	rm -rf .protos-check
 
 clean:
