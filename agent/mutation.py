@@ -3,6 +3,13 @@
 Pure: a pod (the JSON the API server sends) and settings in, a patch (RFC 6902) out. The patch must apply
 to any valid pod, so every object or array it writes into may be missing: then the whole object is added,
 never a member of something that is not there (the API server rejects such a patch and the pod with it).
+
+The webhook cannot see the node (the pod is not scheduled yet). It checks what holds on every node and
+leaves what depends on the node's shape (threads per core, which CPUs make a core) to the process-starter,
+which reads the node's topology when the container starts.
+
+Regular containers, init containers and native sidecars (init containers with restartPolicy Always) are
+treated alike. Ephemeral containers cannot request resources, so they are never wrapped.
 """
 
 from __future__ import annotations
@@ -16,25 +23,39 @@ from typing import Any
 
 from agent.annotation import AnnotationError, ContainerSpec, PodAnnotation, annotation_key, parse_annotation
 from agent.config import DEFAULT_RESOURCE_BASE_NAME, HtPolicy, PoolConfig, PoolSpec, PoolType
+from agent.starter.contract import (
+    ANNOTATIONS_FILE,
+    ENV_ANNOTATION,
+    ENV_ANNOTATIONS_FILE,
+    ENV_CONTAINER_NAME,
+    ENV_POOLS,
+    PODINFO_DIR,
+    STARTER_DIR,
+    STARTER_PATH,
+    is_reserved_env,
+)
 
-# Where the agent's DaemonSet installs the static process-starter on every node, and where the
-# container sees it (the same path, so a pod spec reads the same on the node and in the container).
-STARTER_PATH = "/opt/bin/process-starter"
-PODINFO_DIR = "/opt/cpupool/podinfo"
-ANNOTATIONS_FILE = f"{PODINFO_DIR}/annotations"
-# The one-file starter unpacks itself into TMPDIR before it runs: it needs a writable, exec-allowed
-# directory even when the root filesystem is read-only.
-SCRATCH_DIR = "/opt/cpupool/tmp"
+__all__ = [
+    "ANNOTATIONS_FILE",
+    "MAX_THREADS_PER_CORE",
+    "PODINFO_DIR",
+    "STARTER_DIR",
+    "STARTER_PATH",
+    "Mutation",
+    "MutationSettings",
+    "PodRejected",
+    "cpu_limit_milli",
+    "escape_pointer",
+    "mutate_pod",
+    "parse_quantity",
+    "pointer",
+]
+
+# Where the one-file starter of earlier versions was installed: pods mutated then count as wrapped.
+LEGACY_STARTER_PATH = "/opt/bin/process-starter"
 
 VOLUME_STARTER = "cpupool-process-starter"
 VOLUME_PODINFO = "cpupool-podinfo"
-VOLUME_SCRATCH = "cpupool-scratch"
-
-ENV_CONTAINER_NAME = "CONTAINER_NAME"
-ENV_POOLS = "CPUPOOL_POOLS"
-ENV_ANNOTATION = "CPUPOOL_ANNOTATION"
-ENV_ANNOTATIONS_FILE = "CPUPOOL_ANNOTATIONS_FILE"
-ENV_TMPDIR = "TMPDIR"
 
 # Added to the pod: which containers start through the process-starter.
 WRAPPED_SUFFIX = "process-starter"
@@ -42,9 +63,9 @@ WRAPPED_SUFFIX = "process-starter"
 # Exclusive-only containers get this on top of their CPUs, so the starter and short helpers do not
 # throttle the pinned processes.
 EXCLUSIVE_HEADROOM_MILLI = 100
-# Under multiThreaded one device is a whole core; the webhook does not see the node, so it counts the
-# two hardware threads of the usual SMT2 core.
-THREADS_PER_CORE = 2
+# Under multiThreaded one device is a whole core, whose thread count only the node knows: 1 with SMT
+# off, 2 on most x86, 4 or 8 on POWER. The webhook accepts any of them; the starter checks the node's.
+MAX_THREADS_PER_CORE = 8
 
 _QUANTITY = re.compile(
     r"^(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
@@ -160,11 +181,17 @@ def _strings(value: object, where: str) -> list[str] | None:
 
 @dataclass(frozen=True)
 class _Container:
+    # "containers" or "initContainers": where the container sits in the pod spec.
+    section: str
     index: int
     raw: Mapping[str, Any]
     name: str
     where: str
     pools: Mapping[str, int]
+
+    @property
+    def path(self) -> tuple[str | int, ...]:
+        return ("spec", self.section, self.index)
 
 
 def _pool_requests(container: Mapping[str, Any], base: str, where: str) -> dict[str, int]:
@@ -186,27 +213,58 @@ def _pool_requests(container: Mapping[str, Any], base: str, where: str) -> dict[
     return {pool: amount for pool, amount in amounts.items() if amount > 0}
 
 
+def _kind(section: str, container: Mapping[str, Any]) -> str:
+    if section == "containers":
+        return "container"
+    # A native sidecar: started before the containers and kept running beside them.
+    return "sidecar container" if container.get("restartPolicy") == "Always" else "init container"
+
+
 def _read_containers(pod: Mapping[str, Any], base: str) -> tuple[list[_Container], set[str]]:
+    """The containers that may be wrapped (init containers first, in start order), and ephemeral names."""
     spec = _mapping(pod.get("spec"), "spec")
     containers: list[_Container] = []
-    for index, raw in enumerate(_list(spec.get("containers"), "spec.containers")):
-        where = f"spec.containers[{index}]"
-        container = _mapping(raw, where)
-        name = container.get("name")
-        if not isinstance(name, str) or not name:
-            raise PodRejected([f"{where}.name must be a non-empty string"])
-        pools = _pool_requests(container, base, where)
-        containers.append(_Container(index, container, name, f"container {name!r}", pools))
-    init_names = {
-        str(_mapping(c, "spec.initContainers[]").get("name"))
-        for c in _list(spec.get("initContainers"), "spec.initContainers")
+    for section in ("initContainers", "containers"):
+        for index, raw in enumerate(_list(spec.get(section), f"spec.{section}")):
+            where = f"spec.{section}[{index}]"
+            container = _mapping(raw, where)
+            name = container.get("name")
+            if not isinstance(name, str) or not name:
+                raise PodRejected([f"{where}.name must be a non-empty string"])
+            pools = _pool_requests(container, base, where)
+            label = f"{_kind(section, container)} {name!r}"
+            containers.append(_Container(section, index, container, name, label, pools))
+    ephemeral = {
+        str(_mapping(c, "spec.ephemeralContainers[]").get("name"))
+        for c in _list(spec.get("ephemeralContainers"), "spec.ephemeralContainers")
     }
-    return containers, init_names
+    return containers, ephemeral
 
 
-def _pool_cpus(spec: PoolSpec, amount: int) -> int:
-    """How many CPUs `amount` devices of an exclusive pool are."""
-    return amount * (THREADS_PER_CORE if spec.ht_policy is HtPolicy.MULTI else 1)
+def _reserved_env_problems(pod: Mapping[str, Any]) -> list[str]:
+    """Containers that set a variable only the agent may set: a forged claim on CPUs they were not given."""
+    spec = _mapping(pod.get("spec"), "spec")
+    problems: list[str] = []
+    for section in ("initContainers", "containers", "ephemeralContainers"):
+        for index, raw in enumerate(_list(spec.get(section), f"spec.{section}")):
+            container = _mapping(raw, f"spec.{section}[{index}]")
+            env = _list(container.get("env"), f"spec.{section}[{index}].env")
+            names = sorted(
+                {
+                    name
+                    for name in (e.get("name") for e in env if isinstance(e, Mapping))
+                    if isinstance(name, str) and is_reserved_env(name)
+                }
+            )
+            if names:
+                kind = (
+                    "ephemeral container" if section == "ephemeralContainers" else _kind(section, container)
+                )
+                problems.append(
+                    f"{kind} {container.get('name')!r} sets {', '.join(names)}: only the cpupool agent sets "
+                    "these, to tell a container the pool CPUs the kubelet gave it; remove them from env"
+                )
+    return problems
 
 
 def _check_entry(
@@ -241,14 +299,24 @@ def _check_entry(
         if spec is None:
             continue
         if spec.type is PoolType.EXCLUSIVE:
-            want = _pool_cpus(spec, amount)
             got = exclusive_sum.get(pool, 0)
-            if got != want:
-                unit = f" ({THREADS_PER_CORE} CPUs per device under multiThreaded)" if want != amount else ""
+            if spec.ht_policy is HtPolicy.MULTI:
+                # Whole cores: the right sum is `amount` times the node's threads per core, which only
+                # the node knows. Any whole number of threads per core passes here; the starter checks.
+                threads, rest = divmod(got, amount)
+                if rest or not 1 <= threads <= MAX_THREADS_PER_CORE:
+                    problems.append(
+                        f"{container.where}: its processes on exclusive pool {pool!r} take {got} CPUs, "
+                        f"but the container requests {amount} {base}/{pool}, {amount} whole cores "
+                        f"(multiThreaded): the 'cpus' of those processes must add up to {amount} times the "
+                        f"node's threads per core ({amount} with SMT off, {2 * amount} with 2 threads per "
+                        f"core, {4 * amount} with 4)"
+                    )
+            elif got != amount:
                 problems.append(
                     f"{container.where}: its processes on exclusive pool {pool!r} take {got} CPUs, but the "
-                    f"container requests {amount} {base}/{pool} = {want} CPUs{unit}; the 'cpus' of those "
-                    f"processes must add up to {want}"
+                    f"container requests {amount} {base}/{pool} = {amount} CPUs; the 'cpus' of those "
+                    f"processes must add up to {amount}"
                 )
         else:
             got = shared_sum.get(pool, 0)
@@ -260,17 +328,20 @@ def _check_entry(
 
 
 def _validate(
-    annotation: PodAnnotation, containers: list[_Container], init_names: set[str], settings: MutationSettings
+    annotation: PodAnnotation,
+    containers: list[_Container],
+    ephemeral: set[str],
+    settings: MutationSettings,
+    problems: list[str],
 ) -> None:
     by_name = {c.name: c for c in containers}
-    problems: list[str] = []
     for entry in annotation.containers:
         container = by_name.get(entry.container)
         if container is None:
-            if entry.container in init_names:
+            if entry.container in ephemeral:
                 problems.append(
-                    f"annotation {settings.annotation}: {entry.container!r} is an init container; "
-                    "only regular containers can be pinned"
+                    f"annotation {settings.annotation}: {entry.container!r} is an ephemeral container; they "
+                    "cannot request pool resources, so they cannot be pinned"
                 )
             else:
                 names = ", ".join(repr(c.name) for c in containers) or "none"
@@ -280,8 +351,6 @@ def _validate(
                 )
             continue
         _check_entry(entry, container, settings, problems)
-    if problems:
-        raise PodRejected(problems)
 
 
 def cpu_limit_milli(exclusive_cpus: int, shared_milli: int, shared_pool_cpus: int) -> int:
@@ -331,21 +400,20 @@ class _Patch:
 
 def _our_volumes() -> list[dict[str, Any]]:
     return [
-        {"name": VOLUME_STARTER, "hostPath": {"path": STARTER_PATH, "type": "File"}},
+        # The starter bundle, laid out once per node by the agent's DaemonSet: nothing is unpacked at start.
+        {"name": VOLUME_STARTER, "hostPath": {"path": STARTER_DIR, "type": "Directory"}},
         {
             "name": VOLUME_PODINFO,
             "downwardAPI": {
                 "items": [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]
             },
         },
-        {"name": VOLUME_SCRATCH, "emptyDir": {}},
     ]
 
 
 _OUR_MOUNTS = (
-    {"name": VOLUME_STARTER, "mountPath": STARTER_PATH, "readOnly": True},
+    {"name": VOLUME_STARTER, "mountPath": STARTER_DIR, "readOnly": True},
     {"name": VOLUME_PODINFO, "mountPath": PODINFO_DIR, "readOnly": True},
-    {"name": VOLUME_SCRATCH, "mountPath": SCRATCH_DIR},
 )
 
 
@@ -391,7 +459,7 @@ def _patch_mounts(container: _Container, patch: _Patch) -> None:
                     "where the webhook mounts the process-starter's files"
                 ]
             )
-    patch.append(("spec", "containers", container.index, "volumeMounts"), raw, missing)
+    patch.append((*container.path, "volumeMounts"), raw, missing)
 
 
 def _patch_env(container: _Container, patch: _Patch, values: list[tuple[str, str]]) -> None:
@@ -401,16 +469,11 @@ def _patch_env(container: _Container, patch: _Patch, values: list[tuple[str, str
     index = {item.get("name"): i for i, item in enumerate(env) if isinstance(item, Mapping)}
     added: list[dict[str, Any]] = []
     for name, value in values:
-        if name == ENV_TMPDIR and name in index:
-            continue  # the container's own TMPDIR wins; it must then be writable and allow exec
         if name in index:
-            patch.replace(
-                pointer("spec", "containers", container.index, "env", index[name]),
-                {"name": name, "value": value},
-            )
+            patch.replace(pointer(*container.path, "env", index[name]), {"name": name, "value": value})
         else:
             added.append({"name": name, "value": value})
-    patch.append(("spec", "containers", container.index, "env"), raw, added)
+    patch.append((*container.path, "env"), raw, added)
 
 
 def _pool_list(container: _Container, settings: MutationSettings) -> str:
@@ -424,19 +487,44 @@ def _pool_list(container: _Container, settings: MutationSettings) -> str:
     return ",".join(parts)
 
 
-def _patch_cpu(container: _Container, patch: _Patch, settings: MutationSettings, warnings: list[str]) -> None:
+@dataclass(frozen=True)
+class CpuShare:
+    """What a container holds, as far as the webhook can tell without the node."""
+
+    # CPUs of exclusive pools; for multiThreaded pools without an annotation entry, one per core (a floor).
+    exclusive_cpus: int = 0
+    shared_milli: int = 0
+    shared_pool_cpus: int = 0
+    # multiThreaded pools whose CPU count only the node knows (no annotation entry to count them).
+    unknown: tuple[str, ...] = ()
+
+    def request_milli(self) -> int:
+        return 1000 * self.exclusive_cpus + self.shared_milli
+
+
+def _cpu_share(
+    container: _Container, entry: ContainerSpec | None, settings: MutationSettings, warnings: list[str]
+) -> CpuShare:
     pools = settings.pools
     if pools is None:
-        return
-    exclusive_cpus = 0
-    shared_milli = 0
-    shared_pool_cpus = 0
-    for pool, amount in container.pools.items():
+        return CpuShare()
+    exclusive = shared_milli = shared_pool_cpus = 0
+    unknown: list[str] = []
+    for pool, amount in sorted(container.pools.items()):
         spec = pools.get(pool)
         if spec is None:
             continue
         if spec.type is PoolType.EXCLUSIVE:
-            exclusive_cpus += _pool_cpus(spec, amount)
+            if spec.ht_policy is HtPolicy.MULTI:
+                counted = sum(p.cpus for p in entry.processes if p.pool == pool) if entry is not None else 0
+                if counted:
+                    # The annotation's count, which the starter holds to the node's CPUs.
+                    exclusive += counted
+                else:
+                    exclusive += amount
+                    unknown.append(pool)
+            else:
+                exclusive += amount
         else:
             shared_milli += amount
             if spec.cpus is not None:
@@ -448,19 +536,45 @@ def _patch_cpu(container: _Container, patch: _Patch, settings: MutationSettings,
                     f"{container.where}: the size of shared pool {pool!r} is only known on the node; its cpu "
                     f"limit counts {shared_pool_cpus} shared CPU(s)"
                 )
-    if not exclusive_cpus and not shared_milli:
+    return CpuShare(exclusive, shared_milli, shared_pool_cpus, tuple(unknown))
+
+
+def _patch_cpu(
+    container: _Container,
+    entry: ContainerSpec | None,
+    patch: _Patch,
+    settings: MutationSettings,
+    warnings: list[str],
+) -> None:
+    share = _cpu_share(container, entry, settings, warnings)
+    if not share.exclusive_cpus and not share.shared_milli:
         return
-    base = ("spec", "containers", container.index, "resources")
+    limit_milli: int | None = None
+    if share.unknown:
+        warnings.append(
+            f"{container.where}: the CPUs of multiThreaded pool(s) {', '.join(share.unknown)} depend on the "
+            "node's threads per core, so the webhook sets no cpu limit (no CFS quota); list the container's "
+            f"processes in the {settings.annotation} annotation to have it counted"
+        )
+    elif settings.exclusive_quota or not share.exclusive_cpus:
+        limit_milli = cpu_limit_milli(share.exclusive_cpus, share.shared_milli, share.shared_pool_cpus)
+    # The request gives the pinned processes the CFS weight of what they hold (a request of 0 would give
+    # them the lowest weight on CPUs they share). It stays below the limit: a container whose request
+    # equals its limit can make the pod Guaranteed, and the kubelet's static CPU manager would then pin a
+    # whole-CPU request to CPUs of its own choosing, outside the pool.
+    request_milli = share.request_milli()
+    if limit_milli is not None and request_milli >= limit_milli:
+        request_milli = limit_milli - 1
+    request = f"{request_milli}m"
+    base = (*container.path, "resources")
     resources = container.raw.get("resources")
     if not isinstance(resources, Mapping):
         resources = None
     limits = resources.get("limits") if resources is not None else None
     requests = resources.get("requests") if resources is not None else None
-    limit: str | None = None
-    if settings.exclusive_quota or not exclusive_cpus:
-        limit = f"{cpu_limit_milli(exclusive_cpus, shared_milli, shared_pool_cpus)}m"
+    limit = f"{limit_milli}m" if limit_milli is not None else None
     if resources is None:
-        value: dict[str, Any] = {"requests": {"cpu": "0"}}
+        value: dict[str, Any] = {"requests": {"cpu": request}}
         if limit is not None:
             value["limits"] = {"cpu": limit}
         patch.add(pointer(*base), value)
@@ -469,8 +583,7 @@ def _patch_cpu(container: _Container, patch: _Patch, settings: MutationSettings,
         patch.set_member((*base, "limits"), limits, "cpu", limit)
     elif isinstance(limits, Mapping) and "cpu" in limits:
         patch.remove(pointer(*base, "limits", "cpu"))
-    # Pooled CPUs are accounted by the pool resources; a cpu request would count them twice.
-    patch.set_member((*base, "requests"), requests, "cpu", "0")
+    patch.set_member((*base, "requests"), requests, "cpu", request)
 
 
 def mutate_pod(pod: Mapping[str, Any], settings: MutationSettings) -> Mutation:
@@ -478,18 +591,21 @@ def mutate_pod(pod: Mapping[str, Any], settings: MutationSettings) -> Mutation:
     base = settings.resource_base_name
     metadata = _mapping(pod.get("metadata"), "metadata")
     annotations = _mapping(metadata.get("annotations"), "metadata.annotations")
-    containers, init_names = _read_containers(pod, base)
+    containers, ephemeral = _read_containers(pod, base)
 
+    problems = _reserved_env_problems(pod)
     annotation: PodAnnotation | None = None
     text = annotations.get(settings.annotation)
     if text is not None:
         if not isinstance(text, str):
-            raise PodRejected([f"annotation {settings.annotation} must be a string"])
+            raise PodRejected([*problems, f"annotation {settings.annotation} must be a string"])
         try:
             annotation = parse_annotation(text, settings.annotation)
         except AnnotationError as exc:
-            raise PodRejected([str(exc)]) from exc
-        _validate(annotation, containers, init_names, settings)
+            raise PodRejected([*problems, str(exc)]) from exc
+        _validate(annotation, containers, ephemeral, settings, problems)
+    if problems:
+        raise PodRejected(problems)
 
     patch = _Patch()
     warnings: list[str] = []
@@ -498,7 +614,7 @@ def mutate_pod(pod: Mapping[str, Any], settings: MutationSettings) -> Mutation:
         command = _strings(container.raw.get("command"), f"{container.where}.command")
         args = _strings(container.raw.get("args"), f"{container.where}.args")
         entry = annotation.for_container(container.name) if annotation is not None else None
-        already = command == [STARTER_PATH]
+        already = command in ([STARTER_PATH], [LEGACY_STARTER_PATH])
         if entry is None and not already:
             if not container.pools:
                 continue
@@ -509,12 +625,13 @@ def mutate_pod(pod: Mapping[str, Any], settings: MutationSettings) -> Mutation:
                 )
                 continue
         wrapped.append(container.name)
-        where = ("spec", "containers", container.index)
         if not already:
             if command:
                 # The starter runs its arguments when the annotation has no entry for the container.
-                patch.add(pointer(*where, "args"), [*command, *(args or [])])
-            patch.add(pointer(*where, "command"), [STARTER_PATH])
+                patch.add(pointer(*container.path, "args"), [*command, *(args or [])])
+            patch.add(pointer(*container.path, "command"), [STARTER_PATH])
+        elif command != [STARTER_PATH]:
+            patch.add(pointer(*container.path, "command"), [STARTER_PATH])
         _patch_mounts(container, patch)
         _patch_env(
             container,
@@ -524,10 +641,9 @@ def mutate_pod(pod: Mapping[str, Any], settings: MutationSettings) -> Mutation:
                 (ENV_POOLS, _pool_list(container, settings)),
                 (ENV_ANNOTATION, settings.annotation),
                 (ENV_ANNOTATIONS_FILE, ANNOTATIONS_FILE),
-                (ENV_TMPDIR, SCRATCH_DIR),
             ],
         )
-        _patch_cpu(container, patch, settings, warnings)
+        _patch_cpu(container, entry, patch, settings, warnings)
         unknown = sorted(p for p in container.pools if settings.pools is not None and p not in settings.pools)
         if unknown:
             warnings.append(

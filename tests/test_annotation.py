@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.annotation import (
+    ANNOTATION_SCHEMA,
     AnnotationError,
     ContainerSpec,
     DownwardFileError,
@@ -169,3 +170,62 @@ def test_a_malformed_file_is_refused_with_the_line(text: str, says: str) -> None
 )
 def test_any_annotations_survive_the_file_format(annotations: dict[str, str]) -> None:
     assert parse_downward_annotations(format_downward_annotations(annotations)) == annotations
+
+
+# --- the checks are the schema ---------------------------------------------------------------------
+
+_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 3),
+    st.sampled_from([0.5, 2.0]),
+    st.sampled_from(["", "x", "/bin/a"]),
+)
+_args = st.one_of(st.lists(st.one_of(st.text(max_size=3), st.integers(0, 1)), max_size=2), _leaf)
+_process = st.one_of(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "process": st.one_of(st.sampled_from(["/bin/a", ""]), _leaf),
+            "args": _args,
+            "pool": st.one_of(st.sampled_from(["p", ""]), _leaf),
+            "cpus": st.one_of(st.integers(-1, 3), _leaf),
+            "extra": _leaf,
+        },
+    ),
+    _leaf,
+)
+_entry = st.one_of(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "container": st.one_of(st.sampled_from(["app", "b", ""]), _leaf),
+            "processes": st.one_of(st.lists(_process, max_size=3), _leaf),
+            "proces": _leaf,
+        },
+    ),
+    _leaf,
+)
+
+
+@given(st.one_of(st.lists(_entry, max_size=3), _entry))
+def test_the_checks_agree_with_the_published_json_schema(value: object) -> None:
+    # The starter cannot bundle jsonschema: the hand-written checks must accept and refuse exactly what
+    # the schema does, at the same places.
+    import jsonschema  # noqa: PLC0415 - a test dependency only
+
+    validator = jsonschema.Draft202012Validator(ANNOTATION_SCHEMA)
+    expected = sorted({_place(e.absolute_path) for e in validator.iter_errors(value)})
+    try:
+        parse_annotation(json.dumps(value), KEY)
+        problems: list[str] = []
+    except AnnotationError as exc:
+        problems = [p for p in exc.problems if "is listed twice" not in p]
+    assert sorted({p.split(": ", 1)[0] for p in problems}) == expected
+
+
+def _place(path: object) -> str:
+    text = "$"
+    for part in path:  # type: ignore[attr-defined]
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text

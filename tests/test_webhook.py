@@ -27,10 +27,11 @@ from hypothesis import strategies as st
 
 from agent import cli
 from agent.config import parse_config
+from agent.config import pool_env_name as config_pool_env_name
 from agent.mutation import (
     ANNOTATIONS_FILE,
     PODINFO_DIR,
-    SCRATCH_DIR,
+    STARTER_DIR,
     STARTER_PATH,
     Mutation,
     MutationSettings,
@@ -40,6 +41,8 @@ from agent.mutation import (
     parse_quantity,
     pointer,
 )
+from agent.starter.contract import is_reserved_env
+from agent.starter.contract import pool_env_name as contract_pool_env_name
 from agent.webhook import MAX_BODY_BYTES, CertificateStore, Webhook
 
 BASE = "cpupool.io"
@@ -56,9 +59,8 @@ pools:
 SETTINGS = MutationSettings.from_config(CONFIG)
 NO_CONFIG = MutationSettings()
 OUR_MOUNTS = {
-    STARTER_PATH: ("cpupool-process-starter", True),
+    STARTER_DIR: ("cpupool-process-starter", True),
     PODINFO_DIR: ("cpupool-podinfo", True),
-    SCRATCH_DIR: ("cpupool-scratch", False),
 }
 
 
@@ -138,9 +140,11 @@ def env_of(c: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in c.get("env", [])}
 
 
-def assert_wrapped(result: dict[str, Any], index: int, pools: str) -> dict[str, Any]:
+def assert_wrapped(
+    result: dict[str, Any], index: int, pools: str, section: str = "containers"
+) -> dict[str, Any]:
     """The container at index starts through the starter with everything the starter reads."""
-    c = result["spec"]["containers"][index]
+    c = result["spec"][section][index]
     assert c["command"] == [STARTER_PATH]
     mounts = {m["mountPath"]: (m["name"], bool(m.get("readOnly"))) for m in c["volumeMounts"]}
     assert {path: mounts.get(path) for path in OUR_MOUNTS} == OUR_MOUNTS
@@ -149,12 +153,14 @@ def assert_wrapped(result: dict[str, Any], index: int, pools: str) -> dict[str, 
     assert env["CPUPOOL_POOLS"] == pools
     assert env["CPUPOOL_ANNOTATION"] == KEY
     assert env["CPUPOOL_ANNOTATIONS_FILE"] == ANNOTATIONS_FILE
-    assert "TMPDIR" in env
+    # The bundle never unpacks itself: no scratch directory, no TMPDIR.
+    assert "TMPDIR" not in env
+    assert STARTER_PATH.startswith(STARTER_DIR + "/")
     volumes = {v["name"]: v for v in result["spec"]["volumes"]}
-    assert volumes["cpupool-process-starter"]["hostPath"] == {"path": STARTER_PATH, "type": "File"}
+    assert volumes["cpupool-process-starter"]["hostPath"] == {"path": STARTER_DIR, "type": "Directory"}
     items = volumes["cpupool-podinfo"]["downwardAPI"]["items"]
     assert items == [{"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]
-    assert volumes["cpupool-scratch"] == {"name": "cpupool-scratch", "emptyDir": {}}
+    assert set(volumes) >= {"cpupool-process-starter", "cpupool-podinfo"}
     return c
 
 
@@ -180,7 +186,8 @@ def test_exclusive_only_container() -> None:
     c = assert_wrapped(result, 0, "dedicated=exclusive")
     # The original command stays as the starter's arguments (it runs them if the entry ever goes away).
     assert c["args"] == ["/bin/app", "--fast"]
-    assert cpu(c) == ("0", "2100m")
+    # The request is what the container holds (its CFS weight), the limit its quota.
+    assert cpu(c) == ("2000m", "2100m")
     assert c["resources"]["limits"][f"{BASE}/dedicated"] == "2"
     assert result["metadata"]["annotations"][f"{BASE}/process-starter"] == "app"
     assert result["metadata"]["annotations"][KEY] == p["metadata"]["annotations"][KEY]
@@ -194,7 +201,8 @@ def test_shared_only_container() -> None:
     )
     result, _ = mutate(p)
     c = assert_wrapped(result, 0, "shared=shared")
-    assert cpu(c) == ("0", "500m")
+    # Request and limit would be equal: the request stays 1m below, so the pod is never Guaranteed.
+    assert cpu(c) == ("499m", "500m")
 
 
 def test_both_pools_in_one_container() -> None:
@@ -209,8 +217,8 @@ def test_both_pools_in_one_container() -> None:
     )
     result, _ = mutate(p)
     c = assert_wrapped(result, 0, "dedicated=exclusive,shared=shared")
-    # 1000m for the exclusive CPU + 1000m for each of the shared pool's 2 CPUs.
-    assert cpu(c) == ("0", "3000m")
+    # 1000m for the exclusive CPU + 1000m for each of the shared pool's 2 CPUs; it holds 1200m.
+    assert cpu(c) == ("1200m", "3000m")
     # No command in the pod (the image's entrypoint): only the annotation says what runs.
     assert "args" not in c
 
@@ -232,7 +240,7 @@ def test_no_annotation_with_pool_resources_and_a_command() -> None:
     result, mutation = mutate(p)
     c = assert_wrapped(result, 0, "dedicated=exclusive")
     assert c["args"] == ["sh", "-c", "exec worker"]
-    assert cpu(c) == ("0", "3100m")
+    assert cpu(c) == ("3000m", "3100m")
     assert mutation.wrapped == ("app",)
 
 
@@ -249,19 +257,62 @@ def test_pool_resources_without_a_command_are_left_alone_with_a_warning() -> Non
     assert "container 'app'" in warning and "no command" in warning and KEY in warning
 
 
-def test_multithreaded_devices_count_two_cpus_each() -> None:
+@pytest.mark.parametrize(
+    ("counts", "node", "limit"),
+    [
+        ([1, 1], "SMT off: a core is one CPU", "2100m"),
+        ([3, 1], "2 threads per core", "4100m"),
+        ([6, 2], "4 threads per core (POWER)", "8100m"),
+        ([16], "8 threads per core", "16100m"),
+    ],
+)
+def test_multithreaded_counts_fit_any_node_shape(counts: list[int], node: str, limit: str) -> None:
+    # Two multiThreaded devices are two whole cores: how many CPUs that is depends on the node, which
+    # the webhook cannot see. The annotation's count sets the quota; the starter checks it on the node.
+    processes = [process(f"/bin/p{i}", "dedicated-ht", n) for i, n in enumerate(counts)]
     p = pod(
         container("app", pools={"dedicated-ht": "2"}),
-        annotation=[
-            {
-                "container": "app",
-                "processes": [process("/bin/a", "dedicated-ht", 3), process("/bin/b", "dedicated-ht", 1)],
-            }
-        ],
+        annotation=[{"container": "app", "processes": processes}],
     )
-    result, _ = mutate(p)
+    result, mutation = mutate(p)
     c = assert_wrapped(result, 0, "dedicated-ht=exclusive")
-    assert cpu(c) == ("0", "4100m")
+    assert cpu(c) == (f"{sum(counts)}000m", limit), node
+    assert mutation.warnings == ()
+
+
+@pytest.mark.parametrize("counts", [[3], [1, 2, 2], [18]])
+def test_multithreaded_counts_that_fit_no_node_are_refused(counts: list[int]) -> None:
+    processes = [process(f"/bin/p{i}", "dedicated-ht", n) for i, n in enumerate(counts)]
+    p = pod(
+        container("app", pools={"dedicated-ht": "2"}),
+        annotation=[{"container": "app", "processes": processes}],
+    )
+    message = rejected(p)
+    assert (
+        f"take {sum(counts)} CPUs, but the container requests 2 cpupool.io/dedicated-ht, 2 whole cores"
+        in message
+    )
+    assert "(2 with SMT off, 4 with 2 threads per core, 8 with 4)" in message
+
+
+def test_multithreaded_without_an_entry_gets_no_quota_and_a_warning() -> None:
+    p = pod(
+        container(
+            "app", command=["/bin/app"], pools={"dedicated-ht": "2"}, resources={"limits": {"cpu": "3"}}
+        )
+    )
+    result, mutation = mutate(p)
+    c = assert_wrapped(result, 0, "dedicated-ht=exclusive")
+    # One CPU per core is all that is sure; no quota rather than a wrong one.
+    assert cpu(c) == ("2000m", None)
+    (warning,) = mutation.warnings
+    assert "depend on the node's threads per core" in warning and "no cpu limit" in warning
+
+
+def test_a_whole_cpu_request_never_equals_its_limit() -> None:
+    p = pod(container("app", command=["/bin/app"], pools={"shared": "1000"}))
+    result, _ = mutate(p)
+    assert cpu(result["spec"]["containers"][0]) == ("999m", "1000m")
 
 
 def test_quota_can_be_turned_off_for_exclusive_containers() -> None:
@@ -272,9 +323,9 @@ def test_quota_can_be_turned_off_for_exclusive_containers() -> None:
     )
     result, _ = mutate(p, quota_off)
     rt, ctl = result["spec"]["containers"]
-    assert cpu(rt) == ("0", None)
+    assert cpu(rt) == ("1000m", None)
     assert rt["resources"]["limits"] == {f"{BASE}/dedicated": "1"}
-    assert cpu(ctl) == ("0", "300m")
+    assert cpu(ctl) == ("299m", "300m")
 
 
 def test_without_config_pools_are_checked_against_the_pod_only() -> None:
@@ -303,7 +354,7 @@ def test_a_custom_resource_base_name_is_followed() -> None:
     assert result["metadata"]["annotations"]["pools.example.com/process-starter"] == "app"
 
 
-def test_existing_starter_variables_are_replaced_and_tmpdir_is_kept() -> None:
+def test_existing_starter_variables_are_replaced_and_the_users_tmpdir_is_kept() -> None:
     env = [
         {"name": "CONTAINER_NAME", "value": "stale"},
         {"name": "TMPDIR", "value": "/scratch"},
@@ -328,6 +379,97 @@ def test_mutating_a_mutated_pod_changes_nothing() -> None:
     once, _ = mutate(p)
     twice, _ = mutate(once)
     assert twice == once
+
+
+# --- init containers, native sidecars, ephemeral containers ---------------------------------------
+
+
+def test_init_containers_and_native_sidecars_are_wrapped_like_containers() -> None:
+    setup = container("setup", command=["/bin/setup"], pools={"dedicated": "1"})
+    proxy = {**container("proxy", pools={"shared": "200"}), "restartPolicy": "Always"}
+    plain = container("plain-init", command=["/bin/true"])
+    p = pod(
+        container("app", command=["/bin/app"], pools={"dedicated": "2"}),
+        init=[plain, setup, proxy],
+        annotation=_one(process("/bin/envoy", "shared", 200), name="proxy"),
+    )
+    result, mutation = mutate(p)
+    # Init containers first, in the order the kubelet starts them.
+    assert mutation.wrapped == ("setup", "proxy", "app")
+    assert result["spec"]["initContainers"][0] == plain
+    init = assert_wrapped(result, 1, "dedicated=exclusive", section="initContainers")
+    assert init["args"] == ["/bin/setup"] and cpu(init) == ("1000m", "1100m")
+    sidecar = assert_wrapped(result, 2, "shared=shared", section="initContainers")
+    assert sidecar["restartPolicy"] == "Always" and "args" not in sidecar
+    assert cpu(sidecar) == ("199m", "200m")
+    app = assert_wrapped(result, 0, "dedicated=exclusive")
+    assert cpu(app) == ("2000m", "2100m")
+    assert result["metadata"]["annotations"][f"{BASE}/process-starter"] == "setup,proxy,app"
+    # The pod's volumes are added once, for all of them; a second pass changes nothing.
+    assert [v["name"] for v in result["spec"]["volumes"]] == ["cpupool-process-starter", "cpupool-podinfo"]
+    assert mutate(result)[0] == result
+
+
+def test_a_sidecars_annotation_entry_is_checked_like_a_containers() -> None:
+    proxy = {**container("proxy", pools={"dedicated": "2"}), "restartPolicy": "Always"}
+    p = pod(
+        container("app"), init=[proxy], annotation=_one(process("/bin/envoy", "dedicated", 1), name="proxy")
+    )
+    assert "sidecar container 'proxy': its processes on exclusive pool 'dedicated' take 1 CPUs" in rejected(p)
+
+
+def test_ephemeral_containers_are_never_wrapped() -> None:
+    # Ephemeral containers come later through their own subresource and cannot request resources; a pod
+    # object that lists them (a copied spec) is wrapped as usual and they stay as they are.
+    debug = {"name": "debug", "image": "busybox", "command": ["sh"]}
+    p = pod(container("app", command=["/bin/app"], pools={"shared": "100"}))
+    p["spec"]["ephemeralContainers"] = [debug]
+    result, mutation = mutate(p)
+    assert mutation.wrapped == ("app",)
+    assert result["spec"]["ephemeralContainers"] == [debug]
+
+
+# --- variables only the agent may set ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "kind", "names"),
+    [
+        ("containers", "container", ["EXCLUSIVE_CPUS"]),
+        ("containers", "container", ["SHARED_CPUS", "CPUPOOL_DEDICATED_CPUS"]),
+        ("initContainers", "init container", ["CPUPOOL_SOME_OTHER_POOL_CPUS"]),
+        ("sidecar", "sidecar container", ["EXCLUSIVE_CPUS"]),
+        ("ephemeralContainers", "ephemeral container", ["SHARED_CPUS"]),
+    ],
+)
+def test_a_pod_that_sets_the_agents_variables_is_refused(section: str, kind: str, names: list[str]) -> None:
+    env = [{"name": n, "value": "2,3"} for n in names] + [{"name": "CPUPOOL_POOLS", "value": "mine"}]
+    forged = container("forger", command=["/bin/x"], env=env)
+    p = pod(container("app", command=["/bin/app"], pools={"dedicated": "1"}))
+    if section == "containers":
+        p["spec"]["containers"].append(forged)
+    elif section == "ephemeralContainers":
+        p["spec"]["ephemeralContainers"] = [forged]
+    else:
+        p["spec"]["initContainers"] = [
+            {**forged, "restartPolicy": "Always"} if section == "sidecar" else forged
+        ]
+    message = rejected(p)
+    assert f"{kind} 'forger' sets {', '.join(sorted(names))}: only the cpupool agent sets these" in message
+    # The webhook's own variable and look-alikes are not reserved.
+    assert "CPUPOOL_POOLS" not in message
+
+
+def test_the_reserved_names_are_the_agents_variable_names() -> None:
+    assert is_reserved_env("EXCLUSIVE_CPUS") and is_reserved_env("SHARED_CPUS")
+    for name in ("CPUPOOL_POOLS", "CPUPOOL_ANNOTATION", "CPUPOOL_CPUS", "EXCLUSIVE_CPUS_X", "cpupool_a_cpus"):
+        assert not is_reserved_env(name), name
+
+
+@given(st.from_regex(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?", fullmatch=True))
+def test_the_starters_pool_variable_rule_is_the_agents(pool: str) -> None:
+    assert contract_pool_env_name(pool) == config_pool_env_name(pool)
+    assert is_reserved_env(config_pool_env_name(pool))
 
 
 def test_pointer_tokens_are_escaped() -> None:
@@ -419,7 +561,11 @@ def test_the_patch_applies_to_any_pod_shape(p: dict[str, Any]) -> None:
         if pooled and old.get("command"):
             assert_wrapped(result, index, env_of(new)["CPUPOOL_POOLS"])
             assert new["args"] == [*old["command"], *(old.get("args") or [])]
-            assert cpu(new)[0] == "0" and cpu(new)[1] is not None
+            request, limit = cpu(new)
+            assert request is not None and request.endswith("m")
+            # No annotation here: a multiThreaded pool leaves the quota unknown, anything else sets it.
+            multi = f"{BASE}/dedicated-ht" in new["resources"]["limits"]
+            assert (limit is None) == multi
             # What the pod had stays: the user's env and mounts come first, untouched.
             assert new["env"][: len(old.get("env") or [])] == (old.get("env") or [])
             assert new["volumeMounts"][: len(old.get("volumeMounts") or [])] == (
@@ -452,12 +598,17 @@ def _one(*processes: dict[str, Any], name: str = "app") -> list[dict[str, Any]]:
             "the pod has no container 'db' (containers: 'app')",
         ),
         (
-            pod(
-                container("app", pools={"dedicated": "1"}),
-                init=[{"name": "setup", "image": "x"}],
-                annotation=_one(process("/a", "dedicated", 1), name="setup"),
-            ),
-            "'setup' is an init container; only regular containers can be pinned",
+            {
+                **pod(
+                    container("app", pools={"dedicated": "1"}),
+                    annotation=_one(process("/a", "dedicated", 1), name="debug"),
+                ),
+                "spec": {
+                    "containers": [container("app", pools={"dedicated": "1"})],
+                    "ephemeralContainers": [{"name": "debug", "image": "x"}],
+                },
+            },
+            "'debug' is an ephemeral container; they cannot request pool resources, so they cannot be pinned",
         ),
         (
             pod(container("app", pools={"shared": "100"}), annotation=_one(process("/a", "dedicated", 1))),
@@ -476,10 +627,9 @@ def _one(*processes: dict[str, Any], name: str = "app") -> list[dict[str, Any]]:
         (
             pod(
                 container("app", pools={"dedicated-ht": "1"}),
-                annotation=_one(process("/a", "dedicated-ht", 1)),
+                annotation=_one(process("/a", "dedicated-ht", 9)),
             ),
-            "= 2 CPUs (2 CPUs per device under multiThreaded); "
-            "the 'cpus' of those processes must add up to 2",
+            "must add up to 1 times the node's threads per core (1 with SMT off, 2 with 2 threads per core",
         ),
         (
             pod(
@@ -513,10 +663,10 @@ def _one(*processes: dict[str, Any], name: str = "app") -> list[dict[str, Any]]:
                     "app",
                     command=["/a"],
                     pools={"shared": "1"},
-                    mounts=[{"name": "tools", "mountPath": STARTER_PATH}],
+                    mounts=[{"name": "tools", "mountPath": STARTER_DIR}],
                 ),
             ),
-            f"container 'app' already mounts volume 'tools' at {STARTER_PATH}",
+            f"container 'app' already mounts volume 'tools' at {STARTER_DIR}",
         ),
         ({"metadata": {}, "spec": {"containers": {"name": "app"}}}, "spec.containers must be an array"),
         ({"metadata": {}, "spec": {"containers": [{"image": "x"}]}}, "spec.containers[0].name must be"),
