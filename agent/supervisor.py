@@ -105,6 +105,8 @@ class Supervisor:
         self._stopping = asyncio.Event()
         self._cpuid: CpuSet = CpuSet()
         self.started = asyncio.Event()
+        # Called after every applied plan (the NRI plugin pushes the cpusets that change).
+        self.plan_listeners: list[Callable[[], None]] = []
 
     # --- public view, for the health endpoints and tests
 
@@ -319,6 +321,8 @@ class Supervisor:
         await self._start_missing()
         if self.settings.pin_self and self.topology is not None:
             self._pin(plan, self.topology)
+        for listener in self.plan_listeners:
+            listener()
 
     def _pin(self, plan: Plan, topology: Topology) -> None:
         cpus = housekeeping_cpus(plan, topology)
