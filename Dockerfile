@@ -13,9 +13,9 @@ WORKDIR /src
 COPY . .
 # Wheels for the package and every runtime dependency, so the runtime stage installs offline.
 RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels .
-# The process-starter runs inside user containers of any base image: it must be a static
-# executable. `make process-starter` builds it into dist/process-starter.
-RUN make process-starter && test -x dist/process-starter
+# The process-starter runs inside user containers of any base image: it is a bundle that brings
+# its own interpreter, libraries and loader. `make process-starter` builds it into dist/process-starter/.
+RUN make process-starter && test -x dist/process-starter/process-starter
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="cpupool" \
@@ -27,8 +27,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m pip install --no-cache-dir --no-index --find-links=/wheels cpupool \
  && useradd --uid 65532 --user-group --no-create-home --shell /usr/sbin/nologin cpupool
-# The agent's DaemonSet copies it from here to the host's /opt/bin/process-starter.
-COPY --from=build --chmod=0755 /src/dist/process-starter /usr/local/bin/process-starter
+# The agent's DaemonSet lays it out from here under the host's /opt/cpupool/ (docs/webhook.md).
+COPY --from=build /src/dist/process-starter /usr/local/lib/cpupool/process-starter
 # Non-root by default, which is what the webhook runs as. The agent alone runs as root (the
 # kubelet's device-plugins directory belongs to root), and the chart asks for that explicitly.
 USER 65532:65532

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import celpy
 import kubernetes_validate
 import pytest
 import yaml
@@ -29,6 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.cli import build_parser
 from agent.config import parse_config
+from agent.starter.contract import STARTER_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "charts" / "cpupool"
@@ -64,6 +66,12 @@ def _make_ca() -> str:
 
 
 EXISTING_CA = _make_ca()
+# Stand-ins: the chart only copies them into the Secret.
+PROVIDED = {
+    "cert": base64.b64encode(b"cert").decode(),
+    "key": base64.b64encode(b"key").decode(),
+    "caBundle": EXISTING_CA,
+}
 
 VARIANTS: dict[str, Doc] = {
     "default": {},
@@ -81,6 +89,14 @@ VARIANTS: dict[str, Doc] = {
     "existing-secret": {
         "webhook": {
             "tls": {"mode": "existingSecret", "existingSecret": {"name": "corp-tls", "caBundle": EXISTING_CA}}
+        }
+    },
+    "provided": {"webhook": {"tls": {"mode": "provided", "provided": PROVIDED}}},
+    # An API server without matchConditions: only labelled pods go to the webhook.
+    "no-match-conditions": {
+        "webhook": {
+            "matchConditions": False,
+            "objectSelector": {"matchLabels": {"cpupool.io/pinning": "enabled"}},
         }
     },
     "no-webhook": {"webhook": {"enabled": False}},
@@ -449,18 +465,26 @@ def test_agent_is_node_critical_tolerant_and_rolls(variant: tuple[str, list[Doc]
 def test_process_starter_is_installed_on_the_host_by_rename(variant: tuple[str, list[Doc]]) -> None:
     name, docs = variant
     agent = _agent(docs)
-    init = agent["spec"]["template"]["spec"].get("initContainers", [])
+    init = [
+        c
+        for c in agent["spec"]["template"]["spec"].get("initContainers", [])
+        if c["name"] == "install-process-starter"
+    ]
     if not VARIANTS[name].get("processStarter", {}).get("install", True):
         assert init == []
         return
     (installer,) = init
     script = " ".join(installer["command"])
-    assert "/usr/local/bin/process-starter" in script
+    assert "src=/usr/local/lib/cpupool/process-starter" in script
     (mount,) = installer["volumeMounts"]
-    assert _volume(agent, mount["name"])["hostPath"] == {"path": "/opt/bin", "type": "DirectoryOrCreate"}
-    final = f"{mount['mountPath']}/process-starter"
-    # The binary lands by rename, so a running pool process never sees it change under it.
-    assert f"mv -f {mount['mountPath']}/.process-starter.new {final}" in script
+    assert mount["mountPath"] == "/host/opt/cpupool"
+    # The webhook mounts <host>/opt/cpupool/process-starter: the bundle's fixed prefix (its loader path).
+    assert _volume(agent, mount["name"])["hostPath"] == {"path": "/opt/cpupool", "type": "DirectoryOrCreate"}
+    assert STARTER_DIR == "/opt/cpupool/process-starter"
+    # A version lands in its own directory by rename, then the symlink switches by rename: a running
+    # container never sees its files change.
+    assert "mv .process-starter-$v.new process-starter-$v;" in script
+    assert "mv -Tf .process-starter.link process-starter;" in script
 
 
 # --- privileges -----------------------------------------------------------------------------------
@@ -580,7 +604,10 @@ def test_webhook_configuration_reaches_the_webhook(render: Render, name: str) ->
     assert ref["path"] == "/mutate"
     assert hook["admissionReviewVersions"] == ["v1"]
     assert hook["sideEffects"] == "None"
-    assert hook["failurePolicy"] == VARIANTS[name].get("webhook", {}).get("failurePolicy", "Ignore")
+    values = VARIANTS[name].get("webhook", {})
+    # Fail when only pool pods reach the webhook, Ignore when every pod does; an explicit value wins.
+    default = "Fail" if values.get("matchConditions", True) else "Ignore"
+    assert hook["failurePolicy"] == values.get("failurePolicy", default)
     assert hook["rules"] == [
         {
             "operations": ["CREATE"],
@@ -604,6 +631,65 @@ def test_webhook_never_sees_its_own_namespace(render: Render, name: str) -> None
     assert _selector_matches(selector, _namespace_labels("team-a", **opt_in))
     if opt_in:
         assert not _selector_matches(selector, _namespace_labels("team-a"))
+
+
+def _pod(
+    *,
+    limits: dict[str, str] | None = None,
+    requests: dict[str, str] | None = None,
+    init: bool = False,
+    env: list[str] | None = None,
+    annotations: dict[str, str] | None = None,
+) -> Doc:
+    container: Doc = {"name": "c", "image": "x"}
+    resources = {k: v for k, v in (("limits", limits), ("requests", requests)) if v is not None}
+    if resources:
+        container["resources"] = resources
+    if env is not None:
+        container["env"] = [{"name": n, "value": "1"} for n in env]
+    spec: Doc = {"containers": [{"name": "main", "image": "x"}]}
+    if init:
+        spec["initContainers"] = [container]
+    else:
+        spec["containers"].append(container)
+    metadata: Doc = {"name": "p"}
+    if annotations is not None:
+        metadata["annotations"] = annotations
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+SELECTION = [
+    (_pod(), False),
+    (_pod(limits={"cpu": "2", "memory": "1Gi"}, requests={"cpu": "1"}), False),
+    (_pod(annotations={"team": "a"}), False),
+    (_pod(env=["CPUPOOL_POOLS", "CPUS", "PATH"]), False),
+    (_pod(limits={"{base}/dedicated": "2"}), True),
+    (_pod(requests={"{base}/shared": "200"}), True),
+    (_pod(limits={"{base}/dedicated": "1"}, init=True), True),
+    (_pod(annotations={"{base}/cpus": "[]"}), True),
+    (_pod(env=["EXCLUSIVE_CPUS"]), True),
+    (_pod(env=["CPUPOOL_DEDICATED_CPUS"], init=True), True),
+    (_pod(limits={"other.example.com/dedicated": "2"}, annotations={"other.example.com/cpus": "[]"}), False),
+]
+
+
+@pytest.mark.parametrize("name", ["default", "custom"])
+@pytest.mark.parametrize(("pod", "sent"), SELECTION)
+def test_match_conditions_send_only_pool_pods(render: Render, name: str, pod: Doc, sent: bool) -> None:
+    # The CEL expression the API server evaluates, run by a CEL implementation on the pod it would see.
+    (condition,) = _mwc(render(name))["matchConditions"]
+    base = VARIANTS[name].get("resourceBaseName", "cpupool.io")
+    concrete = yaml.safe_load(yaml.safe_dump(pod).replace("{base}", base))
+    env = celpy.Environment()
+    program = env.program(env.compile(condition["expression"]))
+    assert bool(program.evaluate({"object": celpy.json_to_cel(concrete)})) is sent
+
+
+def test_without_match_conditions_the_selectors_narrow_and_failures_are_ignored(render: Render) -> None:
+    hook = _mwc(render("no-match-conditions"))
+    assert "matchConditions" not in hook
+    assert hook["failurePolicy"] == "Ignore"
+    assert hook["objectSelector"] == {"matchLabels": {"cpupool.io/pinning": "enabled"}}
 
 
 @pytest.mark.parametrize("name", ["default", "custom"])
@@ -658,6 +744,28 @@ def test_cert_manager_issues_the_mounted_certificate_and_injects_its_ca(render: 
     assert "selfSigned" in issuers[ca_cert["spec"]["issuerRef"]["name"]]["spec"]
 
 
+def test_provided_tls_goes_into_the_secret_and_the_ca_bundle(render: Render) -> None:
+    docs = render("provided")
+    secret = _one(docs, "Secret")
+    assert secret["metadata"]["name"] == _tls_secret_name(docs)
+    assert secret["data"] == {"ca.crt": EXISTING_CA, "tls.crt": PROVIDED["cert"], "tls.key": PROVIDED["key"]}
+    assert _mwc(docs)["clientConfig"]["caBundle"] == EXISTING_CA
+
+
+@pytest.mark.parametrize(
+    ("name", "stable"),
+    [("provided", True), ("existing-secret", True), ("cert-manager", True), ("default", False)],
+)
+def test_gitops_modes_render_the_same_every_time(
+    helm: str, values_dir: Path, name: str, stable: bool
+) -> None:
+    # Argo CD and Flux render with `helm template`: a new CA on every render would change the
+    # caBundle (and the Secret) on every sync. selfSigned does that, which docs/webhook.md says.
+    values = _values_file(values_dir, f"twice-{name}", VARIANTS[name])
+    first, second = (_template(helm, CHART, values).stdout for _ in range(2))
+    assert (first == second) is stable
+
+
 def test_existing_secret_is_mounted_with_the_given_ca(render: Render) -> None:
     docs = render("existing-secret")
     tls = VARIANTS["existing-secret"]["webhook"]["tls"]
@@ -680,6 +788,8 @@ def test_existing_secret_is_mounted_with_the_given_ca(render: Render) -> None:
         ({"webhook": {"tls": {"mode": "existingSecret", "existingSecret": {"name": "x"}}}}, "caBundle"),
         ({"webhook": {"tls": {"mode": "letsEncrypt"}}}, "webhook.tls.mode"),
         ({"webhook": {"failurePolicy": "Sometimes"}}, "webhook.failurePolicy"),
+        ({"webhook": {"tls": {"mode": "provided", "provided": {"cert": "eA==", "key": "eA=="}}}}, "caBundle"),
+        ({"webhook": {"matchConditions": "yes"}}, "webhook.matchConditions"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(
@@ -730,7 +840,7 @@ def test_notes_tell_how_to_edit_pools_and_what_the_webhook_skips(
 
 def test_image_puts_process_starter_where_the_chart_copies_it_from() -> None:
     dockerfile = (REPO / "Dockerfile").read_text(encoding="utf-8")
-    assert "/usr/local/bin/process-starter" in dockerfile
+    assert "/src/dist/process-starter /usr/local/lib/cpupool/process-starter" in dockerfile
     stages = dockerfile.split("\nFROM ")
     final = stages[-1]
     users = [line.split()[1] for line in final.splitlines() if line.startswith("USER ")]
