@@ -123,7 +123,33 @@ class Metrics:
         self.kubelet_restarts = Metric(
             "cpupool_kubelet_restarts_total", "Kubelet restarts seen (kubelet.sock created again).", "counter"
         )
+        self.nri_connected = Metric(
+            "cpupool_nri_connected", "1 while the agent is registered as the runtime's NRI plugin.", "gauge"
+        )
+        self.nri_connections = Metric(
+            "cpupool_nri_connections_total", "NRI connection attempts, by result.", "counter"
+        )
+        self.nri_adjustments = Metric(
+            "cpupool_nri_adjustments_total",
+            "NRI container decisions, by event and outcome (adjusted, unchanged, unmapped, conflict, error).",
+            "counter",
+        )
+        self.nri_seconds = Histogram(
+            "cpupool_nri_request_duration_seconds",
+            "Time to answer an NRI request, by method.",
+            (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0),
+        )
+        self.kubelet_counts_pooled_cpus = Metric(
+            "cpupool_kubelet_counts_pooled_cpus",
+            "1 when the kubelet's config leaves pooled CPUs in allocatable cpu (-1: config unreadable).",
+            "gauge",
+        )
         self._all: list[Metric | Histogram] = [
+            self.nri_connected,
+            self.nri_connections,
+            self.nri_adjustments,
+            self.nri_seconds,
+            self.kubelet_counts_pooled_cpus,
             self.registered,
             self.devices,
             self.devices_in_use,

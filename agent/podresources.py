@@ -8,11 +8,14 @@ from pathlib import Path
 from grpclib import GRPCError
 from grpclib.client import Channel
 
-from agent.kubeletapi.v1 import ListPodResourcesRequest, PodResourcesListerStub
+from agent.kubeletapi.v1 import GetPodResourcesRequest, ListPodResourcesRequest, PodResourcesListerStub
 
 
 class PodResourcesError(RuntimeError):
     """The PodResources API could not be asked; the message says why."""
+
+    # The gRPC status name when the kubelet answered with an error (UNIMPLEMENTED: no Get there).
+    status: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,30 @@ def in_use_by_resource(assignments: list[Assignment], prefix: str) -> dict[str, 
         if item.resource.startswith(prefix):
             found.setdefault(item.resource, set()).update(item.device_ids)
     return {name: frozenset(ids) for name, ids in found.items()}
+
+
+async def get_assignments(socket: Path, namespace: str, pod: str, timeout_s: float = 5.0) -> list[Assignment]:
+    """The device assignments of one pod (PodResources `Get`, behind the kubelet's KubeletPodResourcesGet
+    feature gate); raises PodResourcesError, its `status` set when the kubelet answered with an error."""
+    channel = Channel(path=str(socket))
+    try:
+        reply = await PodResourcesListerStub(channel).get(
+            GetPodResourcesRequest(pod_name=pod, pod_namespace=namespace), timeout=timeout_s
+        )
+    except GRPCError as exc:
+        error = PodResourcesError(f"{socket}: Get {namespace}/{pod} failed: {exc.status.name} {exc.message}")
+        error.status = exc.status.name
+        raise error from exc
+    except (OSError, TimeoutError) as exc:
+        raise PodResourcesError(f"{socket}: cannot connect: {exc!r}") from exc
+    finally:
+        channel.close()
+    found = reply.pod_resources
+    if found is None:
+        return []
+    namespace, name = found.namespace, found.name
+    return [
+        Assignment(namespace, name, container.name, devices.resource_name, tuple(devices.device_ids))
+        for container in found.containers
+        for devices in container.devices
+    ]

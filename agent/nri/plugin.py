@@ -1,0 +1,463 @@
+"""The agent as an NRI plugin: every container's cpuset set at creation, kept through updates and reloads.
+
+The runtime calls the Plugin service (Configure, Synchronize, CreateContainer, UpdateContainer,
+StopContainer, RemoveContainer); the plugin calls RegisterPlugin and, after a pool change, UpdateContainers.
+An error from CreateContainer would fail the container, so every fault answers "no adjustment", with a log
+line and a metric; every answer comes well inside the runtime's request timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from agent.cpuset import CpuSet
+from agent.metrics import Metrics
+from agent.nri.allocations import AllocationSource, AllocationsUnknown, Devices
+from agent.nri.policy import Decision, Kind, Policy, PoolView, decide, parse_runtime_cpus
+from agent.nri.transport import (
+    CODE_UNIMPLEMENTED,
+    ConnectionLost,
+    MuxConnection,
+    ProtocolError,
+    TtrpcError,
+)
+from agent.nri.wire import (
+    ContainerEvent,
+    ContainerRef,
+    PodRef,
+    TtrpcRequest,
+    decode_container_event,
+    decode_synchronize,
+)
+from agent.nriapi.nri.pkg.api.v1alpha1 import (
+    ConfigureRequest,
+    ConfigureResponse,
+    ContainerAdjustment,
+    ContainerState,
+    ContainerUpdate,
+    CreateContainerResponse,
+    Event,
+    LinuxContainerAdjustment,
+    LinuxContainerUpdate,
+    LinuxCpu,
+    LinuxResources,
+    RegisterPluginRequest,
+    SynchronizeResponse,
+    UpdateContainerResponse,
+    UpdateContainersRequest,
+    UpdateContainersResponse,
+)
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_SOCKET = Path("/var/run/nri/nri.sock")
+PLUGIN_NAME = "cpupool"
+# Plugins run in ascending index order; cpuset plugins (NRI's topology-aware, balloons) default to 90, so
+# ours runs before them and a conflicting cpuset fails loudly there rather than silently here.
+DEFAULT_INDEX = "50"
+PLUGIN_SERVICE = "nri.pkg.api.v1alpha1.Plugin"
+RUNTIME_SERVICE = "nri.pkg.api.v1alpha1.Runtime"
+NRI_VERSION = "v0.12.5"
+EVENTS = (Event.CREATE_CONTAINER, Event.UPDATE_CONTAINER, Event.STOP_CONTAINER, Event.REMOVE_CONTAINER)
+# Never come near the runtime's own request timeout (2 s by default): answer "no adjustment" by then.
+ANSWER_BUDGET_S = 0.5
+CALL_TIMEOUT_S = 2.0
+BACKOFF_START_S = 0.02
+BACKOFF_MAX_S = 2.0
+
+
+@dataclass(frozen=True)
+class NriSettings:
+    socket: Path = DEFAULT_SOCKET
+    index: str = DEFAULT_INDEX
+    policy: Policy = Policy.STRICT
+
+
+@dataclass
+class Tracked:
+    """What the plugin knows of one live container."""
+
+    id: str
+    namespace: str
+    pod: str
+    name: str
+    # The cpuset the kubelet asked for (None: unset, all online CPUs) and the kubelet's device allocation.
+    kubelet_cpus: CpuSet | None
+    devices: Devices | None
+    kind: Kind = Kind.OTHER
+    # What the plugin last enforced; None: the runtime's own cpuset stands.
+    enforced: CpuSet | None = None
+    mems: CpuSet | None = None
+
+
+@dataclass
+class _SyncState:
+    pods: dict[str, PodRef] = field(default_factory=dict)
+    containers: list[ContainerRef] = field(default_factory=list)
+
+
+def _cpu_update(container_id: str, cpus: CpuSet, mems: CpuSet | None) -> ContainerUpdate:
+    cpu = LinuxCpu(cpus=cpus.format(), mems=mems.format() if mems else "")
+    return ContainerUpdate(
+        container_id=container_id,
+        linux=LinuxContainerUpdate(resources=LinuxResources(cpu=cpu)),
+        # Another plugin's claim on the same container must not fail the runtime's request.
+        ignore_failure=True,
+    )
+
+
+class NriPlugin:
+    """Owns the connection to the runtime (dialled again after every loss) and the per-container record."""
+
+    def __init__(
+        self,
+        settings: NriSettings,
+        view: PoolView,
+        allocations: AllocationSource,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.view = view
+        self.allocations = allocations
+        self.metrics = metrics or Metrics()
+        self.containers: dict[str, Tracked] = {}
+        self.connected = False
+        self.runtime = ""
+        self.last_error: str | None = None
+        self._conn: MuxConnection | None = None
+        self._sync = _SyncState()
+        self._synced = asyncio.Event()
+        self._plan_changed = asyncio.Event()
+        self._budget_s = ANSWER_BUDGET_S
+        self._absent_reported = False
+        self._handlers: dict[str, Callable[[bytes], Awaitable[bytes]]] = {
+            "Configure": self._configure,
+            "Synchronize": self._synchronize,
+            "CreateContainer": self._create,
+            "UpdateContainer": self._update,
+            "StopContainer": self._stop,
+            "RemoveContainer": self._remove,
+            "Shutdown": self._shutdown,
+        }
+
+    # --- public view, for /readyz, status and tests
+
+    def report(self) -> dict[str, object]:
+        return {
+            "connected": self.connected,
+            "socket": str(self.settings.socket),
+            "policy": str(self.settings.policy),
+            "runtime": self.runtime,
+            "containers": len(self.containers),
+            "last_error": self.last_error,
+        }
+
+    def enforced(self) -> list[dict[str, object]]:
+        """Per live container: the cpuset the agent enforced (None: left as the runtime had it)."""
+        return [
+            {
+                "id": t.id,
+                "pod": f"{t.namespace}/{t.pod}",
+                "container": t.name,
+                "kind": str(t.kind),
+                "cpus": t.enforced.format() if t.enforced is not None else None,
+                "mems": t.mems.format() if t.mems else None,
+            }
+            for t in sorted(self.containers.values(), key=lambda t: (t.namespace, t.pod, t.name))
+        ]
+
+    def plan_changed(self) -> None:
+        """The pools changed: push the cpusets that must change to the runtime (from the run loop)."""
+        self._plan_changed.set()
+
+    # --- connection lifecycle
+
+    async def run(self) -> None:
+        """Connect, register and serve; after any loss dial again with backoff. Runs until cancelled."""
+        delay = BACKOFF_START_S
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self.settings.socket))
+            except OSError as exc:
+                self._absent(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX_S)
+                continue
+            delay = BACKOFF_START_S
+            self._absent_reported = False
+            conn = MuxConnection(reader, writer, self._dispatch)
+            self._conn = conn
+            try:
+                await self._session(conn)
+            finally:
+                self._conn = None
+                self.connected = False
+                self.metrics.nri_connected.set(0)
+                await conn.close()
+
+    def _absent(self, exc: OSError) -> None:
+        self.metrics.nri_connected.set(0)
+        self.last_error = f"{self.settings.socket}: {exc.strerror or exc}"
+        if not self._absent_reported:
+            # Once per outage: a runtime without NRI keeps the agent retrying quietly.
+            self._absent_reported = True
+            self.metrics.nri_connections.inc(result="absent")
+            log.warning(
+                "nri.unavailable",
+                socket=str(self.settings.socket),
+                reason=exc.strerror or str(exc),
+                effect="cpusets not enforced; the device plugin keeps serving",
+                hint="enable NRI in the runtime (docs/enforcement.md) or run with --no-nri",
+            )
+
+    async def _session(self, conn: MuxConnection) -> None:
+        self._synced.clear()
+        reading = asyncio.create_task(conn.run(), name="nri:read")
+        pushing: asyncio.Task[None] | None = None
+        try:
+            request = RegisterPluginRequest(
+                plugin_name=PLUGIN_NAME, plugin_idx=self.settings.index, NRI_version=NRI_VERSION
+            )
+            await conn.call(RUNTIME_SERVICE, "RegisterPlugin", bytes(request), CALL_TIMEOUT_S)
+            pushing = asyncio.create_task(self._push_loop(conn), name="nri:push")
+            await reading
+            reason, result = "the runtime closed the connection", "closed"
+        except ProtocolError as exc:
+            reason, result = f"protocol error: {exc}", "protocol_error"
+        except (TtrpcError, ConnectionLost, TimeoutError) as exc:
+            reason, result = f"registration failed: {exc!r}", "error"
+            failure = _failure(reading)
+            if failure is not None:
+                reason, result = f"protocol error: {failure}", "protocol_error"
+        finally:
+            await _stop(pushing)
+            await _stop(reading)
+        self.metrics.nri_connections.inc(result=result)
+        self.last_error = reason
+        log.warning("nri.disconnected", reason=reason, action="dialling the runtime again")
+
+    async def _push_loop(self, conn: MuxConnection) -> None:
+        """After a pool change, send the runtime the cpusets that change (never before the first sync)."""
+        await self._synced.wait()
+        while True:
+            await self._plan_changed.wait()
+            self._plan_changed.clear()
+            updates = self._reconcile_all()
+            if not updates:
+                continue
+            request = UpdateContainersRequest(update=updates)
+            try:
+                reply = UpdateContainersResponse.parse(
+                    await conn.call(RUNTIME_SERVICE, "UpdateContainers", bytes(request), CALL_TIMEOUT_S)
+                )
+            except (TtrpcError, TimeoutError) as exc:
+                self.metrics.nri_adjustments.inc(event="reload", outcome="error")
+                log.warning("nri.update_failed", containers=len(updates), reason=str(exc))
+                continue
+            failed = {u.container_id for u in reply.failed}
+            self.metrics.nri_adjustments.inc(len(updates) - len(failed), event="reload", outcome="adjusted")
+            if failed:
+                self.metrics.nri_adjustments.inc(len(failed), event="reload", outcome="error")
+            log.info("nri.pools_pushed", updated=len(updates) - len(failed), failed=sorted(failed))
+
+    # --- request dispatch
+
+    async def _dispatch(self, request: TtrpcRequest) -> bytes:
+        handler = self._handlers.get(request.method) if request.service == PLUGIN_SERVICE else None
+        if handler is None:
+            raise TtrpcError(CODE_UNIMPLEMENTED, f"{request.service}/{request.method} is not implemented")
+        started = time.perf_counter()
+        try:
+            return await handler(request.payload)
+        finally:
+            self.metrics.nri_seconds.observe(time.perf_counter() - started, method=request.method)
+
+    async def _configure(self, payload: bytes) -> bytes:
+        request = ConfigureRequest.parse(payload)
+        self.runtime = f"{request.runtime_name} {request.runtime_version}".strip()
+        if request.request_timeout > 0:
+            self._budget_s = min(ANSWER_BUDGET_S, request.request_timeout / 4000)
+        mask = 0
+        for event in EVENTS:
+            mask |= 1 << (int(event) - 1)
+        log.info(
+            "nri.configured", runtime=self.runtime, nri=request.NRI_version, answer_budget_s=self._budget_s
+        )
+        return bytes(ConfigureResponse(events=mask))
+
+    async def _shutdown(self, _: bytes) -> bytes:
+        log.info("nri.shutdown_requested", runtime=self.runtime)
+        return b""
+
+    async def _synchronize(self, payload: bytes) -> bytes:
+        batch = decode_synchronize(payload)
+        self._sync.pods.update((p.id, p) for p in batch.pods)
+        self._sync.containers += batch.containers
+        if batch.more:
+            return bytes(SynchronizeResponse(more=True))
+        pods, containers, self._sync = self._sync.pods, self._sync.containers, _SyncState()
+        updates = await self._synchronized(pods, containers)
+        self.connected = True
+        self.last_error = None
+        self.metrics.nri_connected.set(1)
+        self.metrics.nri_connections.inc(result="ok")
+        self._synced.set()
+        log.info("nri.synchronized", runtime=self.runtime, containers=len(containers), updates=len(updates))
+        return bytes(SynchronizeResponse(update=updates))
+
+    async def _synchronized(
+        self, pods: dict[str, PodRef], containers: list[ContainerRef]
+    ) -> list[ContainerUpdate]:
+        try:
+            async with asyncio.timeout(self._budget_s):
+                everything: dict[tuple[str, str, str], Devices] | None = await self.allocations.of_all()
+        except (AllocationsUnknown, TimeoutError) as exc:
+            everything = None
+            log.warning(
+                "nri.sync_unmapped", reason=str(exc) or "PodResources timed out", effect="no adjustment"
+            )
+        self.containers = {}
+        updates = []
+        for ref in containers:
+            if ref.state not in (ContainerState.CONTAINER_CREATED, ContainerState.CONTAINER_RUNNING):
+                continue
+            pod = pods.get(ref.pod_sandbox_id, PodRef())
+            devices = None if everything is None else everything.get((pod.namespace, pod.name, ref.name), {})
+            tracked = Tracked(
+                ref.id, pod.namespace, pod.name, ref.name, parse_runtime_cpus(ref.cpus), devices
+            )
+            self.containers[ref.id] = tracked
+            decision = self._decide(tracked, "synchronize")
+            if decision is not None and decision.cpus is not None and decision.cpus != tracked.kubelet_cpus:
+                updates.append(_cpu_update(ref.id, decision.cpus, decision.mems))
+        return updates
+
+    async def _create(self, payload: bytes) -> bytes:
+        try:
+            event = decode_container_event(payload)
+            async with asyncio.timeout(self._budget_s):
+                tracked = await self._learn(event)
+        except Exception as exc:
+            self.metrics.nri_adjustments.inc(event="create", outcome="error")
+            log.warning("nri.create_unadjusted", reason=repr(exc), effect="no adjustment")
+            return b""
+        decision = self._decide(tracked, "create")
+        if decision is None or decision.cpus is None or decision.cpus == tracked.kubelet_cpus:
+            return b""
+        cpu = LinuxCpu(cpus=decision.cpus.format(), mems=decision.mems.format() if decision.mems else "")
+        adjust = ContainerAdjustment(linux=LinuxContainerAdjustment(resources=LinuxResources(cpu=cpu)))
+        return bytes(CreateContainerResponse(adjust=adjust))
+
+    async def _learn(self, event: ContainerEvent) -> Tracked:
+        pod, ref = event.pod, event.container
+        try:
+            per_container = await self.allocations.of_pod(pod.namespace, pod.name)
+            devices: Devices | None = per_container.get(ref.name, {})
+        except AllocationsUnknown as exc:
+            devices = None
+            log.warning(
+                "nri.unmapped", pod=f"{pod.namespace}/{pod.name}", container=ref.name, reason=str(exc)
+            )
+        tracked = Tracked(ref.id, pod.namespace, pod.name, ref.name, parse_runtime_cpus(ref.cpus), devices)
+        self.containers[ref.id] = tracked
+        return tracked
+
+    def _decide(self, tracked: Tracked, event: str) -> Decision | None:
+        """Apply the policy to a tracked container and count the outcome; None: its devices are unknown."""
+        if tracked.devices is None:
+            # Without the kubelet's word a pool container could be narrowed off its own CPUs: leave it.
+            tracked.enforced = None
+            self.metrics.nri_adjustments.inc(event=event, outcome="unmapped")
+            return None
+        decision = decide(self.view, self.settings.policy, tracked.devices, tracked.kubelet_cpus)
+        tracked.kind = decision.kind
+        tracked.enforced, tracked.mems = decision.cpus, decision.mems
+        if decision.cpus is None:
+            outcome = (
+                "conflict"
+                if decision.kind is Kind.OTHER and self.settings.policy is Policy.STRICT
+                else "unchanged"
+            )
+            if outcome == "conflict" or decision.kind is not Kind.OTHER:
+                log.warning(
+                    "nri.not_enforced",
+                    pod=f"{tracked.namespace}/{tracked.pod}",
+                    container=tracked.name,
+                    reason=decision.reason,
+                )
+        elif decision.cpus == tracked.kubelet_cpus:
+            outcome = "unchanged"
+        else:
+            outcome = "adjusted"
+        self.metrics.nri_adjustments.inc(event=event, outcome=outcome, kind=str(decision.kind))
+        return decision
+
+    async def _update(self, payload: bytes) -> bytes:
+        """The kubelet (CPU manager) updates a container: keep our cpuset inside the same update, so the
+        kubelet's loop, which compares against its own record, never sees a reason to try again."""
+        try:
+            event = decode_container_event(payload)
+            tracked = self.containers.get(event.container.id)
+            if tracked is None:
+                async with asyncio.timeout(self._budget_s):
+                    tracked = await self._learn(event)
+            if event.update_cpus:
+                tracked.kubelet_cpus = parse_runtime_cpus(event.update_cpus)
+            decision = self._decide(tracked, "update")
+        except Exception as exc:
+            self.metrics.nri_adjustments.inc(event="update", outcome="error")
+            log.warning("nri.update_unadjusted", reason=repr(exc), effect="no adjustment")
+            return b""
+        if decision is None or decision.cpus is None:
+            return b""
+        if event.update_cpus and parse_runtime_cpus(event.update_cpus) == decision.cpus:
+            return b""
+        update = _cpu_update(tracked.id, decision.cpus, decision.mems)
+        return bytes(UpdateContainerResponse(update=[update]))
+
+    async def _stop(self, payload: bytes) -> bytes:
+        try:
+            event = decode_container_event(payload)
+            self.containers.pop(event.container.id, None)
+        except Exception as exc:
+            log.warning("nri.stop_undecodable", reason=repr(exc))
+        return b""
+
+    async def _remove(self, payload: bytes) -> bytes:
+        return await self._stop(payload)
+
+    # --- pool reloads
+
+    def _reconcile_all(self) -> list[ContainerUpdate]:
+        """Updates for every live container whose cpuset must change under the current plan."""
+        updates = []
+        for tracked in self.containers.values():
+            before = tracked.enforced
+            decision = self._decide(tracked, "reload")
+            if decision is None or decision.cpus is None:
+                continue
+            if decision.cpus != before:
+                updates.append(_cpu_update(tracked.id, decision.cpus, decision.mems))
+        return updates
+
+
+def _failure(task: asyncio.Task[None]) -> BaseException | None:
+    if not task.done() or task.cancelled():
+        return None
+    return task.exception()
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, ProtocolError, ConnectionLost):
+        await task
