@@ -23,12 +23,15 @@ import pytest
 
 from agent.annotation import format_downward_annotations
 from agent.cpuset import CpuSet
+from agent.starter.contract import STARTER_DIR, STARTER_PATH
 from agent.starter.cores import read_placement, split
 from agent.starter.plan import StarterError, plan_launches
 from tests.fixtures.make_sysfs import CpuSpec, TreeSpec, write_tree
 
 REPO = Path(__file__).resolve().parent.parent
-BINARY = REPO / "dist" / "process-starter"
+# The bundle (`make process-starter`): it runs only from the prefix its loader path names.
+BUNDLE = REPO / "dist" / "process-starter"
+BINARY = BUNDLE / "process-starter"
 KEY = "cpupool.io/cpus"
 ALLOWED = sorted(os.sched_getaffinity(0))
 ALL = CpuSet(ALLOWED)
@@ -774,9 +777,6 @@ def test_pool_types_come_from_the_webhooks_list() -> None:
 
 # --- the static binary -------------------------------------------------------------------------------------
 
-needs_binary = pytest.mark.skipif(
-    not BINARY.exists(), reason="dist/process-starter not built (make process-starter)"
-)
 
 PROBE_C = r"""
 #include <stdio.h>
@@ -802,16 +802,9 @@ int main(int argc, char **argv) {
 """
 
 
-@needs_binary
-def test_the_binary_runs_without_python_and_refuses_bad_input() -> None:
-    result = subprocess.run([str(BINARY)], env={}, capture_output=True, check=False, timeout=60)
-    assert result.returncode == 2
-    assert b"process-starter: nothing to start" in result.stderr
-
-
 def _chroot_problem() -> str | None:
     if not BINARY.exists():
-        return "dist/process-starter not built (make process-starter)"
+        return "dist/process-starter/ not built (make process-starter)"
     if UNSHARE_PROBLEM is not None:
         return UNSHARE_PROBLEM
     if shutil.which("gcc") is None or shutil.which("chroot") is None:
@@ -836,26 +829,31 @@ def chroot(tmp_path: Path) -> Path:
     source.write_text(PROBE_C)
     root = tmp_path / "root"
     (root / "proc").mkdir(parents=True)
-    (root / "tmp").mkdir()
     build = subprocess.run(
         ["gcc", "-static", "-O2", "-o", str(root / "probe"), str(source)], capture_output=True, check=False
     )
     if build.returncode != 0:
         pytest.skip(f"cannot link a static test program: {build.stderr.decode()[-300:]}")
-    shutil.copy2(BINARY, root / "process-starter")
+    shutil.copytree(BUNDLE, root / STARTER_DIR.lstrip("/"), symlinks=True)
     return root
 
 
 def _in_empty_root(root: Path, env: dict[str, str]) -> list[str]:
-    """A PID and mount namespace, the root bind-mounted read-only (readOnlyRootFilesystem) with /proc
-    and a writable scratch TMPDIR (the webhook's emptyDir), the starter as PID 1 with only `env`."""
+    """A PID and mount namespace, the root bind-mounted read-only (readOnlyRootFilesystem) with /proc,
+    nothing writable, the bundle where the webhook mounts it, the starter as PID 1 with only `env`."""
     assignments = " ".join(f"{k}={v}" for k, v in env.items())
     script = (
         f"set -e; mount --bind {root} {root}; mount -t proc proc {root}/proc; "
-        f"mount -t tmpfs tmpfs {root}/tmp; mount -o remount,bind,ro {root}; "
-        f"exec env -i TMPDIR=/tmp {assignments} {shutil.which('chroot')} {root} /process-starter"
+        f"mount -o remount,bind,ro {root}; "
+        f"exec env -i {assignments} {shutil.which('chroot')} {root} {STARTER_PATH}"
     )
     return ["unshare", "--mount", "--pid", "--fork", "sh", "-c", script]
+
+
+def test_the_bundle_refuses_bad_input_in_an_empty_root(chroot: Path) -> None:
+    result = subprocess.run(_in_empty_root(chroot, {}), capture_output=True, check=False, timeout=120)
+    assert result.returncode == 2
+    assert b"process-starter: nothing to start" in result.stderr
 
 
 @needs_two_cpus
