@@ -51,7 +51,7 @@ __all__ = [
     "pointer",
 ]
 
-# Where the one-file starter of earlier versions was installed: pods mutated then count as wrapped.
+# Where the one-file starter of earlier versions was installed: pods it wrapped are left alone.
 LEGACY_STARTER_PATH = "/opt/bin/process-starter"
 
 VOLUME_STARTER = "cpupool-process-starter"
@@ -614,7 +614,10 @@ def mutate_pod(pod: Mapping[str, Any], settings: MutationSettings) -> Mutation:
         command = _strings(container.raw.get("command"), f"{container.where}.command")
         args = _strings(container.raw.get("args"), f"{container.where}.args")
         entry = annotation.for_container(container.name) if annotation is not None else None
-        already = command in ([STARTER_PATH], [LEGACY_STARTER_PATH])
+        if command == [LEGACY_STARTER_PATH]:
+            # Wrapped by an earlier version, whose one-file starter stays on the nodes: left as it is.
+            continue
+        already = command == [STARTER_PATH]
         if entry is None and not already:
             if not container.pools:
                 continue
@@ -629,8 +632,6 @@ def mutate_pod(pod: Mapping[str, Any], settings: MutationSettings) -> Mutation:
             if command:
                 # The starter runs its arguments when the annotation has no entry for the container.
                 patch.add(pointer(*container.path, "args"), [*command, *(args or [])])
-            patch.add(pointer(*container.path, "command"), [STARTER_PATH])
-        elif command != [STARTER_PATH]:
             patch.add(pointer(*container.path, "command"), [STARTER_PATH])
         _patch_mounts(container, patch)
         _patch_env(
