@@ -287,3 +287,22 @@ async def test_a_thousand_creations_while_pools_reload(tmp_path: Path) -> None:
             assert created["cpus"] and not CpuSet.parse(created["cpus"]) & EXCLUSIVE
         await reloading
         assert n.agent.supervisor.metrics.nri_adjustments.get(event="create", outcome="error") == 0
+
+
+async def test_cpus_freed_by_a_reload_after_a_runtime_restart_reach_old_containers(tmp_path: Path) -> None:
+    async with node(tmp_path) as n:
+        await n.pod("p1", "plain")
+        await n.runtime.create("p1", "c1")
+        await n.runtime.stop()
+        await n.runtime.start()
+        await n.runtime.wait_plugin()
+        mark = len(n.runtime.events)
+        n.agent.configmap.write(
+            POOLS.replace(
+                '  multi:  {cpus: "8-11,24-27", pooltype: exclusive, hyperThreadingPolicy: multiThreaded}\n',
+                "",
+            )
+        )
+        await n.runtime.wait_event("updates", after=mark)
+        cpusets = await n.runtime.cpusets()
+        assert CpuSet.parse(cpusets["c1"]) == ONLINE - CpuSet.parse("2-7,18-23")

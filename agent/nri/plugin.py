@@ -325,17 +325,21 @@ class NriPlugin:
             )
         self.containers = {}
         updates = []
+        unpooled = self.view.online_cpus() - self.view.exclusive_cpus()
         for ref in containers:
             if ref.state not in (ContainerState.CONTAINER_CREATED, ContainerState.CONTAINER_RUNNING):
                 continue
             pod = pods.get(ref.pod_sandbox_id, PodRef())
             devices = None if everything is None else everything.get((pod.namespace, pod.name, ref.name), {})
-            tracked = Tracked(
-                ref.id, pod.namespace, pod.name, ref.name, parse_runtime_cpus(ref.cpus), devices
-            )
+            current = kubelet_cpus = parse_runtime_cpus(ref.cpus)
+            if kubelet_cpus is not None and kubelet_cpus == unpooled:
+                # What strict gave an unset cpuset last time: keep it unset, so a CPU that leaves an
+                # exclusive pool later is given back to this container too.
+                kubelet_cpus = None
+            tracked = Tracked(ref.id, pod.namespace, pod.name, ref.name, kubelet_cpus, devices)
             self.containers[ref.id] = tracked
             decision = self._decide(tracked, "synchronize")
-            if decision is not None and decision.cpus is not None and decision.cpus != tracked.kubelet_cpus:
+            if decision is not None and decision.cpus is not None and decision.cpus != current:
                 updates.append(_cpu_update(ref.id, decision.cpus, decision.mems))
         return updates
 
