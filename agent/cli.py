@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -16,6 +16,11 @@ from agent.config import ConfigError, PoolConfig, parse_config, validate
 from agent.logs import setup_logging
 from agent.plan import MAX_MESSAGE_BYTES, Plan, build_plan, list_message_size
 from agent.topology import Topology, TopologyError, discover, render_table, topology_to_json
+
+if TYPE_CHECKING:
+    from agent.nri.accounting import AccountingMonitor
+    from agent.nri.plugin import NriPlugin
+    from agent.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -31,6 +36,41 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "json", "console"],
         help="auto: readable on a terminal, JSON otherwise",
+    )
+
+
+def _nri_index(text: str) -> str:
+    # NRI refuses a registration whose index is not exactly two digits.
+    if len(text) != 2 or not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a two-digit NRI plugin index such as 50")
+    return text
+
+
+def _add_nri_arguments(agent: argparse.ArgumentParser) -> None:
+    from agent.nri.plugin import DEFAULT_INDEX, DEFAULT_SOCKET  # noqa: PLC0415
+    from agent.nri.policy import Policy  # noqa: PLC0415
+
+    agent.add_argument("--nri-socket", type=Path, default=DEFAULT_SOCKET, help="the runtime's NRI socket")
+    agent.add_argument(
+        "--no-nri", dest="nri", action="store_false", help="do not enforce cpusets through NRI"
+    )
+    agent.add_argument(
+        "--nri-index",
+        type=_nri_index,
+        default=DEFAULT_INDEX,
+        help="NRI plugin index (two digits; plugins run in ascending order, default %(default)s)",
+    )
+    agent.add_argument(
+        "--nri-policy",
+        default=str(Policy.STRICT),
+        choices=[str(p) for p in Policy],
+        help="strict: keep every other container off exclusive pools; pools: touch only pool containers",
+    )
+    agent.add_argument(
+        "--kubelet-config",
+        type=Path,
+        default=Path("/var/lib/kubelet/config.yaml"),
+        help="the kubelet's config file, read under --root to check its CPU accounting",
     )
 
 
@@ -63,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--no-pin-self", dest="pin_self", action="store_false", help="do not move the agent off pooled CPUs"
     )
+    _add_nri_arguments(agent)
     _add_common(agent)
 
     from agent import status  # noqa: PLC0415 - keeps `cpupool agent` start-up lean
@@ -174,7 +215,30 @@ def make_plan(config: PoolConfig, topology: Topology) -> tuple[Plan, tuple[str, 
     return build_plan(validated, topology), validated.warnings
 
 
+def config_path_problem(path: Path) -> str | None:
+    """Why the agent cannot start on the config file at `path`, or None when it can read it.
+
+    The built-in isolated-CPU pool is for an agent started without --config; a named file that is missing
+    (a typo, a volume that is not mounted) must not quietly turn into it."""
+    try:
+        with path.open("rb"):
+            return None
+    except FileNotFoundError:
+        return (
+            f"config file {path} does not exist; fix the path or the volume that should hold it "
+            "(leave out --config to serve the kernel's isolated CPUs)"
+        )
+    except OSError as exc:
+        return f"cannot read config file {path}: {exc.strerror or exc}"
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
+    if args.config is not None:
+        problem = config_path_problem(args.config)
+        if problem is not None:
+            print(f"cpupool agent: {problem}", file=sys.stderr)
+            log.error("agent.config_unusable", path=str(args.config), reason=problem)
+            return EXIT_USAGE
     from agent.health import serve_health  # noqa: PLC0415 - aiohttp is only needed by the agent
     from agent.supervisor import AgentSettings, Supervisor, run_until_signalled  # noqa: PLC0415
 
@@ -187,8 +251,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
     )
     supervisor = Supervisor(settings)
     extra: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    nri, accounting = _enforcement(args, supervisor, extra)
     if args.health_port:
-        extra.append(lambda: serve_health(supervisor, args.health_host, args.health_port))
+        extra.append(
+            lambda: serve_health(
+                supervisor, args.health_host, args.health_port, nri=nri, accounting=accounting
+            )
+        )
     log.info(
         "agent.starting",
         config=str(args.config) if args.config else None,
@@ -201,6 +270,35 @@ def cmd_agent(args: argparse.Namespace) -> int:
         log.error("agent.topology_unreadable", reason=str(exc))
         return EXIT_USAGE
     return EXIT_OK
+
+
+def _enforcement(
+    args: argparse.Namespace,
+    supervisor: Supervisor,
+    extra: list[Callable[[], Coroutine[Any, Any, None]]],
+) -> tuple[NriPlugin | None, AccountingMonitor]:
+    """The NRI plugin (unless --no-nri) and the kubelet accounting check, run beside the supervisor."""
+    from agent.nri.accounting import AccountingMonitor  # noqa: PLC0415
+    from agent.nri.allocations import PodResourcesAllocations  # noqa: PLC0415
+    from agent.nri.plugin import NriPlugin, NriSettings  # noqa: PLC0415
+    from agent.nri.policy import Policy  # noqa: PLC0415
+    from agent.nri.view import SupervisorPoolView  # noqa: PLC0415
+
+    view = SupervisorPoolView(supervisor)
+    kubelet_config = args.root / args.kubelet_config.relative_to(args.kubelet_config.anchor)
+    accounting = AccountingMonitor(kubelet_config, view, supervisor.metrics)
+    supervisor.plan_listeners.append(accounting.plan_changed)
+    extra.append(accounting.run)
+    if not args.nri:
+        log.info("nri.disabled", reason="--no-nri", effect="cpusets are not enforced")
+        return None, accounting
+    settings = NriSettings(socket=args.nri_socket, index=args.nri_index, policy=Policy(args.nri_policy))
+    allocations = PodResourcesAllocations(args.pod_resources_socket)
+    # Connect once the first plan is served: a container created before that would meet an empty plan.
+    plugin = NriPlugin(settings, view, allocations, supervisor.metrics, start_after=supervisor.started)
+    supervisor.plan_listeners.append(plugin.plan_changed)
+    extra.append(plugin.run)
+    return plugin, accounting
 
 
 if __name__ == "__main__":

@@ -93,3 +93,31 @@ def test_console_log_format_is_readable(tmp_path: Path) -> None:
 def test_usage_errors_exit_2() -> None:
     assert cpupool("no-such-command").returncode == 2
     assert cpupool("agent", "--log-level", "loud").returncode == 2
+
+
+
+def start_agent(config: Path, plugin_dir: Path) -> subprocess.CompletedProcess[str]:
+    """The agent as a user starts it; one that wrongly keeps running is cut off by the timeout."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "agent", "--config", str(config), "--root", DUAL32]
+        + ["--plugin-dir", str(plugin_dir), "--health-port", "0", "--no-pin-self"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+
+
+def test_agent_with_a_config_path_that_does_not_exist_exits_2_naming_it(tmp_path: Path) -> None:
+    # Serving the built-in isolated-CPU pool instead would hand out CPUs the user never pooled.
+    missing = tmp_path / "etc" / "poolconfig.yaml"
+    result = start_agent(missing, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"cpupool agent: config file {missing} does not exist" in result.stderr
+    assert not list(tmp_path.glob("*.sock"))
+
+
+def test_agent_with_a_config_path_that_is_a_directory_exits_2(tmp_path: Path) -> None:
+    result = start_agent(tmp_path, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert f"cpupool agent: cannot read config file {tmp_path}" in result.stderr
