@@ -95,12 +95,11 @@ def test_usage_errors_exit_2() -> None:
     assert cpupool("agent", "--log-level", "loud").returncode == 2
 
 
-
 def start_agent(config: Path, plugin_dir: Path) -> subprocess.CompletedProcess[str]:
     """The agent as a user starts it; one that wrongly keeps running is cut off by the timeout."""
+    command = ["agent", "--config", str(config), "--root", DUAL32, "--plugin-dir", str(plugin_dir)]
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "agent", "--config", str(config), "--root", DUAL32]
-        + ["--plugin-dir", str(plugin_dir), "--health-port", "0", "--no-pin-self"],
+        [sys.executable, "-m", "agent.cli", *command, "--health-port", "0", "--no-pin-self"],
         capture_output=True,
         text=True,
         timeout=20,
