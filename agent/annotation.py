@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 from agent.starter.contract import ANNOTATION_SUFFIX, annotation_key
 
@@ -81,23 +83,66 @@ class AnnotationError(ValueError):
         super().__init__(f"annotation {key}: " + "; ".join(problems))
 
 
-@dataclass(frozen=True)
-class ProcessSpec:
+class _Value:
+    """Immutable value semantics for the model below, without dataclasses: the process-starter imports
+    this module on every container start, and dataclasses (with inspect) would add to its start-up."""
+
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+
+    def _key(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Value) and type(other) is type(self) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
+        return f"{type(self).__name__}({fields})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+
+class ProcessSpec(_Value):
+    __slots__ = ("args", "cpus", "pool", "process")
+    _fields = ("process", "args", "pool", "cpus")
+
+    def __init__(self, process: str, args: tuple[str, ...], pool: str, cpus: int) -> None:
+        object.__setattr__(self, "process", process)
+        object.__setattr__(self, "args", args)
+        object.__setattr__(self, "pool", pool)
+        # CPUs for an exclusive pool, millicpus for a shared one.
+        object.__setattr__(self, "cpus", cpus)
+
     process: str
     args: tuple[str, ...]
     pool: str
-    # CPUs for an exclusive pool, millicpus for a shared one.
     cpus: int
 
 
-@dataclass(frozen=True)
-class ContainerSpec:
+class ContainerSpec(_Value):
+    __slots__ = ("container", "processes")
+    _fields = ("container", "processes")
+
+    def __init__(self, container: str, processes: tuple[ProcessSpec, ...]) -> None:
+        object.__setattr__(self, "container", container)
+        object.__setattr__(self, "processes", processes)
+
     container: str
     processes: tuple[ProcessSpec, ...]
 
 
-@dataclass(frozen=True)
-class PodAnnotation:
+class PodAnnotation(_Value):
+    __slots__ = ("containers",)
+    _fields = ("containers",)
+
+    def __init__(self, containers: tuple[ContainerSpec, ...]) -> None:
+        object.__setattr__(self, "containers", containers)
+
     containers: tuple[ContainerSpec, ...]
 
     def for_container(self, name: str) -> ContainerSpec | None:

@@ -4,16 +4,15 @@ The webhook cannot see the node (the pod is not scheduled yet), so everything th
 node's shape is done here, at start: how many threads a core has, and which CPUs go together. A share
 of whole cores on one NUMA node keeps a process off the caches and execution units of another.
 
-Only the few files of the CPUs at hand are read (the starter starts on every container start). A
-missing or odd file is not fatal: that CPU counts as a core of its own on node 0, and a warning says so.
+Only the few files of the CPUs at hand are read, with plain os calls (the starter starts on every
+container start, so it keeps its imports few). A missing or odd file is not fatal: that CPU counts as
+a core of its own on node 0, and a warning says so.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from agent.cpuset import CpuSet, CpuSetError
 
@@ -21,30 +20,39 @@ CPU_DIR = "sys/devices/system/cpu"
 NODE_DIR = "sys/devices/system/node"
 
 
-@dataclass(frozen=True)
 class Placement:
     """The core (named by its lowest thread) and NUMA node of some CPUs, and the warnings of reading them."""
 
-    core_of: Mapping[int, int]
-    node_of: Mapping[int, int]
-    # Every thread of each core, on the whole node (not only the CPUs asked about).
-    threads_of: Mapping[int, CpuSet]
-    warnings: tuple[str, ...] = field(default=())
+    __slots__ = ("core_of", "node_of", "threads_of", "warnings")
+
+    def __init__(
+        self,
+        core_of: Mapping[int, int],
+        node_of: Mapping[int, int],
+        threads_of: Mapping[int, CpuSet],
+        warnings: tuple[str, ...] = (),
+    ) -> None:
+        self.core_of = core_of
+        self.node_of = node_of
+        # Every thread of each core, on the whole node (not only the CPUs asked about).
+        self.threads_of = threads_of
+        self.warnings = warnings
 
     def threads_per_core(self, cpus: Iterable[int]) -> set[int]:
         """The distinct thread counts of the cores holding `cpus` (one value on a uniform node)."""
         return {len(self.threads_of[self.core_of[cpu]]) for cpu in cpus if cpu in self.core_of}
 
 
-def _read_list(path: Path) -> CpuSet | None:
+def _read_list(path: str) -> CpuSet | None:
     try:
-        return CpuSet.parse(path.read_text(encoding="ascii"))
+        with open(path, encoding="ascii") as file:
+            return CpuSet.parse(file.read())
     except (OSError, UnicodeDecodeError, CpuSetError):
         return None
 
 
-def _nodes(root: Path) -> dict[int, CpuSet]:
-    base = root / NODE_DIR
+def _nodes(root: str) -> dict[int, CpuSet]:
+    base = os.path.join(root, NODE_DIR)
     try:
         names = os.listdir(base)
     except OSError:
@@ -52,15 +60,15 @@ def _nodes(root: Path) -> dict[int, CpuSet]:
     nodes: dict[int, CpuSet] = {}
     for name in names:
         if name.startswith("node") and name[4:].isdigit():
-            cpus = _read_list(base / name / "cpulist")
+            cpus = _read_list(os.path.join(base, name, "cpulist"))
             if cpus is not None:
                 nodes[int(name[4:])] = cpus
     return nodes
 
 
-def read_placement(root: Path | str, cpus: Iterable[int]) -> Placement:
+def read_placement(root: str | os.PathLike[str], cpus: Iterable[int]) -> Placement:
     """Cores and NUMA nodes of `cpus` from the sysfs tree under `root` (``/`` on a real node)."""
-    base = Path(root)
+    base = os.fspath(root)
     wanted = sorted(set(cpus))
     warnings: list[str] = []
     core_of: dict[int, int] = {}
@@ -68,8 +76,10 @@ def read_placement(root: Path | str, cpus: Iterable[int]) -> Placement:
     for cpu in wanted:
         if cpu in core_of:
             continue
-        topology = base / CPU_DIR / f"cpu{cpu}" / "topology"
-        siblings = _read_list(topology / "thread_siblings_list") or _read_list(topology / "core_cpus_list")
+        topology = os.path.join(base, CPU_DIR, f"cpu{cpu}", "topology")
+        siblings = _read_list(os.path.join(topology, "thread_siblings_list")) or _read_list(
+            os.path.join(topology, "core_cpus_list")
+        )
         if siblings is None or cpu not in siblings:
             warnings.append(f"CPU {cpu}: no thread siblings under {topology}; taken as a core of its own")
             siblings = CpuSet([cpu])
@@ -82,9 +92,10 @@ def read_placement(root: Path | str, cpus: Iterable[int]) -> Placement:
     for cpu in wanted:
         found = [node for node, members in sorted(nodes.items()) if cpu in members]
         if not found and nodes:
-            warnings.append(f"CPU {cpu} is in no NUMA node under {base / NODE_DIR}; taken as node 0")
+            warnings.append(
+                f"CPU {cpu} is in no NUMA node under {os.path.join(base, NODE_DIR)}; taken as node 0"
+            )
         node_of[cpu] = found[0] if found else 0
-    # Keep only what concerns the CPUs asked about: siblings outside them are known through threads_of.
     return Placement({cpu: core_of[cpu] for cpu in wanted}, node_of, threads_of, tuple(warnings))
 
 

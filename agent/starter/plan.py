@@ -9,11 +9,8 @@ anything starts: a wrong input raises StarterError, which the starter reports an
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 
 from agent.annotation import (
     AnnotationError,
@@ -48,23 +45,30 @@ class PoolKind(StrEnum):
     SHARED = "shared"
 
 
-@dataclass(frozen=True)
 class Pool:
-    name: str
-    kind: PoolKind
-    cpus: CpuSet
-    # Where the CPUs came from, for messages.
-    source: str
+    __slots__ = ("cpus", "kind", "name", "source")
+
+    def __init__(self, name: str, kind: PoolKind, cpus: CpuSet, source: str) -> None:
+        self.name = name
+        self.kind = kind
+        self.cpus = cpus
+        # Where the CPUs came from, for messages.
+        self.source = source
 
 
-@dataclass(frozen=True)
 class Launch:
     """One process to start: what, with which arguments, on which CPUs."""
 
-    label: str
-    executable: str
-    argv: tuple[str, ...]
-    cpus: CpuSet
+    __slots__ = ("argv", "cpus", "executable", "label")
+
+    def __init__(self, label: str, executable: str, argv: tuple[str, ...], cpus: CpuSet) -> None:
+        self.label = label
+        self.executable = executable
+        self.argv = argv
+        self.cpus = cpus
+
+    def __repr__(self) -> str:
+        return f"Launch({self.label!r}, {self.executable!r}, {self.argv!r}, {self.cpus!r})"
 
 
 def _cpu_list(env: Mapping[str, str], name: str) -> CpuSet | None:
@@ -130,25 +134,33 @@ def read_pools(env: Mapping[str, str], entry: ContainerSpec | None) -> dict[str,
     return pools
 
 
+def _executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
 def _resolve(program: str, env: Mapping[str, str], what: str) -> str:
     if "/" in program:
-        if os.path.isfile(program) and os.access(program, os.X_OK):
+        if _executable(program):
             return program
         raise StarterError(f"{what}: {program} is not an executable file")
-    found = shutil.which(program, path=env.get("PATH", os.defpath))
-    if found is None:
-        raise StarterError(f"{what}: {program!r} is not found in PATH={env.get('PATH', os.defpath)}")
-    return found
+    # PATH lookup as execvp does it (shutil.which would cost the starter's start-up its imports).
+    search = env.get("PATH", os.defpath)
+    for directory in search.split(os.pathsep):
+        candidate = os.path.join(directory or ".", program)
+        if _executable(candidate):
+            return candidate
+    raise StarterError(f"{what}: {program!r} is not found in PATH={search}")
 
 
 def read_annotation_text(env: Mapping[str, str]) -> str | None:
     """The pinning annotation's value from the downward API file, None when the pod has none."""
     explicit = env.get(ENV_ANNOTATIONS_FILE)
-    path = Path(explicit or ANNOTATIONS_FILE)
-    if explicit is None and not path.exists():
+    path = explicit or ANNOTATIONS_FILE
+    if explicit is None and not os.path.exists(path):
         return None
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise StarterError(f"cannot read the pod annotations file {path}: {exc}") from exc
     try:
@@ -186,9 +198,13 @@ def plan_launches(
     command: Sequence[str],
     annotation_text: str | None,
     allowed: CpuSet,
-    sys_root: Path | str = "/",
+    sys_root: str | os.PathLike[str] = "/",
+    warnings: list[str] | None = None,
 ) -> list[Launch]:
-    """What to start, in order. Raises StarterError for any input it cannot use."""
+    """What to start, in order. Raises StarterError for any input it cannot use.
+
+    Odd topology files are not errors: what was assumed instead is appended to `warnings`.
+    """
     key = env.get(ENV_ANNOTATION) or annotation_key(DEFAULT_RESOURCE_BASE_NAME)
     entry: ContainerSpec | None = None
     if annotation_text is not None:
@@ -205,6 +221,8 @@ def plan_launches(
     launches: list[Launch] = []
     if entry is not None:
         placement = read_placement(sys_root, CpuSet().union(*(p.cpus for p in pools.values())))
+        if warnings is not None:
+            warnings.extend(placement.warnings)
         labels: list[tuple[str, str, str, tuple[str, ...]]] = []
         wants: dict[str, list[tuple[str, int]]] = {}
         for number, process in enumerate(entry.processes):
