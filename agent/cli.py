@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.config import ConfigError, PoolConfig, parse_config, validate
+from agent.config import ConfigError, Problem, parse_config_partial, validate_partial
 from agent.logs import setup_logging
 from agent.plan import MAX_MESSAGE_BYTES, Plan, build_plan, list_message_size
 from agent.topology import Topology, TopologyError, discover, render_table, topology_to_json
@@ -179,17 +179,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except TopologyError as exc:
         print(f"cpupool check-config: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        config = parse_config(text, str(path))
-        plan, warnings = make_plan(config, topology)
-    except ConfigError as exc:
+    plan, warnings, problems = check_config(text, str(path), topology)
+    if plan is None or problems:
+        errors = [problem.describe(str(path)) for problem in problems]
         if args.json:
-            errors = [p.describe(exc.source) for p in exc.problems]
             print(json.dumps({"valid": False, "errors": errors}, indent=2))
         else:
             print(f"{path}: invalid", file=sys.stderr)
-            for problem in exc.problems:
-                print(f"  - {problem.describe(exc.source)}", file=sys.stderr)
+            for error in errors:
+                print(f"  - {error}", file=sys.stderr)
         return EXIT_INVALID
     summary = plan_summary(plan)
     if args.json:
@@ -210,9 +208,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def make_plan(config: PoolConfig, topology: Topology) -> tuple[Plan, tuple[str, ...]]:
-    validated = validate(config, topology)
-    return build_plan(validated, topology), validated.warnings
+def check_config(
+    text: str, source: str, topology: Topology
+) -> tuple[Plan | None, tuple[str, ...], list[Problem]]:
+    """Every problem of a config text on this host: schema, host, and plan (the kubelet's message limit).
+
+    Each stage goes on with the pools the earlier stages found no fault in, so one run lists every problem
+    rather than the first stage's. The plan is None when the text is not a config at all."""
+    config, problems = parse_config_partial(text, source)
+    if config is None:
+        return None, (), problems
+    validated, host_problems = validate_partial(config, topology)
+    problems += host_problems
+    try:
+        plan = build_plan(validated, topology)
+    except ConfigError as exc:
+        return None, validated.warnings, problems + exc.problems
+    return plan, validated.warnings, problems
 
 
 def config_path_problem(path: Path) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,17 @@ def pool_name_problems(pool: str) -> list[str]:
 
 def parse_config(text: str, source: str) -> PoolConfig:
     """Parse and check the schema of a config text; no topology is needed. Raises ConfigError."""
+    config, problems = parse_config_partial(text, source)
+    if problems or config is None:
+        raise ConfigError(source, problems)
+    return config
+
+
+def parse_config_partial(text: str, source: str) -> tuple[PoolConfig | None, list[Problem]]:
+    """Every schema problem of a config text, and the config of the pools that have none.
+
+    The config is None only when the text is not YAML or not a mapping: nothing further can be checked.
+    `check-config` goes on to check the pools that parsed, so one run reports every problem."""
     problems: list[Problem] = []
     try:
         data: Any = _load_yaml(text, problems)
@@ -155,11 +166,11 @@ def parse_config(text: str, source: str) -> PoolConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         reason = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(source, [Problem(None, f"not valid YAML{where}: {reason}")]) from exc
+        return None, [Problem(None, f"not valid YAML{where}: {reason}")]
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
         message = f"expected a mapping with 'resourceBaseName' and 'pools', got {got}"
-        raise ConfigError(source, [*problems, Problem(None, message)])
+        return None, [*problems, Problem(None, message)]
 
     unknown = sorted(str(k) for k in data if k not in _TOP_KEYS)
     if unknown:
@@ -206,9 +217,7 @@ def parse_config(text: str, source: str) -> PoolConfig:
     if len(shared) > 1:
         found = f"found {len(shared)}: {', '.join(shared)}"
         problems.append(Problem(None, f"at most one shared pool is allowed, {found}"))
-    if problems:
-        raise ConfigError(source, problems)
-    return PoolConfig(base, pools, source)
+    return PoolConfig(base, pools, source), problems
 
 
 def _env_name_collisions(names: list[str]) -> list[Problem]:
@@ -338,6 +347,17 @@ def _parse_pool(name: str, settings: Any, problems: list[Problem]) -> PoolSpec |
 
 def validate(config: PoolConfig, topology: Topology) -> ValidatedConfig:
     """Check a parsed config against the host: online CPUs, no overlap, whole cores for HT policies."""
+    validated, problems = validate_partial(config, topology)
+    if problems:
+        raise ConfigError(config.source, problems)
+    return validated
+
+
+def validate_partial(config: PoolConfig, topology: Topology) -> tuple[ValidatedConfig, list[Problem]]:
+    """Every problem of a config on this host, and the config of the pools that have none.
+
+    `validate` refuses the config on any problem; `check-config` builds a plan from the good pools too, so
+    plan-level problems (the kubelet's message limit) are reported along with the rest."""
     problems: list[Problem] = []
     warnings: list[str] = []
     resolved: dict[str, CpuSet] = {}
@@ -361,11 +381,14 @@ def validate(config: PoolConfig, topology: Topology) -> ValidatedConfig:
         resolved[spec.name] = cpus
 
     names = sorted(resolved)
+    # Both pools of an overlap are faulty, though the problem is filed under the first.
+    overlapping: set[str] = set()
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
             both = resolved[first] & resolved[second]
             if both:
                 problems.append(Problem(first, f"CPUs {both.format()} are also in pool {second!r}"))
+                overlapping |= {first, second}
 
     for spec in config.pools.values():
         pool_cpus = resolved.get(spec.name)
@@ -373,23 +396,25 @@ def validate(config: PoolConfig, topology: Topology) -> ValidatedConfig:
             continue
         cpus = pool_cpus
         if spec.ht_policy is not None:
-            for cpu in cpus:
-                missing = topology.cpus[cpu].siblings - cpus
-                if missing:
-                    problems.append(
-                        Problem(
-                            spec.name,
-                            f"hyperThreadingPolicy {spec.ht_policy} needs whole cores: CPU {cpu} is in "
-                            f"the pool but its sibling(s) {missing.format()} are not",
-                        )
+            split = CpuSet(cpu for cpu in cpus if not topology.cpus[cpu].siblings.issubset(cpus))
+            if split:
+                missing = CpuSet().union(*(topology.cpus[cpu].siblings for cpu in split)) - cpus
+                one = len(split) == 1
+                problems.append(
+                    Problem(
+                        spec.name,
+                        f"hyperThreadingPolicy {spec.ht_policy} needs whole cores: "
+                        f"{'CPU' if one else 'CPUs'} {split.format()} {'is' if one else 'are'} in the pool "
+                        f"but {'its' if one else 'their'} sibling(s) {missing.format()} are not",
                     )
-                    break
+                )
         not_isolated = cpus - topology.isolated
         if not_isolated:
             warnings.append(
                 f"{config.source}: pool {spec.name!r}: exclusive CPUs {not_isolated.format()} are not "
                 "isolated from the kernel scheduler (isolcpus=); other tasks may run on them"
             )
-    if problems:
-        raise ConfigError(config.source, problems)
-    return ValidatedConfig(config, resolved, tuple(warnings))
+    faulty = {problem.pool for problem in problems} | overlapping
+    good = {name: spec for name, spec in config.pools.items() if name in resolved and name not in faulty}
+    kept = replace(config, pools=good) if len(good) < len(config.pools) else config
+    return ValidatedConfig(kept, {name: resolved[name] for name in good}, tuple(warnings)), problems

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
+from tests.fixtures.make_sysfs import CpuSpec, TreeSpec, write_tree
 from tests.harness import FIXTURES, POOLS
 
 DUAL32 = str(FIXTURES / "dual32")
@@ -120,3 +121,70 @@ def test_agent_with_a_config_path_that_is_a_directory_exits_2(tmp_path: Path) ->
     result = start_agent(tmp_path, tmp_path)
     assert result.returncode == 2, result.stderr
     assert f"cpupool agent: cannot read config file {tmp_path}" in result.stderr
+
+
+# One problem of each kind check-config finds: schema, host, overlap, whole cores, the kubelet's size limit.
+EVERY_KIND = """
+pools:
+  typo:   {cpus: "1", pooltype: nope}
+  far:    {cpus: "0,300-301", pooltype: exclusive}
+  left:   {cpus: "2-3", pooltype: exclusive}
+  right:  {cpus: "3-4", pooltype: exclusive}
+  big:    {cpus: "5-255", pooltype: shared}
+  cores:  {cpus: "256-259", pooltype: exclusive, hyperThreadingPolicy: multiThreaded}
+"""
+
+
+def wide_host(root: Path) -> Path:
+    """260 online CPUs: 256 single-thread cores, then CPUs 256-263 as 4 cores of 2 threads (n, n+4)."""
+    cpus = {
+        cpu: CpuSpec(package=0, core_id=cpu, siblings=str(cpu), package_cpus="0-263") for cpu in range(256)
+    }
+    for cpu in range(256, 264):
+        first = 256 + (cpu - 256) % 4
+        cpus[cpu] = CpuSpec(package=0, core_id=first, siblings=f"{first},{first + 4}", package_cpus="0-263")
+    return write_tree(TreeSpec(cpus=cpus, online="0-263", present="0-263", cmdline=""), root)
+
+
+def test_check_config_reports_every_problem_one_line_each(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = wide_host(tmp_path / "host")
+    config = tmp_path / "poolconfig.yaml"
+    config.write_text(EVERY_KIND)
+    assert main(["check-config", str(config), "--root", str(root)]) == 1
+    err = capsys.readouterr().err
+    problems = [line for line in err.splitlines() if line.startswith("  - ")]
+    expected = [
+        "pool 'typo': unknown pooltype 'nope'",
+        "pool 'far': CPUs 300,301 are not online",
+        "pool 'left': CPUs 3 are also in pool 'right'",
+        "pool 'big': a shared pool of 251 CPUs lists 251000 millicpu devices",
+        "pool 'cores': hyperThreadingPolicy multiThreaded needs whole cores: "
+        "CPUs 256-259 are in the pool but their sibling(s) 260-263 are not",
+    ]
+    for fault in expected:
+        assert sum(fault in line for line in problems) == 1, (fault, problems)
+    assert len(problems) == len(expected), problems
+
+
+def test_check_config_json_lists_every_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = wide_host(tmp_path / "host")
+    config = tmp_path / "poolconfig.yaml"
+    config.write_text(EVERY_KIND)
+    assert main(["check-config", str(config), "--root", str(root), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["valid"] is False
+    assert len(data["errors"]) == 5, data["errors"]
+    assert all(error.startswith(f"{config}: pool '") for error in data["errors"])
+
+
+def test_check_config_reports_schema_and_host_problems_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "poolconfig.yaml"
+    config.write_text('pools:\n  a: {cpus: "40-41", pooltype: exclusive}\n  b: {cpus: "1", pooltype: nope}\n')
+    assert main(["check-config", str(config), "--root", DUAL32]) == 1
+    err = capsys.readouterr().err
+    assert f"{config}: pool 'b': unknown pooltype 'nope'" in err
+    assert f"{config}: pool 'a': CPUs 40,41 are not online (online: 0-31)" in err

@@ -19,6 +19,7 @@ from agent.config import (
     parse_config,
     pool_env_name,
     validate,
+    validate_partial,
 )
 from agent.cpuset import CpuSet
 from tests.topologies import make_topology
@@ -175,7 +176,24 @@ def test_ht_policy_needs_whole_cores() -> None:
     message = validation_errors(
         "pools:\n  a: {cpus: '2-3', pooltype: exclusive, hyperThreadingPolicy: singleThreaded}\n"
     )
-    assert "CPU 2 is in the pool but its sibling(s) 10 are not" in message
+    # Every split core is named, not only the first.
+    assert "CPUs 2,3 are in the pool but their sibling(s) 10,11 are not" in message
+    one = validation_errors(
+        "pools:\n  a: {cpus: '2-3,11', pooltype: exclusive, hyperThreadingPolicy: multiThreaded}\n"
+    )
+    assert "CPU 2 is in the pool but its sibling(s) 10 are not" in one
+
+
+def test_partial_validation_keeps_the_good_pools_and_every_problem() -> None:
+    config = parse_config(
+        "pools:\n  a: {cpus: '2-5', pooltype: exclusive}\n  b: {cpus: '5-6', pooltype: exclusive}\n"
+        "  c: {cpus: '20', pooltype: exclusive}\n  d: {cpus: '7', pooltype: shared}\n",
+        SRC,
+    )
+    validated, problems = validate_partial(config, TOPO)
+    assert [(p.pool, p.message.split(" are ")[0]) for p in problems] == [("c", "CPUs 20"), ("a", "CPUs 5")]
+    # Both pools of an overlap are left out; only the faultless one remains.
+    assert list(validated.config.pools) == ["d"] and dict(validated.cpus) == {"d": CpuSet([7])}
 
 
 def test_isolated_pool_without_isolation_is_an_error() -> None:
