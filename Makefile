@@ -39,8 +39,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run
 
-# The static process-starter (dist/process-starter) for application images without Python. Slow and
-# apt-dependent, so not part of `make test`; tests that run the binary skip when it is missing.
+# The process-starter bundle (dist/process-starter/) for application images without Python or libc.
+# Needs Debian's python3.11, patchelf and a static libc (apt-get as root), so not part of `make test`;
+# tests that run the bundle skip when it is missing.
 process-starter:
 	bash scripts/build-process-starter.sh
 
