@@ -685,6 +685,36 @@ def test_match_conditions_send_only_pool_pods(render: Render, name: str, pod: Do
     assert bool(program.evaluate({"object": celpy.json_to_cel(concrete)})) is sent
 
 
+@pytest.mark.parametrize(
+    ("kube_version", "values", "policy"),
+    [
+        ("1.28.0", {}, "Fail"),
+        # 1.27 drops matchConditions unless its alpha gate is on: every pod may reach the webhook.
+        ("1.27.0", {}, "Ignore"),
+        ("1.27.0", {"webhook": {"failurePolicy": "Fail"}}, "Fail"),
+        ("1.30.0", {"webhook": {"matchConditions": False}}, "Ignore"),
+        ("1.30.0", {"webhook": {"failurePolicy": "Ignore"}}, "Ignore"),
+    ],
+)
+def test_the_failure_policy_follows_what_reaches_the_webhook(
+    helm: str, tmp_path: Path, kube_version: str, values: Doc, policy: str
+) -> None:
+    result = _template(
+        helm,
+        CHART,
+        _values_file(tmp_path, "policy", values),
+        "--kube-version",
+        kube_version,
+        "--show-only",
+        "templates/webhook-admission.yaml",
+    )
+    assert result.returncode == 0, result.stderr
+    (hook,) = next(
+        d for d in yaml.safe_load_all(result.stdout) if d["kind"] == "MutatingWebhookConfiguration"
+    )["webhooks"]
+    assert hook["failurePolicy"] == policy
+
+
 def test_without_match_conditions_the_selectors_narrow_and_failures_are_ignored(render: Render) -> None:
     hook = _mwc(render("no-match-conditions"))
     assert "matchConditions" not in hook

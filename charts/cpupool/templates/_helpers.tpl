@@ -116,3 +116,15 @@ is guarded with has(): an expression error would apply the failure policy to unr
 {{- $concerns := printf "(has(c.resources) && ((has(c.resources.limits) && c.resources.limits.exists(r, r.startsWith('%s'))) || (has(c.resources.requests) && c.resources.requests.exists(r, r.startsWith('%s'))))) || (has(c.env) && c.env.exists(e, e.name == 'EXCLUSIVE_CPUS' || e.name == 'SHARED_CPUS' || (e.name.startsWith('CPUPOOL_') && e.name.endsWith('_CPUS'))))" $prefix $prefix -}}
 (has(object.metadata.annotations) && '{{ $key }}' in object.metadata.annotations) || object.spec.containers.exists(c, {{ $concerns }}) || (has(object.spec.initContainers) && object.spec.initContainers.exists(c, {{ $concerns }}))
 {{- end }}
+
+{{/*
+The failure policy follows what reaches the webhook. With matchConditions only pods that ask for pools
+(or forge their variables) are sent: Fail, because such a pod admitted unchanged would run unpinned
+without anyone noticing. Without them every pod of the selected namespaces is sent: Ignore, because a
+webhook outage must not stop every pod creation. An API server before 1.28 may drop matchConditions
+(an alpha field in 1.27), so there the default is Ignore too. An explicit value wins.
+*/}}
+{{- define "cpupool.webhook.failurePolicy" -}}
+{{- $narrow := and .Values.webhook.matchConditions (semverCompare ">=1.28-0" .Capabilities.KubeVersion.Version) -}}
+{{- .Values.webhook.failurePolicy | default (ternary "Fail" "Ignore" $narrow) -}}
+{{- end }}
