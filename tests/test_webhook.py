@@ -472,6 +472,16 @@ def test_the_starters_pool_variable_rule_is_the_agents(pool: str) -> None:
     assert is_reserved_env(config_pool_env_name(pool))
 
 
+def test_containers_wrapped_by_the_one_file_starter_are_left_alone() -> None:
+    # A spec copied from a pod that an earlier version wrapped: its /opt/bin/process-starter mount and
+    # command stay as they were (the file stays on the nodes); the other containers are wrapped as usual.
+    old = container("old", command=["/opt/bin/process-starter"], args=["/bin/app"], pools={"shared": "100"})
+    p = pod(old, container("new", command=["/bin/app"], pools={"shared": "100"}))
+    result, mutation = mutate(p)
+    assert mutation.wrapped == ("new",)
+    assert result["spec"]["containers"][0] == old
+
+
 def test_pointer_tokens_are_escaped() -> None:
     assert escape_pointer("cpupool.io/cpus") == "cpupool.io~1cpus"
     assert escape_pointer("a~b/c") == "a~0b~1c"
