@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -27,6 +29,8 @@ log = structlog.get_logger(__name__)
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
+# 128 + SIGPIPE: the reader of stdout went away before the output was written.
+EXIT_BROKEN_PIPE = 141
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +125,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _run(argv)
+        # Output still buffered would otherwise meet a closed pipe at interpreter exit, outside this guard.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return _reader_gone()
+    return code
+
+
+def _reader_gone() -> int:
+    """The reader of stdout went away (`cpupool discover | head`): stop quietly, as `yes | head` does.
+
+    Exit 141 (128 + SIGPIPE), what a shell reports for a command killed by SIGPIPE: the output was cut short,
+    which `set -o pipefail` scripts may want to know, yet no traceback is printed."""
+    try:
+        # Python flushes stdout again at exit; point it at /dev/null so that flush has nowhere to fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        # stdout is not a file (tests capture it): there is no descriptor to point elsewhere.
+        pass
+    return EXIT_BROKEN_PIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     command: str = args.command

@@ -188,3 +188,31 @@ def test_check_config_reports_schema_and_host_problems_together(
     err = capsys.readouterr().err
     assert f"{config}: pool 'b': unknown pooltype 'nope'" in err
     assert f"{config}: pool 'a': CPUs 40,41 are not online (online: 0-31)" in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["discover", "--root", DUAL32],
+        ["discover", "--root", DUAL32, "--json"],
+        ["check-config", "POOLS", "--root", DUAL32],
+    ],
+)
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path, args: list[str]) -> None:
+    # `cpupool discover | head -1`: the reader is gone before the command writes. The read end is closed
+    # before the child starts writing, so the write always meets a broken pipe.
+    config = tmp_path / "poolconfig.yaml"
+    config.write_text(POOLS)
+    args = [str(config) if arg == "POOLS" else arg for arg in args]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()
+    stderr = child.stderr.read()
+    child.stderr.close()
+    assert child.wait(timeout=60) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
