@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from typing import Any
 
 from agent.starter.contract import ANNOTATION_SUFFIX, annotation_key
+
+# Not typing.TYPE_CHECKING: importing typing would add to every start of the process-starter. Type
+# checkers recognise the name; at run time the annotations are strings (postponed evaluation).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "ANNOTATION_SCHEMA",
