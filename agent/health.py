@@ -7,12 +7,16 @@ import asyncio
 import structlog
 from aiohttp import web
 
+from agent.nri.accounting import AccountingMonitor
+from agent.nri.plugin import NriPlugin
 from agent.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
 
 
-def make_app(supervisor: Supervisor) -> web.Application:
+def make_app(
+    supervisor: Supervisor, nri: NriPlugin | None = None, accounting: AccountingMonitor | None = None
+) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         # Answering at all proves the loop is alive; the config state is there for operators.
         return web.json_response(
@@ -24,9 +28,23 @@ def make_app(supervisor: Supervisor) -> web.Application:
             }
         )
 
+    def enforcement() -> dict[str, object]:
+        # NRI is reported, never gating readiness: without it the device plugin still serves.
+        return {
+            "nri": nri.report() if nri is not None else {"enabled": False},
+            "kubelet_accounting": accounting.report.as_dict()
+            if accounting is not None and accounting.report is not None
+            else None,
+        }
+
     async def readyz(_: web.Request) -> web.Response:
-        body = {"ready": supervisor.ready, "resources": supervisor.readiness()}
+        body = {"ready": supervisor.ready, "resources": supervisor.readiness(), **enforcement()}
         return web.json_response(body, status=200 if supervisor.ready else 503)
+
+    async def enforced(_: web.Request) -> web.Response:
+        """Per live container, the cpuset the NRI plugin enforced (for `cpupool status`)."""
+        containers = nri.enforced() if nri is not None else []
+        return web.json_response({**enforcement(), "containers": containers})
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(
@@ -38,12 +56,20 @@ def make_app(supervisor: Supervisor) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/enforcement", enforced)
     return app
 
 
-async def serve_health(supervisor: Supervisor, host: str, port: int) -> None:
+async def serve_health(
+    supervisor: Supervisor,
+    host: str,
+    port: int,
+    *,
+    nri: NriPlugin | None = None,
+    accounting: AccountingMonitor | None = None,
+) -> None:
     """Serve until cancelled."""
-    runner = web.AppRunner(make_app(supervisor), access_log=None)
+    runner = web.AppRunner(make_app(supervisor, nri, accounting), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

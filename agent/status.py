@@ -12,6 +12,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from grpclib import GRPCError
 from grpclib.client import Channel
@@ -52,6 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pod-resources-socket", type=Path, default=Path("/var/lib/kubelet/pod-resources/kubelet.sock")
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--agent-url",
+        default="http://127.0.0.1:8081",
+        help="the agent's health port, for the cpusets it enforced through NRI (its /enforcement)",
+    )
 
 
 async def _cpus_of(stub: DevicePluginStub, ids: list[str]) -> tuple[str, str]:
@@ -128,6 +134,42 @@ async def collect(plugin_dir: Path, pod_resources: Path) -> tuple[list[ServedRes
     return found, None
 
 
+async def fetch_enforcement(agent_url: str) -> dict[str, Any]:
+    """The agent's /enforcement report; {"error": reason} when it cannot be read."""
+    from aiohttp import ClientError, ClientSession, ClientTimeout  # noqa: PLC0415
+
+    try:
+        async with (
+            ClientSession(timeout=ClientTimeout(total=5)) as session,
+            session.get(agent_url.rstrip("/") + "/enforcement") as reply,
+        ):
+            reply.raise_for_status()
+            body = await reply.json()
+    except (ClientError, OSError, TimeoutError, ValueError) as exc:
+        return {"error": f"{agent_url}: {exc!r}"}
+    return body if isinstance(body, dict) else {"error": f"{agent_url}: not a JSON object"}
+
+
+def render_enforcement(report: dict[str, Any]) -> str:
+    if "error" in report:
+        return f"enforced cpusets unknown: {report['error']}"
+    nri = report.get("nri") or {}
+    if nri.get("enabled") is False:
+        lines = ["NRI: disabled (--no-nri): cpusets are not enforced"]
+    else:
+        state = "connected" if nri.get("connected") else f"not connected ({nri.get('last_error')})"
+        lines = [f"NRI: {state}, policy {nri.get('policy')}, runtime {nri.get('runtime') or '?'}"]
+    accounting = report.get("kubelet_accounting")
+    if accounting:
+        lines.append(f"kubelet CPU accounting: {accounting['verdict']}: {accounting['detail']}")
+    lines.append("")
+    lines.append(f"{'POD':<36} {'CONTAINER':<16} {'KIND':<10} ENFORCED CPUSET")
+    for c in report.get("containers") or []:
+        cpus = c["cpus"] if c["cpus"] is not None else "(as the runtime set it)"
+        lines.append(f"{c['pod']:<36} {c['container']:<16} {c['kind']:<10} {cpus}")
+    return "\n".join(lines)
+
+
 def render(resources: list[ServedResource], problem: str | None) -> str:
     lines = [f"{'RESOURCE':<28} {'DEVICES':>8} {'HEALTHY':>8} {'PREFERRED':<9}  CPUS"]
     for r in resources:
@@ -145,14 +187,22 @@ def render(resources: list[ServedResource], problem: str | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     resources, problem = asyncio.run(collect(args.plugin_dir, args.pod_resources_socket))
+    enforcement = asyncio.run(fetch_enforcement(args.agent_url))
     if args.json:
         print(
             json.dumps(
-                {"resources": [asdict(r) for r in resources], "pod_resources_error": problem}, indent=2
+                {
+                    "resources": [asdict(r) for r in resources],
+                    "pod_resources_error": problem,
+                    "enforcement": enforcement,
+                },
+                indent=2,
             )
         )
     else:
         print(render(resources, problem))
+        print()
+        print(render_enforcement(enforcement))
     if not resources:
         print(
             f"cpupool status: no agent socket ({SOCKET_PREFIX}*.sock) answers in {args.plugin_dir}",

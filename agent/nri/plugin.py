@@ -122,8 +122,10 @@ class NriPlugin:
         view: PoolView,
         allocations: AllocationSource,
         metrics: Metrics | None = None,
+        start_after: asyncio.Event | None = None,
     ) -> None:
         self.settings = settings
+        self._start_after = start_after
         self.view = view
         self.allocations = allocations
         self.metrics = metrics or Metrics()
@@ -181,6 +183,8 @@ class NriPlugin:
 
     async def run(self) -> None:
         """Connect, register and serve; after any loss dial again with backoff. Runs until cancelled."""
+        if self._start_after is not None:
+            await self._start_after.wait()
         delay = BACKOFF_START_S
         while True:
             try:

@@ -1,0 +1,107 @@
+"""`cpupool agent` as a process with NRI on: flags, /enforcement, /readyz, metrics and `cpupool status`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.cpuset import CpuSet
+from tests.emulator import KubeletEmulator
+from tests.harness import POOLS, host_root
+from tests.nriruntime import NriRuntime, PeerUnavailable, peer_binary
+
+try:
+    peer_binary()
+except PeerUnavailable as exc:
+    pytest.skip(str(exc), allow_module_level=True)
+
+FAST = "cpupool.io/fast"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def http_json(port: int, path: str) -> tuple[int, dict[str, object]]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+    raw = (await reader.read()).decode()
+    writer.close()
+    head, _, body = raw.partition("\r\n\r\n")
+    return int(head.split()[1]), json.loads(body) if body.startswith("{") else {"text": body}
+
+
+async def test_agent_enforces_and_reports_cpusets(tmp_path: Path) -> None:
+    root = host_root(tmp_path)
+    (root / "var" / "lib" / "kubelet").mkdir(parents=True)
+    (root / "var" / "lib" / "kubelet" / "config.yaml").write_text("cpuManagerPolicy: static\n")
+    config = tmp_path / "poolconfig.yaml"
+    config.write_text(POOLS)
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    pod_resources = tmp_path / "pr.sock"
+    nri_socket = tmp_path / "nri.sock"
+    port = free_port()
+    async with (
+        KubeletEmulator(plugin_dir, pod_resources_socket=pod_resources) as emu,
+        NriRuntime(nri_socket) as runtime,
+    ):
+        await runtime.start()
+        proc = subprocess.Popen(  # noqa: ASYNC220 - a separate process, as in production
+            [sys.executable, "-m", "agent.cli", "agent", "--config", str(config), "--root", str(root),
+             "--plugin-dir", str(plugin_dir), "--pod-resources-socket", str(pod_resources),
+             "--nri-socket", str(nri_socket), "--nri-index", "42", "--no-pin-self",
+             "--health-host", "127.0.0.1", "--health-port", str(port), "--log-format", "json"],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            await emu.wait_devices(FAST, timeout=15)
+            await runtime.wait_plugin(timeout=15)
+            fast = await emu.allocate(FAST, 2, pod="db")
+            await runtime.run_pod("p1", "db")
+            created = await runtime.create("p1", "c1")
+            assert CpuSet.parse(created["cpus"]) == CpuSet(int(i) for i in fast.device_ids)
+
+            status, report = await http_json(port, "/enforcement")
+            assert status == 200
+            assert report["containers"] == [
+                {"id": "c1", "pod": "default/db", "container": "main", "kind": "exclusive",
+                 "cpus": created["cpus"], "mems": "0"}
+            ]  # fmt: skip
+            assert report["nri"]["connected"] is True  # type: ignore[index]
+            # Nothing reserved: the kubelet still counts the 22 pooled CPUs in allocatable cpu.
+            assert report["kubelet_accounting"]["verdict"] == "counts_pooled"  # type: ignore[index]
+            _, ready = await http_json(port, "/readyz")
+            assert ready["nri"]["connected"] is True  # type: ignore[index]
+            _, metrics = await http_json(port, "/metrics")
+            text = str(metrics["text"])
+            assert "cpupool_nri_connected 1" in text
+            assert "cpupool_kubelet_counts_pooled_cpus 1" in text
+            adjusted = 'cpupool_nri_adjustments_total{event="create",kind="exclusive",outcome="adjusted"} 1'
+            assert adjusted in text
+
+            shown = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "agent.cli", "status", "--plugin-dir", str(plugin_dir),
+                 "--pod-resources-socket", str(pod_resources), "--agent-url", f"http://127.0.0.1:{port}"],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            assert "NRI: connected, policy strict" in shown.stdout
+            assert "kubelet CPU accounting: counts_pooled" in shown.stdout
+            enforced = shown.stdout.split("ENFORCED CPUSET", 1)[1].splitlines()
+            row = next(line for line in enforced if line.startswith("default/db"))
+            assert row.split()[-2:] == ["exclusive", created["cpus"]]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.to_thread(proc.communicate, timeout=15)
+        assert '"event": "kubelet.counts_pooled_cpus"' in stderr
+        assert '"event": "nri.synchronized"' in stderr
