@@ -328,6 +328,17 @@ def test_without_topology_files_each_cpu_is_a_core_of_its_own(tmp_path: Path) ->
     assert split(CpuSet([3, 5]), [1, 1], placement) == [CpuSet([3]), CpuSet([5])]
 
 
+def test_a_node_without_topology_files_still_starts_with_a_warning(starter: Starter, tmp_path: Path) -> None:
+    annotation = [{"container": "app", "processes": [proc(SLEEP, "excl", len(EXCL), "2100")]}]
+    run = starter.start(starter.env(annotation, CPUPOOL_SYS_ROOT=str(tmp_path / "empty")))
+    (child,) = children_by_arg(run.pid, 1).values()
+    assert affinity(child) == EXCL
+    run.process.send_signal(signal.SIGTERM)
+    assert run.wait() == 128 + signal.SIGTERM
+    warnings = [json.loads(line) for line in run.stderr().splitlines() if '"starter.topology"' in line]
+    assert warnings and "taken as a core of its own" in warnings[0]["reason"]
+
+
 @pytest.mark.parametrize(
     ("threads", "numbering"), [(1, "x86"), (2, "x86"), (4, "power"), (4, "x86")], ids=str
 )

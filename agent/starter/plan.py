@@ -220,7 +220,9 @@ def plan_launches(
 
     launches: list[Launch] = []
     if entry is not None:
-        placement = read_placement(sys_root, CpuSet().union(*(p.cpus for p in pools.values())))
+        # Only exclusive pools are split; a shared pool's processes all get the whole pool.
+        exclusive = [p.cpus for p in pools.values() if p.kind is PoolKind.EXCLUSIVE]
+        placement = read_placement(sys_root, CpuSet().union(*exclusive))
         if warnings is not None:
             warnings.extend(placement.warnings)
         labels: list[tuple[str, str, str, tuple[str, ...]]] = []
