@@ -876,3 +876,67 @@ def test_image_puts_process_starter_where_the_chart_copies_it_from() -> None:
     users = [line.split()[1] for line in final.splitlines() if line.startswith("USER ")]
     # The image defaults to non-root (the webhook); the chart runs the agent as root explicitly.
     assert users and users[-1] not in ("0", "root")
+
+
+# --- NRI enforcement (issue 11) ---------------------------------------------------------------------
+
+
+def _render_with(helm: str, tmp_path: Path, values: Doc) -> list[Doc]:
+    result = _template(helm, CHART, _values_file(tmp_path, "nri", values))
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def test_nri_socket_directory_is_mounted_where_the_agent_dials(render: Render) -> None:
+    agent = _agent(render("default"))
+    container = _container(agent, "agent")
+    args = build_parser().parse_args(container["args"])
+    assert (args.nri, args.nri_index, args.nri_policy) == (True, "50", "strict")
+    mount = _mount_for(container, str(args.nri_socket))
+    assert mount["mountPath"] == str(args.nri_socket.parent) == "/var/run/nri"
+    assert not mount.get("readOnly"), "connecting to a unix socket needs a writable mount"
+    assert _volume(agent, mount["name"])["hostPath"] == {"path": "/var/run/nri", "type": "DirectoryOrCreate"}
+
+
+def test_nri_values_reach_the_agent_and_disabling_drops_the_mount(helm: str, tmp_path: Path) -> None:
+    custom = _agent(
+        _render_with(helm, tmp_path, {"nri": {"policy": "pools", "index": "07", "socketDir": "/run/nri/"}})
+    )
+    container = _container(custom, "agent")
+    args = build_parser().parse_args(container["args"])
+    assert (args.nri_index, args.nri_policy) == ("07", "pools")
+    assert (
+        _volume(custom, _mount_for(container, str(args.nri_socket))["name"])["hostPath"]["path"] == "/run/nri"
+    )
+
+    off = _agent(_render_with(helm, tmp_path, {"nri": {"enabled": False}}))
+    container = _container(off, "agent")
+    assert build_parser().parse_args(container["args"]).nri is False
+    assert all(m["mountPath"] != "/var/run/nri" for m in container["volumeMounts"])
+
+
+def test_kubelet_config_is_mounted_read_only_as_a_file_under_the_root(helm: str, tmp_path: Path) -> None:
+    agent = _agent(_render_with(helm, tmp_path, {"agent": {"kubeletConfig": "/etc/kubernetes/kubelet.yaml"}}))
+    container = _container(agent, "agent")
+    args = build_parser().parse_args(container["args"])
+    mount = _mount_for(container, f"{args.root}{args.kubelet_config}")
+    assert mount["mountPath"] == "/host/etc/kubernetes/kubelet.yaml" and mount["readOnly"]
+    assert _volume(agent, mount["name"])["hostPath"] == {
+        "path": "/etc/kubernetes/kubelet.yaml",
+        "type": "File",
+    }
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"nri": {"policy": "lenient"}}, "nri.policy"),
+        ({"nri": {"index": "5"}}, "nri.index"),
+        ({"agent": {"kubeletConfig": "config.yaml"}}, "agent.kubeletConfig"),
+    ],
+)
+def test_bad_nri_values_are_refused_with_the_key_named(
+    helm: str, tmp_path: Path, values: Doc, message: str
+) -> None:
+    result = _template(helm, CHART, _values_file(tmp_path, "bad", values))
+    assert result.returncode != 0 and message in result.stderr
