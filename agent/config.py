@@ -89,11 +89,15 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class ValidatedConfig:
-    """A config checked against a topology: every pool's CPUs are known, online and disjoint."""
+    """A config checked against a topology: every pool's CPUs are present and disjoint."""
 
     config: PoolConfig
+    # Every pool's CPUs as configured (`isolated` resolved), offline ones included.
     cpus: Mapping[str, CpuSet]
     warnings: tuple[str, ...] = field(default=())
+    # Per pool (every pool has an entry): its CPUs that are present but offline now. The topology has no
+    # `Cpu` for them (no siblings, NUMA node or core); the plan must not hand them out until they are online.
+    offline: Mapping[str, CpuSet] = field(default_factory=dict)
 
 
 def pool_env_name(pool: str) -> str:
@@ -361,24 +365,41 @@ def validate_partial(config: PoolConfig, topology: Topology) -> tuple[ValidatedC
     problems: list[Problem] = []
     warnings: list[str] = []
     resolved: dict[str, CpuSet] = {}
+    offline: dict[str, CpuSet] = {}
     online = CpuSet(topology.cpus)
+    # A present CPU may be offline now and online later (hotplug, a CPU taken out for a fault): the pool
+    # keeps it and the plan serves it once it is online. CPUs that are not even present are typos.
+    present = topology.present | online
     for spec in config.pools.values():
         if spec.cpus is None:
-            cpus = topology.isolated & online
+            # The kernel reports isolation for every possible CPU; the pool holds the present ones.
+            cpus = topology.isolated & present
             if not cpus:
                 problems.append(
-                    Problem(spec.name, "cpus: isolated, but the kernel isolates no online CPU (no isolcpus=)")
+                    Problem(
+                        spec.name, "cpus: isolated, but the kernel isolates no present CPU (no isolcpus=)"
+                    )
                 )
                 continue
         else:
             cpus = spec.cpus
-            offline = cpus - online
-            if offline:
+            absent = cpus - present
+            if absent:
                 problems.append(
-                    Problem(spec.name, f"CPUs {offline.format()} are not online (online: {online.format()})")
+                    Problem(
+                        spec.name,
+                        f"CPUs {absent.format()} are not online, nor even present "
+                        f"(present: {present.format()})",
+                    )
                 )
                 continue
         resolved[spec.name] = cpus
+        offline[spec.name] = cpus - online
+        if offline[spec.name]:
+            warnings.append(
+                f"{config.source}: pool {spec.name!r}: CPUs {offline[spec.name].format()} are present but "
+                "offline: the pool keeps them, and they cannot be used until they are online"
+            )
 
     names = sorted(resolved)
     # Both pools of an overlap are faulty, though the problem is filed under the first.
@@ -396,7 +417,16 @@ def validate_partial(config: PoolConfig, topology: Topology) -> tuple[ValidatedC
             continue
         cpus = pool_cpus
         if spec.ht_policy is not None:
-            split = CpuSet(cpu for cpu in cpus if not topology.cpus[cpu].siblings.issubset(cpus))
+            # sysfs describes no core for an offline CPU, and an online CPU's sibling list leaves offline
+            # threads out: whole cores are checked among online CPUs, an offline CPU's core once it is back.
+            if offline[spec.name]:
+                warnings.append(
+                    f"{config.source}: pool {spec.name!r}: offline CPUs {offline[spec.name].format()}: their "
+                    f"cores cannot be checked for hyperThreadingPolicy {spec.ht_policy} until they are online"
+                )
+            split = CpuSet(
+                cpu for cpu in cpus - offline[spec.name] if not topology.cpus[cpu].siblings.issubset(cpus)
+            )
             if split:
                 missing = CpuSet().union(*(topology.cpus[cpu].siblings for cpu in split)) - cpus
                 one = len(split) == 1
@@ -417,4 +447,10 @@ def validate_partial(config: PoolConfig, topology: Topology) -> tuple[ValidatedC
     faulty = {problem.pool for problem in problems} | overlapping
     good = {name: spec for name, spec in config.pools.items() if name in resolved and name not in faulty}
     kept = replace(config, pools=good) if len(good) < len(config.pools) else config
-    return ValidatedConfig(kept, {name: resolved[name] for name in good}, tuple(warnings)), problems
+    validated = ValidatedConfig(
+        kept,
+        {name: resolved[name] for name in good},
+        tuple(warnings),
+        offline={name: offline[name] for name in good},
+    )
+    return validated, problems

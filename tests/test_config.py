@@ -22,6 +22,8 @@ from agent.config import (
     validate_partial,
 )
 from agent.cpuset import CpuSet
+from agent.topology import discover
+from tests.fixtures.make_sysfs import SYSFS_DIR
 from tests.topologies import make_topology
 
 SRC = "/etc/cpupool/poolconfig.yaml"
@@ -160,9 +162,64 @@ def validation_errors(text: str) -> str:
     return str(info.value)
 
 
-def test_cpus_that_are_not_online() -> None:
+def test_cpus_that_are_not_even_present() -> None:
     message = validation_errors("pools:\n  big: {cpus: '14-17', pooltype: exclusive}\n")
-    assert message == f"{SRC}: pool 'big': CPUs 16,17 are not online (online: 0-15)"
+    assert message == f"{SRC}: pool 'big': CPUs 16,17 are not online, nor even present (present: 0-15)"
+
+
+# The `offline` tree: CPUs 0-7 present, 5 and 7 offline; siblings n and n+4; isolated 4-7.
+OFFLINE = discover(SYSFS_DIR / "offline")
+
+
+def test_present_but_offline_cpus_are_accepted_and_named() -> None:
+    # A CPU taken offline must not make the whole config invalid: its devices go Unhealthy instead.
+    validated = validate(parse_config("pools:\n  p: {cpus: '4-7', pooltype: exclusive}\n", SRC), OFFLINE)
+    assert validated.cpus["p"] == CpuSet.parse("4-7")
+    assert validated.offline == {"p": CpuSet.parse("5,7")}
+    assert [w for w in validated.warnings if "offline" in w] == [
+        f"{SRC}: pool 'p': CPUs 5,7 are present but offline: the pool keeps them, and they cannot be used "
+        "until they are online"
+    ]
+
+
+def test_pools_without_offline_cpus_have_an_empty_offline_set() -> None:
+    text = "pools:\n  p: {cpus: '4-5', pooltype: exclusive}\n  q: {cpus: '0-1', pooltype: shared}\n"
+    validated = validate(parse_config(text, SRC), OFFLINE)
+    assert validated.offline == {"p": CpuSet([5]), "q": CpuSet()}
+    assert not any("pool 'q'" in w and "offline" in w for w in validated.warnings)
+
+
+def test_offline_cpus_still_count_for_overlaps() -> None:
+    config = parse_config(
+        "pools:\n  a: {cpus: '5', pooltype: exclusive}\n  b: {cpus: '4-5', pooltype: shared}\n", SRC
+    )
+    with pytest.raises(ConfigError, match="pool 'a': CPUs 5 are also in pool 'b'"):
+        validate(config, OFFLINE)
+
+
+def test_cpus_not_present_stay_an_error_next_to_offline_ones() -> None:
+    config = parse_config("pools:\n  p: {cpus: '5-9', pooltype: exclusive}\n", SRC)
+    with pytest.raises(ConfigError, match=r"CPUs 8,9 are not online, nor even present \(present: 0-7\)"):
+        validate(config, OFFLINE)
+
+
+def test_isolated_keyword_keeps_offline_isolated_cpus() -> None:
+    validated = validate(parse_config("pools:\n  p: {cpus: isolated, pooltype: exclusive}\n", SRC), OFFLINE)
+    assert validated.cpus["p"] == CpuSet.parse("4-7")
+    assert validated.offline["p"] == CpuSet.parse("5,7")
+
+
+def test_ht_pool_with_offline_cpus_checks_whole_cores_among_online_ones() -> None:
+    # sysfs shows no siblings for an offline CPU: its core is checked once it is back online.
+    text = "pools:\n  p: {cpus: '0-7', pooltype: exclusive, hyperThreadingPolicy: multiThreaded}\n"
+    validated = validate(parse_config(text, SRC), OFFLINE)
+    assert validated.offline["p"] == CpuSet.parse("5,7")
+    assert any("CPUs 5,7" in w and "cores cannot be checked" in w for w in validated.warnings), (
+        validated.warnings
+    )
+    split = "pools:\n  p: {cpus: '0,5', pooltype: exclusive, hyperThreadingPolicy: multiThreaded}\n"
+    with pytest.raises(ConfigError, match="CPU 0 is in the pool but its sibling"):
+        validate(parse_config(split, SRC), OFFLINE)
 
 
 def test_cpu_in_two_pools() -> None:
@@ -198,7 +255,7 @@ def test_partial_validation_keeps_the_good_pools_and_every_problem() -> None:
 
 def test_isolated_pool_without_isolation_is_an_error() -> None:
     config = parse_config("pools:\n  a: {cpus: isolated, pooltype: exclusive}\n", SRC)
-    with pytest.raises(ConfigError, match="the kernel isolates no online CPU"):
+    with pytest.raises(ConfigError, match="the kernel isolates no present CPU"):
         validate(config, make_topology())
 
 
