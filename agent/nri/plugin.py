@@ -18,6 +18,7 @@ from pathlib import Path
 import structlog
 
 from agent.cpuset import CpuSet
+from agent.dirwatch import watch_directories
 from agent.metrics import Metrics
 from agent.nri.allocations import AllocationSource, AllocationsUnknown, Devices
 from agent.nri.policy import Decision, Kind, Policy, PoolView, decide, parse_runtime_cpus
@@ -191,7 +192,7 @@ class NriPlugin:
                 reader, writer = await asyncio.open_unix_connection(str(self.settings.socket))
             except OSError as exc:
                 self._absent(exc)
-                await asyncio.sleep(delay)
+                await self._socket_appears(delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
             delay = BACKOFF_START_S
@@ -205,6 +206,27 @@ class NriPlugin:
                 self.connected = False
                 self.metrics.nri_connected.set(0)
                 await conn.close()
+
+    async def _socket_appears(self, timeout_s: float) -> None:
+        """Return when something changes in the socket's directory, or after `timeout_s`: a restarted
+        runtime is dialled within milliseconds of creating its socket, whatever the backoff has grown to."""
+        changes = watch_directories(
+            [self.settings.socket.parent],
+            accept=lambda path: path.name == self.settings.socket.name,
+            stop=asyncio.Event(),
+            quiet_s=timeout_s,
+        )
+        try:
+            async for _ in changes:
+                return
+        except OSError:
+            # No such directory (NRI off on this node) or no watch possible: plain backoff.
+            await asyncio.sleep(timeout_s)
+        finally:
+            # Close the watch now rather than whenever the generator is collected.
+            aclose = getattr(changes, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     def _absent(self, exc: OSError) -> None:
         self.metrics.nri_connected.set(0)
