@@ -42,7 +42,7 @@ from agent.kubeletapi.v1beta1 import (
     RegistrationStub,
 )
 from agent.metrics import Metrics
-from agent.plan import Resource, shared_device_index
+from agent.plan import HEALTHY, Resource, shared_device_index
 from agent.wire import (
     AllocateRequestDecoder,
     EncodedListAndWatchResponse,
@@ -132,8 +132,12 @@ class ResourceServicer(DevicePluginBase):
         cpuid_cpus: CpuSet,
         metrics: Metrics,
         on_streams_closed: Callable[[str], None] | None = None,
+        on_allocated: Callable[[str, Sequence[str]], None] | None = None,
     ) -> None:
         self._resource = resource
+        # Told of every Allocate answered: the supervisor counts those IDs as held until the kubelet's
+        # own record (PodResources) has caught up.
+        self._on_allocated = on_allocated
         # Called when the last ListAndWatch stream ends: the kubelet stopped watching this resource.
         self._on_streams_closed = on_streams_closed
         self._listing = encode_resource(resource)
@@ -258,22 +262,54 @@ class ResourceServicer(DevicePluginBase):
         _check_ids(must_include, "must_include_deviceIDs")
         if not isinstance(size, int):
             raise RequestError(f"allocation_size is not an integer: {size!r}")
-        if resource.exclusive_pool:
-            return preferred_allocation(resource.exclusive, available, must_include, size)
-        # Millicpus of one shared pool are interchangeable: the lowest indexes keep the list readable.
-        chosen = list(dict.fromkeys(must_include))
-        missing = [i for i in chosen if i not in set(available)]
+        available = list(dict.fromkeys(available))
+        if size < 0 or size > len(available):
+            raise RequestError(f"cannot choose {size} of {len(available)} available IDs")
+        # The kubelet's available list lags behind ListAndWatch (a reload just changed the devices): IDs
+        # we do not know, or no longer offer, are left for last rather than failing a satisfiable pod.
+        offered = set(self._offered())
+        unknown = [i for i in available if i not in offered]
+        if unknown:
+            log.info(
+                "preferred_allocation.unknown_ids",
+                resource=resource.name,
+                ids=_quote(unknown),
+                effect="answered from the rest",
+            )
+        known = [i for i in available if i in offered]
+        must = list(dict.fromkeys(must_include))
+        missing = [i for i in must if i not in set(available)]
         if missing:
             raise RequestError(f"must_include IDs not in available_deviceIDs: {_quote(missing)}")
-        if size < len(chosen) or size > len(set(available)):
-            raise RequestError(
-                f"cannot choose {size} of {len(set(available))} available IDs with {len(chosen)} required"
-            )
-        taken = set(chosen)
+        if len(must) > size:
+            raise RequestError(f"{len(must)} must_include IDs do not fit an allocation of size {size}")
+        must_known = [i for i in must if i in offered]
+        must_other = [i for i in must if i not in offered]
+        want = size - len(must_other)
+        if resource.exclusive_pool:
+            devices = {i: resource.exclusive[i] for i in known if i in resource.exclusive}
+            usable = [i for i in known if i in devices]
+            if want <= len(usable):
+                try:
+                    return must_other + preferred_allocation(devices, usable, must_known, want)
+                except AllocationError as exc:
+                    log.warning("preferred_allocation.fallback", resource=resource.name, reason=str(exc))
+            chosen = list(dict.fromkeys(must + usable + unknown))
+            return chosen[:size]
+        # Millicpus of one shared pool are interchangeable: the lowest indexes keep the list readable.
+        taken = set(must)
         rest = sorted(
-            (i for i in set(available) if i not in taken), key=lambda i: (shared_device_index(i) is None, i)
+            (i for i in available if i not in taken),
+            key=lambda i: (i not in offered, shared_device_index(i) is None, len(i), i),
         )
-        return chosen + rest[: size - len(chosen)]
+        return must + rest[: size - len(must)]
+
+    def _offered(self) -> list[str]:
+        """IDs listed Healthy now (what the kubelet may hand out)."""
+        resource = self._resource
+        if resource.exclusive_pool:
+            return [i for i in resource.exclusive if i not in resource.unhealthy]
+        return [d.id for d in resource.devices() if d.health == HEALTHY]
 
     async def allocate(self, message: AllocateRequest) -> AllocateResponse:
         started = time.perf_counter()
@@ -293,34 +329,52 @@ class ResourceServicer(DevicePluginBase):
         _check_ids(ids, where)
         if not ids:
             raise RequestError(f"{where} lists no device IDs")
-        total = resource.device_count
+        total = max(resource.device_count, resource.shared_count)
         if len(ids) > total:
             raise RequestError(f"{where} lists {len(ids)} device IDs; this resource has only {total} devices")
         if len(set(ids)) != len(ids):
             seen: set[str] = set()
             dups = [i for i in ids if i in seen or seen.add(i)]  # type: ignore[func-returns-value]
             raise RequestError(f"{where} lists device IDs more than once: {_quote(dups)}")
-        unknown = [i for i in ids if not resource.has_device(i)]
+        unknown = [i for i in ids if not self._knows(i)]
         if unknown:
             raise RequestError(f"{where}: unknown device IDs for {resource.name}: {_quote(unknown)}")
+        refused = [f"{i!r}: {resource.blocked[i]}" for i in ids if i in resource.blocked]
+        if refused:
+            # The kubelet's view lags the list we sent: never hand a CPU that another container holds.
+            raise RequestError(f"{where}: devices not available: " + "; ".join(refused[:_QUOTED_IDS]))
+        if self._on_allocated is not None:
+            self._on_allocated(resource.name, ids)
 
-        cpus = resource.cpus_of(ids)
+        grant = resource.grant(ids)
+        cpus = grant.cpus
         cpu_list = cpus.comma_list()
         base = resource.name.split("/", 1)[0]
         envs = {pool_env_name(resource.pool): cpu_list}
-        if resource.exclusive_pool:
-            envs["EXCLUSIVE_CPUS"] = cpu_list
+        devices = []
+        if grant.exclusive:
+            envs["EXCLUSIVE_CPUS"] = grant.exclusive.comma_list()
             devices = [
                 DeviceSpec(container_path=path, host_path=path, permissions="r")
-                for path in (f"/dev/cpu/{cpu}/cpuid" for cpu in cpus if cpu in self._cpuid_cpus)
+                for path in (f"/dev/cpu/{cpu}/cpuid" for cpu in grant.exclusive if cpu in self._cpuid_cpus)
             ]
-        else:
-            envs["SHARED_CPUS"] = cpu_list
-            devices = []
+        if grant.shared:
+            envs["SHARED_CPUS"] = grant.shared.comma_list()
         log.info("allocate", resource=resource.name, devices=len(ids), cpus=cpus.format())
         return ContainerAllocateResponse(
             envs=envs, annotations={f"{base}/cpus-{resource.pool}": cpu_list}, devices=devices
         )
+
+    def _knows(self, device_id: str) -> bool:
+        resource = self._resource
+        if resource.has_device(device_id):
+            return True
+        # A shared pool's millicpus are interchangeable: one beyond the count the kubelet saw a moment ago
+        # still means "the shared CPUs".
+        if resource.exclusive_pool or not resource.configured:
+            return False
+        index = shared_device_index(device_id)
+        return index is not None and index < resource.shared_recent and index not in resource.shared_withheld
 
     async def pre_start_container(self, message: PreStartContainerRequest) -> PreStartContainerResponse:
         return PreStartContainerResponse()

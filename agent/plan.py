@@ -1,12 +1,18 @@
-"""Topology + config -> the resources the agent should serve, and the diff between two plans.
+"""Topology + config + what is held -> the resources the agent should serve, and the diff between two plans.
 
 Pure: equal inputs give equal plans. Device IDs are stable across plans: an exclusive device is named by its
 (first) CPU number, a shared device by its millicpu index in base 36, so a reload never renames a device
 that keeps its meaning.
+
+The previous plan is also the agent's memory of what every device ID *meant* when it was handed out (the
+supervisor persists it across restarts). A device the kubelet still holds keeps that meaning until it is
+free, whatever the config says now: it stays listed (Unhealthy when the config no longer gives it), its CPUs
+are kept out of every other resource, and an Allocate for it on re-admission answers its old CPUs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -14,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from agent.allocation import ExclusiveDevice
 from agent.config import ConfigError, HtPolicy, PoolType, Problem, ValidatedConfig
 from agent.cpuset import CpuSet
-from agent.topology import Topology
+from agent.topology import CoreKey, Topology
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
@@ -45,6 +51,17 @@ def shared_device_index(device_id: str) -> int | None:
     return int(device_id, 36)
 
 
+class _Unknown:
+    """What is held is not known (the PodResources API did not answer): assume every listed ID is held."""
+
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN = _Unknown()
+Held = Mapping[str, frozenset[str]] | _Unknown
+
+
 @dataclass(frozen=True)
 class DeviceView:
     """One device as the kubelet sees it in ListAndWatch."""
@@ -55,6 +72,26 @@ class DeviceView:
 
 
 @dataclass(frozen=True)
+class SharedGroup:
+    """Shared device IDs handed out while the pool's CPUs were `cpus` (other than what it serves now)."""
+
+    cpus: CpuSet
+    ids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a set of device IDs of one resource gives a container."""
+
+    exclusive: CpuSet = field(default_factory=CpuSet)
+    shared: CpuSet = field(default_factory=CpuSet)
+
+    @property
+    def cpus(self) -> CpuSet:
+        return self.exclusive | self.shared
+
+
+@dataclass(frozen=True)
 class Resource:
     """One extended resource served on one socket."""
 
@@ -62,66 +99,119 @@ class Resource:
     pool: str
     pool_type: PoolType
     ht_policy: HtPolicy | None
-    # Every CPU of the pool (for a shared pool: the CPUs its containers share).
+    # Exclusive pools: the pool's CPUs. Shared pools: the CPUs a new shared container gets.
     cpus: CpuSet
-    # Exclusive pools: every device by ID, including retained ones (see `unhealthy`).
+    # Exclusive-kind devices by ID: the pool's devices, plus held ones kept with an older meaning (for a
+    # shared resource: held devices from when it was exclusive).
     exclusive: Mapping[str, ExclusiveDevice] = field(default_factory=dict)
-    # Shared pools: the number of healthy millicpu devices (IDs 0 .. count-1).
+    # Shared pools: millicpu devices 0 .. count-1 (healthy), less `shared_withheld`.
     shared_count: int = 0
-    # Shared pools: in-use IDs beyond shared_count, kept listed until their pods are gone.
+    # Held shared-kind IDs listed Unhealthy: beyond shared_count, of a drained pool, or (for an exclusive
+    # resource) from when it was shared.
     shared_retained: frozenset[int] = frozenset()
-    # Devices listed Unhealthy: in use while the config no longer gives them (or their CPUs) to this resource.
+    # Indexes below shared_count not listed as millicpus: their ID is a held exclusive-kind device.
+    shared_withheld: frozenset[int] = frozenset()
+    # Held shared IDs whose CPUs differ from `cpus` (handed out before the pool changed).
+    shared_groups: tuple[SharedGroup, ...] = ()
+    # Exclusive-kind devices listed Unhealthy (kept for a holder, held elsewhere, or offline).
     unhealthy: frozenset[str] = frozenset()
-    # The CPUs the config gives the pool; differs from `cpus` while some are still held by other pods.
+    # Unhealthy devices an Allocate must refuse: their CPUs belong to another holder, or are offline.
+    blocked: Mapping[str, str] = field(default_factory=dict)
+    # The CPUs the config gives the pool; differs from `cpus` while some are held elsewhere or offline.
     config_cpus: CpuSet = field(default_factory=CpuSet)
+    socket: str = ""
+    # False for a resource the config no longer has, served only until its held devices are free.
+    configured: bool = True
+    # Shared pools: millicpu indexes below this may still be in the kubelet's view (the previous count).
+    shared_recent: int = 0
 
     @property
     def socket_name(self) -> str:
-        return f"cpupool-{self.pool}.sock"
+        return self.socket or f"cpupool-{self.pool}.sock"
 
     @property
     def exclusive_pool(self) -> bool:
         return self.pool_type is PoolType.EXCLUSIVE
 
+    def _shared_ids(self) -> list[int]:
+        if self.shared_withheld:
+            healthy = [i for i in range(self.shared_count) if i not in self.shared_withheld]
+        else:
+            healthy = list(range(self.shared_count))
+        return healthy + sorted(self.shared_retained)
+
     def device_ids(self) -> list[str]:
-        if self.exclusive_pool:
-            return list(self.exclusive)
-        indexes = list(range(self.shared_count)) + sorted(self.shared_retained)
-        return [shared_device_id(i) for i in indexes]
+        return [d.id for d in self.devices()]
 
     def has_device(self, device_id: str) -> bool:
-        if self.exclusive_pool:
-            return device_id in self.exclusive
+        if device_id in self.exclusive:
+            return True
         index = shared_device_index(device_id)
-        return index is not None and (index < self.shared_count or index in self.shared_retained)
+        if index is None:
+            return False
+        if index in self.shared_retained:
+            return True
+        return not self.exclusive_pool and index < self.shared_count and index not in self.shared_withheld
 
     def devices(self) -> list[DeviceView]:
+        views = [
+            DeviceView(d.id, UNHEALTHY if d.id in self.unhealthy else HEALTHY, d.numa_node)
+            for d in self.exclusive.values()
+        ]
         if self.exclusive_pool:
-            return [
-                DeviceView(d.id, UNHEALTHY if d.id in self.unhealthy else HEALTHY, d.numa_node)
-                for d in self.exclusive.values()
+            return views + [
+                DeviceView(shared_device_id(i), UNHEALTHY, None) for i in sorted(self.shared_retained)
             ]
-        healthy = [DeviceView(shared_device_id(i), HEALTHY, None) for i in range(self.shared_count)]
-        retained = [DeviceView(shared_device_id(i), UNHEALTHY, None) for i in sorted(self.shared_retained)]
-        return healthy + retained
+        healthy = self.shared_count - len(self.shared_withheld)
+        shared = self._shared_ids()
+        return [
+            DeviceView(shared_device_id(i), HEALTHY if n < healthy else UNHEALTHY, None)
+            for n, i in enumerate(shared)
+        ] + views
+
+    def grant(self, device_ids: Iterable[str]) -> Grant:
+        """What a container gets for these IDs (all known to this resource), by their meaning."""
+        exclusive: list[CpuSet] = []
+        shared: list[CpuSet] = []
+        for device_id in device_ids:
+            device = self.exclusive.get(device_id)
+            if device is not None:
+                exclusive.append(device.cpus)
+                continue
+            for group in self.shared_groups:
+                if device_id in group.ids:
+                    shared.append(group.cpus)
+                    break
+            else:
+                shared.append(self.cpus)
+        return Grant(CpuSet().union(*exclusive), CpuSet().union(*set(shared)))
 
     def cpus_of(self, device_ids: Iterable[str]) -> CpuSet:
         """The CPUs a container gets for these IDs (all known to this resource)."""
-        if not self.exclusive_pool:
-            return self.cpus
-        return CpuSet().union(*(self.exclusive[i].cpus for i in device_ids))
+        return self.grant(device_ids).cpus
 
     @property
     def device_count(self) -> int:
-        if self.exclusive_pool:
-            return len(self.exclusive)
-        return self.shared_count + len(self.shared_retained)
+        shared = self.shared_count - len(self.shared_withheld) if not self.exclusive_pool else 0
+        return len(self.exclusive) + shared + len(self.shared_retained)
 
     @property
     def healthy_count(self) -> int:
         if self.exclusive_pool:
             return len(self.exclusive) - len(self.unhealthy)
-        return self.shared_count
+        return self.shared_count - len(self.shared_withheld)
+
+    @property
+    def pending(self) -> bool:
+        """True while something is held back for a holder that may be gone by now."""
+        return bool(
+            self.unhealthy
+            or self.shared_retained
+            or self.shared_withheld
+            or self.shared_groups
+            or self.cpus != self.config_cpus
+            or not self.configured
+        )
 
 
 @dataclass(frozen=True)
@@ -129,12 +219,19 @@ class Plan:
     resource_base_name: str
     resources: Mapping[str, Resource]
     warnings: tuple[str, ...] = ()
+    # False when the plan was made without the kubelet's record (every listed ID was assumed held).
+    held_known: bool = True
 
     @property
     def pending(self) -> bool:
         """True while some device is held back for a pod that still uses it: worth re-checking."""
-        return any(
-            r.unhealthy or r.shared_retained or r.cpus != r.config_cpus for r in self.resources.values()
+        return not self.held_known or any(r.pending for r in self.resources.values())
+
+    def exclusive_cpus(self) -> CpuSet:
+        """Every CPU an exclusive pool gives, or that an exclusive-kind device still holds."""
+        return CpuSet().union(
+            *(r.cpus for r in self.resources.values() if r.exclusive_pool and r.configured),
+            *(d.cpus for r in self.resources.values() for d in r.exclusive.values()),
         )
 
 
@@ -152,10 +249,13 @@ class PlanDiff:
 def exclusive_devices(
     cpus: CpuSet, policy: HtPolicy | None, topology: Topology
 ) -> dict[str, ExclusiveDevice]:
-    """The devices of an exclusive pool: one per CPU, or one per core under a hyper-threading policy."""
+    """The devices of an exclusive pool over its online CPUs: one per CPU, or one per core under an HT
+    policy."""
     devices: dict[str, ExclusiveDevice] = {}
     for cpu_id in cpus:
-        cpu = topology.cpus[cpu_id]
+        cpu = topology.cpus.get(cpu_id)
+        if cpu is None:
+            continue
         if policy is None:
             device_cpus = CpuSet([cpu_id])
         else:
@@ -189,62 +289,157 @@ def device_message_size(device: DeviceView) -> int:
     return _field_size(size)
 
 
+def shared_entry_size(index: int, health: str = HEALTHY) -> int:
+    return _field_size(_field_size(len(shared_device_id(index))) + _field_size(len(health)))
+
+
 def list_message_size(resource: Resource) -> int:
     """Encoded size of the ListAndWatchResponse that carries every device of `resource`."""
-    if resource.exclusive_pool:
-        return sum(device_message_size(d) for d in resource.devices())
-    # Millicpu devices differ only by ID length: count IDs per length instead of visiting 200,000 of them.
-    total = 0
-    healthy = _field_size(len(HEALTHY))
-    width, low = 1, 0
-    while low < resource.shared_count:
-        high = 36**width
-        total += (min(high, resource.shared_count) - low) * _field_size(_field_size(width) + healthy)
-        width, low = width + 1, high
-    unhealthy = _field_size(len(UNHEALTHY))
+    total = sum(
+        device_message_size(
+            DeviceView(d.id, UNHEALTHY if d.id in resource.unhealthy else HEALTHY, d.numa_node)
+        )
+        for d in resource.exclusive.values()
+    )
+    if not resource.exclusive_pool:
+        # Millicpu devices differ only by ID length: count IDs per length instead of visiting 200,000 of them.
+        healthy = _field_size(len(HEALTHY))
+        width, low = 1, 0
+        while low < resource.shared_count:
+            high = 36**width
+            total += (min(high, resource.shared_count) - low) * _field_size(_field_size(width) + healthy)
+            width, low = width + 1, high
+        total -= sum(shared_entry_size(i) for i in resource.shared_withheld)
     for index in resource.shared_retained:
-        total += _field_size(_field_size(len(shared_device_id(index))) + unhealthy)
+        total += shared_entry_size(index, UNHEALTHY)
     return total
 
 
-def _held_cpus(previous: Plan | None, in_use: Mapping[str, frozenset[str]]) -> dict[tuple[str, str], CpuSet]:
-    """(resource, device ID) -> CPUs, for every device in use according to the previous plan."""
-    held: dict[tuple[str, str], CpuSet] = {}
-    if previous is None:
-        return held
-    for name, ids in in_use.items():
-        old = previous.resources.get(name)
+# --- what is held, and what it means ---------------------------------------------------------------------
+
+
+@dataclass
+class _Claims:
+    """Every held device with its meaning: per CPU, who holds it."""
+
+    # resource -> ID -> device, for held exclusive-kind IDs.
+    exclusive: dict[str, dict[str, ExclusiveDevice]] = field(default_factory=dict)
+    # resource -> held shared-kind IDs, grouped by the CPUs they were handed out with.
+    shared: dict[str, list[SharedGroup]] = field(default_factory=dict)
+    # CPU -> (resource, ID) of every exclusive-kind claim on it.
+    exclusive_holders: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+    # CPU -> resources with a shared claim on it.
+    shared_holders: dict[int, set[str]] = field(default_factory=dict)
+
+    def add_exclusive(self, name: str, device: ExclusiveDevice) -> None:
+        self.exclusive.setdefault(name, {})[device.id] = device
+        for cpu in device.cpus:
+            self.exclusive_holders.setdefault(cpu, []).append((name, device.id))
+
+    def add_shared(self, name: str, group: SharedGroup) -> None:
+        if not group.ids:
+            return
+        self.shared.setdefault(name, []).append(group)
+        for cpu in group.cpus:
+            self.shared_holders.setdefault(cpu, set()).add(name)
+
+    @property
+    def exclusive_cpus(self) -> CpuSet:
+        return CpuSet(self.exclusive_holders)
+
+    def blocker(self, name: str, device: ExclusiveDevice) -> str | None:
+        """Who else holds any CPU of `device` (None when nobody but the device itself does)."""
+        for cpu in device.cpus:
+            for holder in self.exclusive_holders.get(cpu, ()):
+                if holder != (name, device.id):
+                    return f"CPU {cpu} is held exclusively through {holder[0]} device {holder[1]!r}"
+            sharers = self.shared_holders.get(cpu)
+            if sharers:
+                return f"CPU {cpu} is held by shared containers of {', '.join(sorted(sharers))}"
+        return None
+
+
+def _held_ids(held: Held, name: str) -> frozenset[str] | _Unknown:
+    if isinstance(held, _Unknown):
+        return UNKNOWN
+    return held.get(name, frozenset())
+
+
+def _shared_listed(resource: Resource) -> frozenset[str]:
+    return frozenset(shared_device_id(i) for i in resource._shared_ids())
+
+
+def _claims(previous: Mapping[str, Resource], held: Held, configured: Mapping[str, Resource]) -> _Claims:
+    """Resolve every held ID to its meaning: the previous plan's, else the new config's (no memory)."""
+    claims = _Claims()
+    names = set(previous) if isinstance(held, _Unknown) else set(previous) | set(held)
+    for name in sorted(names):
+        ids: frozenset[str] | None = None if isinstance(held, _Unknown) else held.get(name, frozenset())
+        if ids is not None and not ids:
+            continue
+        old = previous.get(name) or configured.get(name)
         if old is None:
             continue
-        for device_id in ids:
-            if old.has_device(device_id):
-                held[(name, device_id)] = old.cpus_of([device_id])
-    return held
+        for device_id, device in old.exclusive.items():
+            if ids is None or device_id in ids:
+                claims.add_exclusive(name, device)
+        grouped: set[str] = set()
+        for group in old.shared_groups:
+            kept = group.ids if ids is None else group.ids & ids
+            grouped |= kept
+            claims.add_shared(name, SharedGroup(group.cpus, kept))
+        if old.exclusive_pool:
+            # Shared-kind IDs of an exclusive resource all live in groups.
+            continue
+        if ids is None:
+            rest = _shared_listed(old) - grouped - frozenset(old.exclusive)
+        else:
+            rest = frozenset(
+                i for i in ids - grouped - frozenset(old.exclusive) if shared_device_index(i) is not None
+            )
+        claims.add_shared(name, SharedGroup(old.cpus, rest))
+    return claims
 
 
 def build_plan(
     validated: ValidatedConfig,
     topology: Topology,
     previous: Plan | None = None,
-    in_use: Mapping[str, frozenset[str]] | None = None,
+    in_use: Held | None = None,
 ) -> Plan:
     """The resources to serve.
 
-    Devices in use (by resource name, from the PodResources API) that the new config drops or whose CPUs it
-    moves stay listed as Unhealthy until they are free, so the kubelet never hands one CPU to two containers
-    and a re-admitted pod finds its IDs."""
+    `previous` says what each device ID meant; `in_use` which IDs the kubelet holds, per resource name
+    (UNKNOWN: assume every ID the previous plan listed is held). A held device keeps its meaning, listed
+    Unhealthy when the config no longer gives it; no CPU of a held device is offered by anything else."""
     config = validated.config
-    in_use = in_use or {}
-    held = _held_cpus(previous, in_use)
+    held: Held = {} if in_use is None else in_use
+    before = dict(previous.resources) if previous is not None else {}
+    # What the new config alone would serve: the meaning of held IDs the agent has no memory of.
+    fresh = {
+        config.resource_name(spec.name): _fresh_resource(
+            config.resource_name(spec.name),
+            spec.name,
+            spec.type,
+            spec.ht_policy,
+            validated.cpus[spec.name],
+            topology,
+        )
+        for spec in config.pools.values()
+    }
+    claims = _claims(before, held, fresh)
+    online = topology.online
     resources: dict[str, Resource] = {}
     problems: list[Problem] = []
     for spec in config.pools.values():
         name = config.resource_name(spec.name)
         cpus = validated.cpus[spec.name]
         if spec.type is PoolType.EXCLUSIVE:
-            resource = _exclusive_resource(name, spec.name, spec.ht_policy, cpus, topology, previous, held)
+            resource = _exclusive_resource(
+                name, spec.name, spec.ht_policy, cpus, topology, before.get(name), claims
+            )
         else:
-            resource = _shared_resource(name, spec.name, cpus, previous, in_use, held)
+            resource = _shared_resource(name, spec.name, cpus, online, before.get(name), held, claims)
             size = list_message_size(resource)
             if size >= MAX_MESSAGE_BYTES:
                 per_cpu = size // max(1, len(cpus))
@@ -259,25 +454,48 @@ def build_plan(
         resources[name] = resource
     if problems:
         raise ConfigError(config.source, problems)
-    if previous is not None:
-        for name, old in previous.resources.items():
-            if name not in resources:
-                draining = _draining_resource(old, in_use.get(name, frozenset()))
-                if draining is not None:
-                    resources[name] = draining
-    return Plan(config.resource_base_name, resources, validated.warnings)
+    sockets = {r.socket_name for r in resources.values()}
+    for name in sorted(set(before) | set(claims.exclusive) | set(claims.shared)):
+        if name in resources:
+            continue
+        old = before.get(name)
+        if old is None:
+            continue
+        draining = _draining_resource(old, claims)
+        if draining is None:
+            continue
+        if draining.socket_name in sockets:
+            # Another base name's pool of the same name: its socket must differ.
+            digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+            draining = replace(draining, socket=f"cpupool-{draining.pool}-{digest}.sock")
+        sockets.add(draining.socket_name)
+        resources[name] = draining
+    return Plan(
+        config.resource_base_name,
+        resources,
+        validated.warnings,
+        held_known=not isinstance(held, _Unknown),
+    )
 
 
-def _draining_resource(old: Resource, in_use: frozenset[str]) -> Resource | None:
-    """A resource the config dropped, still listing its in-use devices (unhealthy) until they are free."""
-    held = [i for i in in_use if old.has_device(i)]
-    if not held:
-        return None
-    if old.exclusive_pool:
-        devices = {i: old.exclusive[i] for i in sorted(held, key=int)}
-        return replace(old, exclusive=devices, unhealthy=frozenset(devices))
-    indexes = frozenset(i for i in (shared_device_index(d) for d in held) if i is not None)
-    return replace(old, shared_count=0, shared_retained=indexes)
+def _fresh_resource(
+    name: str, pool: str, pool_type: PoolType, policy: HtPolicy | None, cpus: CpuSet, topology: Topology
+) -> Resource:
+    if pool_type is PoolType.EXCLUSIVE:
+        return Resource(
+            name, pool, pool_type, policy, cpus, exclusive=exclusive_devices(cpus, policy, topology)
+        )
+    serving = cpus & topology.online
+    return Resource(name, pool, pool_type, None, serving, shared_count=len(serving) * MILLICPUS_PER_CPU)
+
+
+def _offline_device(cpu: int, old: Resource | None) -> ExclusiveDevice:
+    """A device for an offline CPU: its last known meaning, else the CPU alone (sysfs tells nothing more)."""
+    if old is not None:
+        known = old.exclusive.get(str(cpu))
+        if known is not None:
+            return known
+    return ExclusiveDevice(str(cpu), CpuSet([cpu]), -1, CoreKey(-1, -1, cpu), None)
 
 
 def _exclusive_resource(
@@ -286,27 +504,48 @@ def _exclusive_resource(
     policy: HtPolicy | None,
     cpus: CpuSet,
     topology: Topology,
-    previous: Plan | None,
-    held: Mapping[tuple[str, str], CpuSet],
+    old: Resource | None,
+    claims: _Claims,
 ) -> Resource:
     devices = exclusive_devices(cpus, policy, topology)
-    old = previous.resources.get(name) if previous is not None else None
-    unhealthy: set[str] = set()
-    for (holder, device_id), held_cpus in held.items():
-        if holder == name and old is not None and old.exclusive_pool:
-            current = devices.get(device_id)
-            if current is None or current.cpus != held_cpus:
-                # Dropped or redefined while in use: keep its old meaning, unhealthy, until it is free.
-                devices[device_id] = old.exclusive[device_id]
-                unhealthy.add(device_id)
-    for device in list(devices.values()):
-        if device.id in unhealthy:
+    offline = cpus - topology.online
+    covered = CpuSet().union(*(d.cpus for d in devices.values()))
+    for cpu in offline:
+        if cpu in covered:
             continue
-        for (holder, device_id), held_cpus in held.items():
-            same = holder == name and device_id == device.id and old is not None and old.exclusive_pool
-            if not same and not device.cpus.isdisjoint(held_cpus):
-                unhealthy.add(device.id)
-                break
+        device = _offline_device(cpu, old)
+        if str(cpu) not in devices:
+            devices[device.id] = device
+            covered |= device.cpus
+    own = claims.exclusive.get(name, {})
+    unhealthy: set[str] = set()
+    blocked: dict[str, str] = {}
+    for device_id, kept in own.items():
+        current = devices.get(device_id)
+        if current is None or current.cpus != kept.cpus:
+            # Dropped or redefined while held: keep its old meaning, unhealthy, until it is free.
+            devices[device_id] = kept
+            unhealthy.add(device_id)
+    for device in devices.values():
+        reason = claims.blocker(name, device)
+        if reason is None and not device.cpus.issubset(topology.online):
+            reason = f"CPU {(device.cpus - topology.online).format()} is offline"
+        if reason is not None:
+            unhealthy.add(device.id)
+            if device.id not in own:
+                blocked[device.id] = reason
+    # Held shared-kind IDs from when this resource was shared: listed as they were, and an exclusive
+    # device with the same ID waits until they are free.
+    shared_groups = tuple(claims.shared.get(name, ()))
+    retained: set[int] = set()
+    for group in shared_groups:
+        for device_id in group.ids:
+            index = shared_device_index(device_id)
+            if index is not None and device_id not in own:
+                retained.add(index)
+                devices.pop(device_id, None)
+                unhealthy.discard(device_id)
+                blocked.pop(device_id, None)
     ordered = dict(sorted(devices.items(), key=lambda item: int(item[0])))
     return Resource(
         name,
@@ -315,39 +554,117 @@ def _exclusive_resource(
         policy,
         cpus,
         exclusive=ordered,
+        shared_retained=frozenset(retained),
+        shared_groups=shared_groups,
         unhealthy=frozenset(unhealthy),
+        blocked=blocked,
         config_cpus=cpus,
     )
+
+
+def _max_index_below(ids: Iterable[str], count: int) -> set[int]:
+    """Indexes of shared IDs at or beyond `count`: base 36 without leading zeros orders by (length, text)."""
+    if count <= 0:
+        return {i for i in (shared_device_index(d) for d in ids) if i is not None}
+    top = shared_device_id(count - 1)
+    key = (len(top), top)
+    out = set()
+    for device_id in ids:
+        if (len(device_id), device_id) > key:
+            index = shared_device_index(device_id)
+            if index is not None:
+                out.add(index)
+    return out
 
 
 def _shared_resource(
     name: str,
     pool: str,
     cpus: CpuSet,
-    previous: Plan | None,
-    in_use: Mapping[str, frozenset[str]],
-    held: Mapping[tuple[str, str], CpuSet],
+    online: CpuSet,
+    old: Resource | None,
+    held: Held,
+    claims: _Claims,
 ) -> Resource:
-    # Shared CPUs that exclusive containers still hold: shared containers must not be sent there yet.
-    held_elsewhere = CpuSet().union(*(c for (holder, _), c in held.items() if holder != name))
-    serving = cpus - held_elsewhere
+    # Shared CPUs that exclusive devices still hold (or offline ones): shared containers must not get them.
+    serving = (cpus & online) - claims.exclusive_cpus
     count = len(serving) * MILLICPUS_PER_CPU
+    groups: list[SharedGroup] = []
     retained: set[int] = set()
-    old = previous.resources.get(name) if previous is not None else None
+    for group in claims.shared.get(name, ()):
+        if group.cpus == serving:
+            # Handed out with what the pool serves again now: no longer different.
+            if old is not None and group.cpus == old.cpus:
+                pass
+            continue
+        groups.append(group)
+    merged: dict[CpuSet, set[str]] = {}
+    for group in groups:
+        merged.setdefault(group.cpus, set()).update(group.ids)
+    shared_groups = tuple(SharedGroup(c, frozenset(ids)) for c, ids in sorted(merged.items()))
+    held_shared: list[frozenset[str]] = [g.ids for g in claims.shared.get(name, ())]
+    old_top = 0
     if old is not None and not old.exclusive_pool:
-        for device_id in in_use.get(name, frozenset()):
-            index = shared_device_index(device_id)
-            if index is not None and index >= count and old.has_device(device_id):
-                retained.add(index)
+        old_top = max([old.shared_count, *(i + 1 for i in old.shared_retained)])
+    if count < old_top or isinstance(held, _Unknown):
+        for ids in held_shared:
+            retained |= _max_index_below(ids, count)
+    else:
+        # Only IDs listed beyond the old count can be beyond the new one.
+        if old is not None:
+            held_ids = _held_ids(held, name)
+            for index in old.shared_retained:
+                if index >= count and (isinstance(held_ids, _Unknown) or shared_device_id(index) in held_ids):
+                    retained.add(index)
+        for group in shared_groups:
+            retained |= _max_index_below(group.ids, count)
+    # Exclusive-kind devices from when this resource was exclusive: listed Unhealthy with their meaning.
+    foreign = dict(sorted(claims.exclusive.get(name, {}).items(), key=lambda item: int(item[0])))
+    withheld = frozenset(i for i in (shared_device_index(d) for d in foreign) if i is not None and i < count)
+    retained -= {i for i in (shared_device_index(d) for d in foreign) if i is not None}
     return Resource(
         name,
         pool,
         PoolType.SHARED,
         None,
         serving,
+        exclusive=foreign,
         shared_count=count,
         shared_retained=frozenset(retained),
+        shared_withheld=withheld,
+        shared_groups=shared_groups,
+        unhealthy=frozenset(foreign),
         config_cpus=cpus,
+        shared_recent=max(count, old.shared_count if old is not None else 0),
+    )
+
+
+def _draining_resource(old: Resource, claims: _Claims) -> Resource | None:
+    """A resource the config dropped, still listing its held devices (unhealthy) until they are free."""
+    name = old.name
+    exclusive = dict(sorted(claims.exclusive.get(name, {}).items(), key=lambda item: int(item[0])))
+    groups = claims.shared.get(name, [])
+    if not exclusive and not groups:
+        return None
+    retained: set[int] = set()
+    kept: list[SharedGroup] = []
+    for group in groups:
+        retained |= {i for i in (shared_device_index(d) for d in group.ids) if i is not None}
+        kept.append(group)
+    retained -= {i for i in (shared_device_index(d) for d in exclusive) if i is not None}
+    shared_cpus = old.cpus if not old.exclusive_pool else CpuSet()
+    # Every held shared ID keeps its meaning through a group (the drained pool serves nothing new).
+    groups_out = tuple(g for g in kept if g.cpus != shared_cpus or old.exclusive_pool)
+    return replace(
+        old,
+        exclusive=exclusive,
+        shared_count=0,
+        shared_retained=frozenset(retained),
+        shared_withheld=frozenset(),
+        shared_groups=groups_out,
+        unhealthy=frozenset(exclusive),
+        blocked={},
+        configured=False,
     )
 
 

@@ -19,7 +19,7 @@ from agent.kubeletapi.v1beta1 import (
     ListAndWatchResponse,
     PreferredAllocationRequest,
 )
-from agent.plan import HEALTHY, UNHEALTHY, DeviceView, Resource, shared_device_id
+from agent.plan import HEALTHY, UNHEALTHY, DeviceView, Resource, shared_device_id, shared_entry_size
 
 _BASE36 = b"0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -97,11 +97,48 @@ def encode_shared(count: int, retained: Iterable[int]) -> bytes:
     return b"".join(parts)
 
 
+def _cut(payload: bytes, count: int, withheld: Iterable[int]) -> bytes:
+    """`payload` (encode_shared of `count` healthy devices) without the entries of the `withheld` indexes.
+
+    Every healthy entry of one ID width has the same size, so an entry's offset is arithmetic."""
+    holes = sorted(i for i in withheld if i < count)
+    if not holes:
+        return payload
+    starts = [0]
+    width = 1
+    while 36 ** (width - 1) <= count:
+        low, high = (0 if width == 1 else 36 ** (width - 1)), min(36**width, count)
+        starts.append(starts[-1] + max(0, high - low) * shared_entry_size(low))
+        width += 1
+
+    def offset(index: int) -> int:
+        w = len(shared_device_id(index))
+        low = 0 if w == 1 else 36 ** (w - 1)
+        return starts[w - 1] + (index - low) * shared_entry_size(low)
+
+    parts, pos = [], 0
+    for index in holes:
+        start = offset(index)
+        parts.append(payload[pos:start])
+        pos = start + shared_entry_size(index)
+    parts.append(payload[pos:])
+    return b"".join(parts)
+
+
 def encode_resource(resource: Resource) -> EncodedListAndWatchResponse:
     if resource.exclusive_pool:
         payload = encode_devices(resource.devices())
     else:
-        payload = encode_shared(resource.shared_count, resource.shared_retained)
+        healthy = _cut(
+            encode_shared(resource.shared_count, ()), resource.shared_count, resource.shared_withheld
+        )
+        retained = encode_devices(
+            DeviceView(shared_device_id(i), UNHEALTHY, None) for i in sorted(resource.shared_retained)
+        )
+        foreign = encode_devices(
+            DeviceView(d.id, UNHEALTHY, d.numa_node) for d in resource.exclusive.values()
+        )
+        payload = healthy + retained + foreign
     return EncodedListAndWatchResponse(payload, resource.device_count)
 
 

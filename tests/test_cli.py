@@ -218,11 +218,6 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path, args: 
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="agent/plan.py does not use ValidatedConfig.offline yet: it looks offline CPUs up in topology",
-)
 def test_check_config_accepts_present_but_offline_cpus(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -73,10 +73,13 @@ async def test_enormous_requests_get_clear_errors(tmp_path: Path) -> None:
         await run.emu.wait_devices(FAST)
         await run.emu.wait_devices(SHARED)
         many = [str(i) for i in range(100_000)]
-        with pytest.raises(PluginCallError) as info:
-            await run.emu.call_preferred(FAST, many, [], 4)
-        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert "100000" in info.value.details or "unknown" in info.value.details
+        # IDs the agent does not offer are passed over (the kubelet's list may lag): the answer comes from
+        # the pool's own devices.
+        answer = await run.emu.call_preferred(FAST, many, [], 4)
+        snapshot = run.emu.resource(FAST)
+        assert snapshot is not None
+        offered = snapshot.healthy_ids
+        assert len(answer) == 4 and set(answer) <= offered
         with pytest.raises(PluginCallError) as info:
             await run.emu.call_allocate(SHARED, many)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
