@@ -4,3 +4,6 @@
 # trips a CPython 3.11 bug ("AST constructor recursion depth mismatch", python/cpython#106905) after
 # runs that used many threads.
 import hypothesis  # noqa: F401
+
+# Kubelet peers (the grpcio emulator and the kubelet's own device manager) and their fixtures.
+pytest_plugins = ["tests.peers.fixtures"]

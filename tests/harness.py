@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agent.supervisor import AgentSettings, Supervisor
 from tests.emulator import KubeletEmulator
+from tests.peers import KubeletPeer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sysfs"
 
@@ -62,7 +63,8 @@ class Running:
     plugin_dir: Path
     pod_resources: Path
     configmap: ConfigMapDir
-    emu: KubeletEmulator
+    emu: KubeletEmulator | KubeletPeer
+    """The kubelet: the grpcio emulator or the real device manager (tests/kubeletpeer), as the test asked."""
     supervisor: Supervisor
     task: asyncio.Task[None]
 
@@ -90,8 +92,13 @@ async def running_agent(
     root: Path | None = None,
     kubelet: bool = True,
     recheck_interval_s: float = 30.0,
+    peer: str = "emulator",
 ) -> AsyncIterator[Running]:
-    """The agent serving `config` (None: no config file) to an emulated kubelet in tmp_path."""
+    """The agent serving `config` (None: no config file) to a kubelet in tmp_path.
+
+    `peer` picks the kubelet: "emulator" (grpcio, kubelet v1.37 behaviour), "emulator-1.36" (the emulator
+    with the registration behaviour of kubelets v1.34 to v1.36) or "kubelet" (the kubelet's own device manager
+    from tests/kubeletpeer; take the `kubelet_peer_binary` fixture too: it skips where Go is missing)."""
     plugin_dir = tmp_path / "device-plugins"
     plugin_dir.mkdir(exist_ok=True)
     pod_resources = tmp_path / "pod-resources" / "kubelet.sock"
@@ -107,7 +114,16 @@ async def running_agent(
         pin_self=False,
         recheck_interval_s=recheck_interval_s,
     )
-    emu = KubeletEmulator(plugin_dir, pod_resources_socket=pod_resources, autostart=kubelet)
+    emu: KubeletEmulator | KubeletPeer
+    if peer == "kubelet":
+        emu = KubeletPeer(plugin_dir, pod_resources_socket=pod_resources, autostart=kubelet)
+    elif peer in ("emulator", "emulator-1.36"):
+        release = "1.36" if peer == "emulator-1.36" else "1.37"
+        emu = KubeletEmulator(
+            plugin_dir, pod_resources_socket=pod_resources, autostart=kubelet, release=release
+        )
+    else:
+        raise ValueError(f"unknown kubelet peer {peer!r}: emulator, emulator-1.36 or kubelet")
     async with emu:
         supervisor = Supervisor(settings)
         task = asyncio.create_task(supervisor.run())

@@ -1,15 +1,11 @@
-"""The kubelet emulator itself, driven by a small device plugin written with grpcio in this file."""
+"""The kubelet emulator itself, driven by a small grpcio device plugin (tests/emulator/fakeplugin.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
-import tempfile
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,176 +25,7 @@ from tests.emulator import (
     extended_resource_name_problem,
     query_pod_resources,
 )
-
-pb = DEVICEPLUGIN.pb2
-RESOURCE = "example.com/cpu"
-
-Answer = Callable[[Any], list[str]]
-
-
-def dev(device_id: str, health: str = "Healthy", numa: Sequence[int] | None = None) -> Any:
-    device = pb.Device(ID=device_id, health=health)
-    if numa is not None:
-        device.topology.nodes.extend(pb.NUMANode(ID=n) for n in numa)
-    return device
-
-
-def prefer_from_the_end(request: Any) -> list[str]:
-    """A valid preference that differs from the kubelet's sorted fallback: must_include, then highest IDs."""
-    must = list(request.must_include_deviceIDs)
-    rest = [i for i in sorted(request.available_deviceIDs, reverse=True) if i not in must]
-    return must + rest[: request.allocation_size - len(must)]
-
-
-class FakePlugin:
-    """Just enough of a device plugin (grpcio, sync) to exercise the emulator."""
-
-    def __init__(
-        self, plugin_dir: Path, name: str, devices: Sequence[Any], *, preferred: bool = False
-    ) -> None:
-        self.socket_path = plugin_dir / name
-        self.endpoint = name
-        self.options = pb.DevicePluginOptions(get_preferred_allocation_available=preferred)
-        self.options_error: str | None = None
-        self.allocate_error: str | None = None
-        self.preferred_answer: Answer = prefer_from_the_end
-        self.options_calls = 0
-        self.list_and_watch_calls = 0
-        self.preferred_requests: list[Any] = []
-        self.allocate_requests: list[list[str]] = []
-        self._cond = threading.Condition()
-        self._devices = list(devices)
-        self._version = 0
-        self._stream_generation = 0
-        self._server: Any = None
-        self._executor: ThreadPoolExecutor | None = None
-
-    def start(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=8)
-        self._server = grpc.server(self._executor)
-        DEVICEPLUGIN.grpc.add_DevicePluginServicer_to_server(self, self._server)
-        self._server.add_insecure_port(f"unix://{self.socket_path}")
-        self._server.start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop(None).wait()
-            self._server = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
-
-    def set_devices(self, devices: Sequence[Any]) -> None:
-        with self._cond:
-            self._devices = list(devices)
-            self._version += 1
-            self._cond.notify_all()
-
-    def end_streams(self) -> None:
-        """Complete every open ListAndWatch stream (the server keeps running)."""
-        with self._cond:
-            self._stream_generation += 1
-            self._cond.notify_all()
-
-    async def register(
-        self, kubelet_socket: Path, resource: str = RESOURCE, version: str = "v1beta1"
-    ) -> None:
-        request = pb.RegisterRequest(version=version, endpoint=self.endpoint, resource_name=resource)
-        # Claims the opposite of GetDevicePluginOptions: the kubelet must ignore this field.
-        request.options.get_preferred_allocation_available = (
-            not self.options.get_preferred_allocation_available
-        )
-
-        def call() -> None:
-            with grpc.insecure_channel(f"unix://{kubelet_socket}") as channel:
-                DEVICEPLUGIN.grpc.RegistrationStub(channel).Register(request, timeout=10)
-
-        await asyncio.to_thread(call)
-
-    # -- DevicePlugin service (grpcio servicer methods) --
-
-    def GetDevicePluginOptions(self, request: Any, context: Any) -> Any:
-        self.options_calls += 1
-        if self.options_error is not None:
-            context.abort(grpc.StatusCode.INTERNAL, self.options_error)
-        return self.options
-
-    def ListAndWatch(self, request: Any, context: Any) -> Iterator[Any]:
-        with self._cond:
-            self.list_and_watch_calls += 1
-            generation = self._stream_generation
-
-        def wake() -> None:
-            with self._cond:
-                self._cond.notify_all()
-
-        context.add_callback(wake)
-        sent = -1
-        while True:
-            with self._cond:
-                self._cond.wait_for(
-                    lambda sent=sent: (  # type: ignore[misc]
-                        self._stream_generation != generation
-                        or self._version != sent
-                        or not context.is_active()
-                    )
-                )
-                if self._stream_generation != generation or not context.is_active():
-                    return
-                sent = self._version
-                devices = list(self._devices)
-            yield pb.ListAndWatchResponse(devices=devices)
-
-    def GetPreferredAllocation(self, request: Any, context: Any) -> Any:
-        self.preferred_requests.extend(request.container_requests)
-        return pb.PreferredAllocationResponse(
-            container_responses=[
-                pb.ContainerPreferredAllocationResponse(deviceIDs=self.preferred_answer(r))
-                for r in request.container_requests
-            ]
-        )
-
-    def Allocate(self, request: Any, context: Any) -> Any:
-        self.allocate_requests.extend(list(r.devices_ids) for r in request.container_requests)
-        if self.allocate_error is not None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.allocate_error)
-        return pb.AllocateResponse(
-            container_responses=[
-                pb.ContainerAllocateResponse(
-                    envs={"FAKE_IDS": ",".join(r.devices_ids)},
-                    annotations={"fake.example.com/count": str(len(r.devices_ids))},
-                    devices=[
-                        pb.DeviceSpec(container_path="/dev/fake", host_path="/dev/null", permissions="rw")
-                    ],
-                    mounts=[pb.Mount(container_path="/etc/fake", host_path="/tmp", read_only=True)],
-                    cdi_devices=[pb.CDIDevice(name="example.com/fake=all")],
-                )
-                for r in request.container_requests
-            ]
-        )
-
-    def PreStartContainer(self, request: Any, context: Any) -> Any:
-        return pb.PreStartContainerResponse()
-
-
-@pytest.fixture
-def base_dir() -> Iterator[Path]:
-    # Not tmp_path: unix socket paths are limited to 107 bytes and pytest's directories can be long.
-    path = Path(tempfile.mkdtemp(prefix="emu-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def plugin_dir(base_dir: Path) -> Path:
-    path = base_dir / "device-plugins"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def pod_resources_socket(base_dir: Path) -> Path:
-    return base_dir / "pod-resources" / "kubelet.sock"
+from tests.emulator.fakeplugin import RESOURCE, Answer, FakePlugin, dev, pb
 
 
 @pytest.fixture
@@ -207,21 +34,6 @@ async def emu(plugin_dir: Path, pod_resources_socket: Path) -> AsyncIterator[Kub
         plugin_dir, pod_resources_socket, dial_timeout=2.0, rpc_timeout=5.0
     ) as emulator:
         yield emulator
-
-
-@pytest.fixture
-def make_plugin(plugin_dir: Path) -> Iterator[Callable[..., FakePlugin]]:
-    plugins: list[FakePlugin] = []
-
-    def make(devices: Sequence[Any], name: str = "fake.sock", preferred: bool = False) -> FakePlugin:
-        plugin = FakePlugin(plugin_dir, name, devices, preferred=preferred)
-        plugin.start()
-        plugins.append(plugin)
-        return plugin
-
-    yield make
-    for plugin in plugins:
-        plugin.stop()
 
 
 async def registered(
@@ -341,9 +153,10 @@ async def test_register_fails_when_the_endpoint_socket_is_missing(plugin_dir: Pa
         assert emu.resource(RESOURCE) is None
 
 
-async def test_a_new_register_replaces_the_old_endpoint(
+async def test_v137_a_new_register_leaves_the_old_stream_open(
     emu: KubeletEmulator, make_plugin: Callable[..., FakePlugin]
 ) -> None:
+    """The kubelet never closes an older stream when a resource registers again (both releases)."""
     first = await registered(emu, make_plugin, [dev("a"), dev("b")], name="first.sock")
     second = make_plugin([dev("x")], name="second.sock")
     await second.register(emu.socket_path)
@@ -351,14 +164,89 @@ async def test_a_new_register_replaces_the_old_endpoint(
         RESOURCE, lambda s: s.endpoint == "second.sock" and s.lists_received > 0
     )
     assert snapshot.device_ids == {"x"}
-    await emu.wait_for(
-        lambda: any(e.endpoint == "first.sock" for e in emu.stream_ends), what="old stream end"
-    )
-    (old_end,) = [e for e in emu.stream_ends if e.endpoint == "first.sock"]
-    assert old_end.by_kubelet
-    # The replaced stream ending must not mark the new endpoint's devices unhealthy.
-    assert emu.allocatable(RESOURCE) == 1
+    assert emu.clients(RESOURCE) == ("first.sock", "second.sock")
+    assert emu.stream_ends == ()
+    # The old stream still feeds the resource's one device list.
+    first.set_devices([dev("a")])
+    await emu.wait_devices(RESOURCE, lambda s: s.device_ids == {"a"})
     assert first.list_and_watch_calls == 1
+
+
+async def v136_emulator(plugin_dir: Path, pod_resources_socket: Path) -> KubeletEmulator:
+    return KubeletEmulator(
+        plugin_dir, pod_resources_socket, dial_timeout=2.0, rpc_timeout=5.0, release="1.36"
+    )
+
+
+async def test_v136_an_old_stream_ending_disconnects_the_new_registration(
+    plugin_dir: Path, pod_resources_socket: Path, make_plugin: Callable[..., FakePlugin]
+) -> None:
+    """Kubelets v1.34 to v1.36 keep one client per resource name: when an older stream of the name ends, they
+    disconnect the current client (the new registration) and mark the whole resource unhealthy."""
+    async with await v136_emulator(plugin_dir, pod_resources_socket) as emu:
+        first = await registered(emu, make_plugin, [dev("a"), dev("b")], name="first.sock")
+        second = make_plugin([dev("x"), dev("y")], name="second.sock")
+        await second.register(emu.socket_path)
+        await emu.wait_devices(RESOURCE, lambda s: s.endpoint == "second.sock" and s.device_ids == {"x", "y"})
+        assert emu.clients(RESOURCE) == ("second.sock",)
+        assert emu.stream_ends == ()
+        first.end_streams()
+        snapshot = await emu.wait_devices(RESOURCE, lambda s: not s.registered)
+        assert (snapshot.capacity, snapshot.allocatable) == (2, 0)
+        # The kubelet closed the new registration's connection itself.
+        await emu.wait_for(lambda: len(emu.stream_ends) == 2, what="both streams ended")
+        ends = {e.endpoint: e.by_kubelet for e in emu.stream_ends}
+        assert ends == {"first.sock": False, "second.sock": True}
+        assert emu.clients(RESOURCE) == ()
+        with pytest.raises(AllocationError):
+            await emu.allocate(RESOURCE, 1)
+        # Only a new Register brings the resource back.
+        await second.register(emu.socket_path)
+        await emu.wait_devices(RESOURCE, lambda s: s.stream_open and s.allocatable == 2)
+
+
+async def test_v136_registering_the_same_socket_again_is_accepted(
+    plugin_dir: Path, pod_resources_socket: Path, make_plugin: Callable[..., FakePlugin]
+) -> None:
+    async with await v136_emulator(plugin_dir, pod_resources_socket) as emu:
+        plugin = await registered(emu, make_plugin, [dev("a")])
+        await plugin.register(emu.socket_path)
+        await emu.wait_for(lambda: plugin.list_and_watch_calls == 2, what="a second stream")
+        assert [r.accepted for r in emu.registrations] == [True, True]
+
+
+async def test_node_status_drops_a_resource_stopped_longer_than_the_grace_period(
+    plugin_dir: Path, pod_resources_socket: Path, make_plugin: Callable[..., FakePlugin]
+) -> None:
+    async with KubeletEmulator(plugin_dir, pod_resources_socket, stop_grace_s=0.2) as emu:
+        plugin = await registered(emu, make_plugin, [dev("a"), dev("b")])
+        status = await emu.node_status()
+        assert (status.capacity, status.allocatable, status.removed) == ({RESOURCE: 2}, {RESOURCE: 2}, ())
+        plugin.end_streams()
+        await emu.wait_devices(RESOURCE, lambda s: not s.registered)
+        status = await emu.node_status()
+        assert (status.capacity, status.allocatable) == ({RESOURCE: 2}, {RESOURCE: 0})
+        await asyncio.sleep(0.3)
+        status = await emu.node_status()
+        # Deleted from the device manager, but node status keeps the name at 0.
+        assert status.removed == (RESOURCE,)
+        assert (status.capacity, status.allocatable, status.device_capacity) == (
+            {RESOURCE: 0},
+            {RESOURCE: 0},
+            {},
+        )
+        assert emu.resource(RESOURCE) is None or emu.capacity(RESOURCE) == 0
+        assert (await emu.node_status()).removed == ()
+
+
+async def test_restart_leaves_resources_at_zero_until_they_register(
+    emu: KubeletEmulator, make_plugin: Callable[..., FakePlugin]
+) -> None:
+    await registered(emu, make_plugin, [dev("a"), dev("b")])
+    await emu.restart()
+    status = await emu.node_status()
+    # The kubelet restores the name from its checkpoint with a stopped endpoint: capacity 0, not removed.
+    assert (status.device_capacity, status.removed) == ({RESOURCE: 0}, ())
 
 
 # -- ListAndWatch ---------------------------------------------------------------------------------------

@@ -44,10 +44,14 @@ def devices_from_response(response: Any) -> tuple[DeviceInfo, ...]:
 class PluginEndpoint:
     """One plugin socket as the kubelet sees it; owns its channel and its ListAndWatch reader thread."""
 
-    def __init__(self, resource: str, endpoint: str, socket_path: Path) -> None:
+    def __init__(self, resource: str, endpoint: str, socket_path: Path, epoch: int = 0) -> None:
         self.resource = resource
         self.endpoint = endpoint
         self.socket_path = socket_path
+        self.epoch = epoch
+        """The emulated kubelet's serving epoch this connection belongs to (a restart starts a new one)."""
+        self.streaming = False
+        """A list arrived and the stream has not ended yet (set by the books, under their lock)."""
         # grpcio uses "localhost" as the authority of unix targets, as the kubelet's client does.
         self._channel = grpc.insecure_channel(f"unix://{socket_path}")
         self.stub: Any = DEVICEPLUGIN.grpc.DevicePluginStub(self._channel)

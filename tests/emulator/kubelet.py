@@ -35,6 +35,7 @@ from .model import (
     EmulatorError,
     ListAndWatchRecord,
     Mount,
+    NodeStatus,
     NotRegisteredError,
     PluginCallError,
     PluginOptions,
@@ -44,7 +45,7 @@ from .model import (
 )
 from .podresources import PodResourcesServer, check_socket_path
 from .protos import DEVICEPLUGIN
-from .state import DeviceManager, PodKey, StaleRegistration
+from .state import ENDPOINT_STOP_GRACE_S, AlreadyConnected, DeviceManager, PodKey, StaleRegistration
 from .validation import extended_resource_name_problem
 
 log = structlog.get_logger(__name__)
@@ -140,11 +141,16 @@ class KubeletEmulator:
         start_delay: float | None = None,
         dial_timeout: float = 10.0,
         rpc_timeout: float | None = 10.0,
+        release: str = "1.37",
+        stop_grace_s: float = ENDPOINT_STOP_GRACE_S,
     ) -> None:
         """`autostart=False` leaves starting to `await emu.start()`; `start_delay` starts serving that many
         seconds after entering the context, in the background. `dial_timeout` is the kubelet's blocking
         dial limit (10 s there). `rpc_timeout` bounds each call to the plugin; the kubelet sets no deadline,
-        but a test should fail rather than hang (None disables it)."""
+        but a test should fail rather than hang (None disables it). `release` picks the kubelet's
+        registration behaviour: "1.37" (clients per socket path) or "1.36" (one client per resource name,
+        as in v1.34 to v1.36; see state.py). `stop_grace_s` is the kubelet's 5-minute grace before node
+        status drops a resource whose endpoint stopped (shorter only to test that rule)."""
         self.plugin_dir = Path(plugin_dir).absolute()
         self.socket_path = self.plugin_dir / KUBELET_SOCKET
         self.pod_resources_socket = Path(pod_resources_socket).absolute() if pod_resources_socket else None
@@ -152,7 +158,8 @@ class KubeletEmulator:
         self.rpc_timeout = rpc_timeout
         self._autostart = autostart
         self._start_delay = start_delay
-        self._books = DeviceManager()
+        self._books = DeviceManager(release, stop_grace_s)
+        self.kubelet_release = release
         self._server: Any = None
         self._executor: ThreadPoolExecutor | None = None
         self._pod_resources = (
@@ -295,33 +302,55 @@ class KubeletEmulator:
             raise _Rejected(unknown, f"the resource name {request.resource_name!r} is invalid: it {problem}")
         # Go's filepath.Join: the endpoint is always relative to the plugin dir, even with a leading "/".
         socket_path = Path(os.path.normpath(f"{self.plugin_dir}/{request.endpoint}"))
-        endpoint = PluginEndpoint(request.resource_name, request.endpoint, socket_path)
+        endpoint = PluginEndpoint(request.resource_name, request.endpoint, socket_path, epoch)
         try:
-            self._books.add_dialing(endpoint, epoch)
+            self._books.add_client(endpoint, epoch)
+        except StaleRegistration:
+            endpoint.close()
+            raise _Rejected(grpc.StatusCode.UNAVAILABLE, "kubelet restarted during registration") from None
+        try:
             endpoint.dial(self.dial_timeout)
             reply = endpoint.stub.GetDevicePluginOptions(_pb.Empty(), timeout=self.rpc_timeout)
             options = PluginOptions(
                 pre_start_required=reply.pre_start_required,
                 get_preferred_allocation_available=reply.get_preferred_allocation_available,
             )
-            old = self._books.install(endpoint, options, epoch)
+            self._books.connect(endpoint, options, epoch)
         except StaleRegistration:
+            self._books.drop_client(endpoint, abandoned=False)
             endpoint.close()
             raise _Rejected(grpc.StatusCode.UNAVAILABLE, "kubelet restarted during registration") from None
         except DialError as exc:
-            self._books.discard_dialing(endpoint)
+            self._books.drop_client(endpoint, abandoned=False)
             endpoint.close()
             raise _Rejected(unknown, f"failed to dial device plugin: {exc}") from None
         except grpc.RpcError as exc:
-            self._books.discard_dialing(endpoint)
-            endpoint.close()
+            # The kubelet keeps this connection open (it never closes a client whose connect failed).
+            self._books.drop_client(endpoint, abandoned=True)
             raise _Rejected(
                 unknown, f"failed to get device plugin options: {exc.code().name}: {exc.details()}"
             ) from None
+        except AlreadyConnected as exc:
+            # v1.37: this drops the running client of that path from the server's list too (see state.py).
+            self._books.drop_client(endpoint, abandoned=True)
+            raise _Rejected(unknown, str(exc)) from None
         # Opened right away, concurrently with the answer to Register, as the kubelet's client goroutine does.
-        endpoint.start_stream(self._books.on_list, self._books.on_stream_end)
-        if old is not None:
-            old.close()
+        # An older stream of the same resource keeps running: the kubelet never closes it on a new Register.
+        endpoint.start_stream(self._books.on_list, self._stream_ended)
+
+    def _stream_ended(self, endpoint: PluginEndpoint, reason: str, by_kubelet: bool) -> None:
+        """runClient once Run returns (on the ended stream's reader thread): disconnect the client the kubelet
+        finds for it, which in v1.36 is the current client of the name, not necessarily this one."""
+        victim = self._books.on_stream_end(endpoint, reason, by_kubelet)
+        if victim is None:
+            return
+        victim.close()
+        log.info(
+            "kubelet.plugin_disconnected",
+            resource=victim.resource,
+            endpoint=victim.endpoint,
+            ended_stream=endpoint.endpoint,
+        )
 
     # -- observing ----------------------------------------------------------------------------------------
 
@@ -336,6 +365,15 @@ class KubeletEmulator:
             if snap is not None:
                 out[name] = snap
         return out
+
+    def clients(self, resource: str) -> tuple[str, ...]:
+        """Endpoints whose streams the kubelet still watches for `resource` (its registration server's
+        clients); a stream that ends for an endpoint not listed here is ignored by the kubelet."""
+        return self._books.clients(resource)
+
+    async def node_status(self) -> NodeStatus:
+        """Run the kubelet's node-status update once (GetCapacity) and return the extended resources."""
+        return self._books.node_status()
 
     def capacity(self, resource: str) -> int:
         snap = self._books.snapshot(resource)
@@ -527,6 +565,10 @@ class KubeletEmulator:
     def release(self, pod: str, namespace: str = "default") -> tuple[str, ...]:
         """The pod is gone: free its devices (all containers, all resources); returns the freed IDs."""
         return self._books.release((namespace, pod))
+
+    async def remove_pod(self, pod: str, namespace: str = "default") -> tuple[str, ...]:
+        """`release` under the name and signature of the real-kubelet peer (tests.peers.KubeletPeer)."""
+        return self.release(pod, namespace)
 
     # -- low-level calls to a registered plugin -----------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -175,3 +176,17 @@ class StreamEndRecord:
     at: float
     reason: str
     by_kubelet: bool
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """Extended resources in node status after one GetCapacity, as the kubelet's node-status setter keeps
+    them: a removed resource stays at 0; allocatable is the device manager's count of healthy devices."""
+
+    capacity: Mapping[str, int]
+    allocatable: Mapping[str, int]
+    removed: tuple[str, ...]
+    """Resources this GetCapacity deleted (endpoint gone, or stopped for longer than the grace period)."""
+    device_capacity: Mapping[str, int]
+    """What GetCapacity itself returned (only resources still known to the device manager)."""
+    device_allocatable: Mapping[str, int]

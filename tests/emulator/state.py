@@ -3,6 +3,23 @@
 Everything here is guarded by one lock. gRPC threads (Register handler, ListAndWatch readers, PodResources)
 write and read it; the event loop reads snapshots and waits for changes. Every change wakes the asyncio
 waiters through their loop's call_soon_threadsafe, so waiting never polls the emulator.
+
+Registration follows the kubelet's plugin/v1beta1 server and manager.go, in one of two releases:
+
+- "1.37" (k8s.io/kubernetes v1.37): the registration server keeps a list of clients per resource name, and the
+  manager one endpoint per (resource, socket path) (`endpointStore`), the latest being `endpoints[name]`.
+  A Register for a socket path that is still connected fails ("device plugin already connected") and removes
+  every client with that path from the server's list, the running one included: when that stream ends later,
+  nobody disconnects it, the stale endpoint stays and every later Register at that path fails until the
+  kubelet restarts. A stream that ends disconnects its own client; the resource is marked unhealthy only when
+  that was its last endpoint, otherwise another endpoint is promoted.
+- "1.36" (v1.34 to v1.36, and older): one client per resource name. A new Register replaces the client but
+  leaves the old stream running; when ANY stream of the name ends, the kubelet disconnects the client that is
+  current for the name (closing its connection) and marks the whole resource unhealthy.
+
+In both, every stream of a name feeds the same device list (the last message wins, whoever sent it), a
+disconnect stamps the endpoint's stop time, and node status drops a resource whose endpoint has been stopped
+for longer than the grace period (5 minutes).
 """
 
 from __future__ import annotations
@@ -11,11 +28,13 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .endpoint import PluginEndpoint
 from .model import (
     DeviceInfo,
     ListAndWatchRecord,
+    NodeStatus,
     PluginOptions,
     RegistrationRecord,
     ResourceSnapshot,
@@ -25,17 +44,33 @@ from .model import (
 PodKey = tuple[str, str]
 """(namespace, pod name)"""
 
+RELEASES = ("1.37", "1.36")
+ENDPOINT_STOP_GRACE_S = 300.0
+"""The kubelet's endpointStopGracePeriod."""
+
 
 class StaleRegistration(Exception):
     """The kubelet restarted or stopped while a Register was being handled."""
+
+
+class AlreadyConnected(Exception):
+    """v1.37: the (resource, socket path) pair already has a connected endpoint."""
 
 
 @dataclass
 class _Resource:
     name: str
     endpoint: PluginEndpoint | None = None
+    """endpoints[name]: used for Allocate and for the node-status grace period."""
     options: PluginOptions | None = None
-    stream_open: bool = False
+    stopped_at: float | None = None
+    """Stop time of `endpoint`; after a kubelet restart its start time (the stopped placeholder)."""
+    store: dict[Path, tuple[PluginEndpoint, PluginOptions]] = field(default_factory=dict)
+    """v1.37 endpointStore[name]: socket path -> connected endpoint."""
+    clients: list[PluginEndpoint] = field(default_factory=list)
+    """The registration server's clients for the name (v1.36: at most one)."""
+    in_maps: bool = False
+    """The name is in the kubelet's healthy/unhealthy device maps (a list arrived, or restored at start)."""
     devices: tuple[DeviceInfo, ...] = ()
     healthy: frozenset[str] = frozenset()
     lists_received: int = 0
@@ -50,17 +85,28 @@ class _Container:
 class DeviceManager:
     """Resources, endpoints, allocations and history of one emulated kubelet."""
 
-    def __init__(self) -> None:
+    def __init__(self, release: str = "1.37", stop_grace_s: float = ENDPOINT_STOP_GRACE_S) -> None:
+        if release not in RELEASES:
+            raise ValueError(f"unknown kubelet release {release!r}; the emulator models {RELEASES}")
+        self.kubelet_release = release
+        self.stop_grace_s = stop_grace_s
         self._lock = threading.RLock()
         self._epoch = 0
         self._serving = False
         self._resources: dict[str, _Resource] = {}
         self._dialing: set[PluginEndpoint] = set()
+        self._abandoned: list[PluginEndpoint] = []
         self._pods: dict[PodKey, dict[str, _Container]] = {}
         self._registrations: list[RegistrationRecord] = []
         self._lists: list[ListAndWatchRecord] = []
         self._stream_ends: list[StreamEndRecord] = []
+        self._node_capacity: dict[str, int] = {}
+        self._node_allocatable: dict[str, int] = {}
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    @property
+    def per_endpoint(self) -> bool:
+        return self.kubelet_release == "1.37"
 
     # -- lifecycle (called by the emulator) ---------------------------------------------------------------
 
@@ -71,19 +117,27 @@ class DeviceManager:
         self._changed()
 
     def end_serving(self) -> list[PluginEndpoint]:
-        """Forget every endpoint and device list, as a stopped kubelet does; allocations survive
-        (the kubelet restores them from its checkpoint). Returns the endpoints for the caller to close."""
+        """Forget every endpoint and device list, as a stopped kubelet does; allocations survive. Resources
+        that had device lists come back as the kubelet's checkpoint restores them: no devices, and a stopped
+        placeholder endpoint whose stop time is now. Returns every connection for the caller to close."""
+        now = time.monotonic()
         with self._lock:
             self._epoch += 1
             self._serving = False
-            endpoints = list(self._dialing)
+            endpoints = set(self._dialing) | set(self._abandoned)
             self._dialing.clear()
+            self._abandoned.clear()
             for res in self._resources.values():
                 if res.endpoint is not None:
-                    endpoints.append(res.endpoint)
-                self._resources[res.name] = _Resource(name=res.name)
+                    endpoints.add(res.endpoint)
+                endpoints.update(res.clients)
+                endpoints.update(ep for ep, _ in res.store.values())
+                restored = res.in_maps
+                self._resources[res.name] = _Resource(
+                    name=res.name, in_maps=restored, stopped_at=now if restored else None
+                )
         self._changed()
-        return endpoints
+        return list(endpoints)
 
     @property
     def serving(self) -> bool:
@@ -95,31 +149,56 @@ class DeviceManager:
 
     # -- registration (called from the Register handler thread) -------------------------------------------
 
-    def add_dialing(self, endpoint: PluginEndpoint, epoch: int) -> None:
+    def add_client(self, endpoint: PluginEndpoint, epoch: int) -> None:
+        """registerClient: the new client joins the server's list before it is dialed."""
         with self._lock:
             if epoch != self._epoch:
                 raise StaleRegistration
             self._dialing.add(endpoint)
+            res = self._resources.setdefault(endpoint.resource, _Resource(name=endpoint.resource))
+            if self.per_endpoint:
+                res.clients.append(endpoint)
+            else:
+                res.clients = [endpoint]
 
-    def discard_dialing(self, endpoint: PluginEndpoint) -> None:
+    def drop_client(self, endpoint: PluginEndpoint, *, abandoned: bool) -> None:
+        """deregisterClient after a failed connect. v1.37 removes every client with the same socket path (a
+        running one too); v1.36 removes whatever client the name has. `abandoned`: the kubelet leaves this
+        connection open (it never closes it); the emulator closes it when it stops."""
         with self._lock:
             self._dialing.discard(endpoint)
+            self._deregister(endpoint)
+            if abandoned:
+                self._abandoned.append(endpoint)
+        self._changed()
 
-    def install(self, endpoint: PluginEndpoint, options: PluginOptions, epoch: int) -> PluginEndpoint | None:
-        """Make `endpoint` the resource's live endpoint; returns the one it replaces (to be closed)."""
+    def _deregister(self, endpoint: PluginEndpoint) -> None:
+        res = self._resources.get(endpoint.resource)
+        if res is None:
+            return
+        if self.per_endpoint:
+            res.clients = [c for c in res.clients if c.socket_path != endpoint.socket_path]
+        else:
+            res.clients = []
+
+    def connect(self, endpoint: PluginEndpoint, options: PluginOptions, epoch: int) -> None:
+        """PluginConnected: the endpoint becomes endpoints[name] (v1.37: and joins endpointStore, unless
+        that socket path is connected already)."""
         with self._lock:
             self._dialing.discard(endpoint)
             if epoch != self._epoch:
                 raise StaleRegistration
             res = self._resources.setdefault(endpoint.resource, _Resource(name=endpoint.resource))
-            old = res.endpoint
-            # The device list stays until the new stream sends its first message, as in the kubelet.
+            if self.per_endpoint:
+                if endpoint.socket_path in res.store:
+                    raise AlreadyConnected(f"device plugin already connected: {endpoint.socket_path}")
+                res.store[endpoint.socket_path] = (endpoint, options)
+            # The device list stays until some stream sends a message, as in the kubelet.
             res.endpoint = endpoint
             res.options = options
-            res.stream_open = False
+            res.stopped_at = None
             res.lists_received = 0
         self._changed()
-        return old
 
     def record_registration(self, record: RegistrationRecord) -> None:
         with self._lock:
@@ -129,15 +208,18 @@ class DeviceManager:
     # -- ListAndWatch (called from reader threads) --------------------------------------------------------
 
     def on_list(self, endpoint: PluginEndpoint, devices: tuple[DeviceInfo, ...]) -> None:
+        """Every stream of a name feeds its one device list: the kubelet does not check who sent it."""
         now = time.monotonic()
         with self._lock:
             res = self._resources.get(endpoint.resource)
-            if res is None or res.endpoint is not endpoint:
-                return  # a superseded endpoint's late message
+            if res is None or endpoint.epoch != self._epoch or endpoint.closed:
+                return  # a connection the kubelet closed, or one of a kubelet that has since restarted
+            endpoint.streaming = True
             res.devices = devices
             res.healthy = frozenset(d.id for d in devices if d.healthy)
-            res.stream_open = True
-            res.lists_received += 1
+            res.in_maps = True
+            if endpoint is res.endpoint:
+                res.lists_received += 1
             self._lists.append(
                 ListAndWatchRecord(
                     resource=endpoint.resource,
@@ -149,9 +231,12 @@ class DeviceManager:
             )
         self._changed()
 
-    def on_stream_end(self, endpoint: PluginEndpoint, reason: str, by_kubelet: bool) -> None:
+    def on_stream_end(self, endpoint: PluginEndpoint, reason: str, by_kubelet: bool) -> PluginEndpoint | None:
+        """runClient after Run returns: look the client up and disconnect it. Returns the client whose
+        connection the caller must close (outside the lock: closing joins that client's reader thread)."""
         now = time.monotonic()
         with self._lock:
+            endpoint.streaming = False
             self._stream_ends.append(
                 StreamEndRecord(
                     resource=endpoint.resource,
@@ -162,12 +247,79 @@ class DeviceManager:
                 )
             )
             res = self._resources.get(endpoint.resource)
-            if res is not None and res.endpoint is endpoint:
-                # The kubelet marks every device unhealthy and never re-opens the stream: only a new
-                # Register brings the resource back. Capacity (the device list) stays.
-                res.stream_open = False
-                res.healthy = frozenset()
+            if res is None or endpoint.epoch != self._epoch:
+                victim = None
+            elif self.per_endpoint:
+                victim = next((c for c in res.clients if c.socket_path == endpoint.socket_path), None)
+            else:
+                # v1.36 looks the client up by name only: the current one, whichever stream ended.
+                victim = res.clients[0] if res.clients else None
+            if victim is not None:
+                self._deregister(victim)
+                # The kubelet closes the victim's connection first, then calls PluginDisconnected; both happen
+                # here in one step so that no snapshot shows a disconnected client with healthy devices.
+                self._plugin_disconnected(victim, now)
         self._changed()
+        return victim
+
+    def _plugin_disconnected(self, endpoint: PluginEndpoint, now: float) -> None:
+        """PluginDisconnected for `endpoint` (the caller holds the lock)."""
+        res = self._resources.get(endpoint.resource)
+        if res is not None:
+            if self.per_endpoint:
+                entry = res.store.get(endpoint.socket_path)
+                if entry is None:
+                    return
+                if res.endpoint is entry[0]:
+                    res.stopped_at = now
+                if len(res.store) == 1:
+                    res.store.clear()
+                    res.healthy = frozenset()  # markResourceUnhealthy
+                else:
+                    del res.store[endpoint.socket_path]
+                    # Go promotes an arbitrary remaining endpoint; the emulator takes the newest.
+                    promoted, options = list(res.store.values())[-1]
+                    res.endpoint, res.options, res.stopped_at = promoted, options, None
+            elif res.endpoint is not None:
+                res.healthy = frozenset()  # markResourceUnhealthy
+                res.stopped_at = now
+
+    # -- node status ----------------------------------------------------------------------------------------
+
+    def node_status(self) -> NodeStatus:
+        """GetCapacity and the node-status setter: a resource whose endpoint is missing or stopped for longer
+        than the grace period is deleted and stays in node status at 0; the others report capacity (all
+        devices) and allocatable (healthy devices)."""
+        now = time.monotonic()
+        capacity: dict[str, int] = {}
+        allocatable: dict[str, int] = {}
+        removed: list[str] = []
+        with self._lock:
+            for name, res in sorted(self._resources.items()):
+                if not res.in_maps:
+                    continue
+                expired = res.stopped_at is not None and now - res.stopped_at > self.stop_grace_s
+                if (res.endpoint is None and res.stopped_at is None) or expired:
+                    removed.append(name)
+                    res.in_maps = False
+                    res.endpoint, res.options, res.stopped_at = None, None, None
+                    res.devices, res.healthy = (), frozenset()
+                    continue
+                capacity[name] = len(res.devices)
+                allocatable[name] = len(res.healthy)
+            self._node_capacity.update(capacity)
+            for name in removed:
+                self._node_capacity[name] = 0
+            self._node_allocatable = dict(self._node_capacity) | allocatable
+            status = NodeStatus(
+                capacity=dict(self._node_capacity),
+                allocatable=dict(self._node_allocatable),
+                removed=tuple(removed),
+                device_capacity=capacity,
+                device_allocatable=allocatable,
+            )
+        self._changed()
+        return status
 
     # -- allocation ---------------------------------------------------------------------------------------
 
@@ -217,26 +369,38 @@ class DeviceManager:
 
     # -- reading ------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _known(res: _Resource) -> bool:
+        """The device manager knows the name (a client that never connected leaves no trace there)."""
+        return res.endpoint is not None or res.in_maps or bool(res.store) or res.stopped_at is not None
+
     def snapshot(self, resource: str) -> ResourceSnapshot | None:
         with self._lock:
             res = self._resources.get(resource)
-            if res is None:
+            if res is None or not self._known(res):
                 return None
+            live = res.endpoint is not None and res.stopped_at is None and not res.endpoint.closed
             return ResourceSnapshot(
                 name=res.name,
-                registered=res.endpoint is not None,
+                registered=live,
                 endpoint=res.endpoint.endpoint if res.endpoint is not None else None,
                 options=res.options,
-                stream_open=res.stream_open,
+                stream_open=live and res.endpoint is not None and res.endpoint.streaming,
                 devices=res.devices,
                 healthy_ids=res.healthy,
                 lists_received=res.lists_received,
                 in_use=self.in_use(resource),
             )
 
+    def clients(self, resource: str) -> tuple[str, ...]:
+        """Endpoint names of the registration server's clients for `resource` (streams it still watches)."""
+        with self._lock:
+            res = self._resources.get(resource)
+            return tuple(c.endpoint for c in res.clients) if res is not None else ()
+
     def resource_names(self) -> list[str]:
         with self._lock:
-            return sorted(self._resources)
+            return sorted(name for name, res in self._resources.items() if self._known(res))
 
     def pods(self) -> dict[PodKey, dict[str, dict[str, tuple[DeviceInfo, ...]]]]:
         """namespace/pod -> container -> resource -> devices, in allocation order."""
@@ -252,6 +416,7 @@ class DeviceManager:
             return {
                 name: tuple(d for d in res.devices if d.id in res.healthy)
                 for name, res in sorted(self._resources.items())
+                if res.in_maps
             }
 
     @property

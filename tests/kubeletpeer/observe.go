@@ -1,0 +1,226 @@
+package main
+
+import (
+	"fmt"
+	"path/filepath"
+	"reflect"
+	"sort"
+	"sync"
+	"time"
+	"unsafe"
+
+	"k8s.io/apimachinery/pkg/util/sets"
+	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
+	plugin "k8s.io/kubernetes/pkg/kubelet/cm/devicemanager/plugin/v1beta1"
+)
+
+// The device manager keeps per-device health, endpoints and registered clients in unexported fields, and no
+// exported method returns unhealthy device IDs or which endpoint serves a resource. Tests need exactly that
+// view, so it is read here with reflection under the manager's own locks (read-only). A field renamed in a
+// later release turns into an error reply that names it, not into wrong data.
+
+type fieldError struct{ msg string }
+
+func field(v reflect.Value, name string) reflect.Value {
+	f := v.FieldByName(name)
+	if !f.IsValid() {
+		panic(fieldError{fmt.Sprintf("%s has no field %q (kubelet release changed?)", v.Type(), name)})
+	}
+	if !f.CanAddr() {
+		panic(fieldError{fmt.Sprintf("%s.%s is not addressable", v.Type(), name)})
+	}
+	return reflect.NewAt(f.Type(), unsafe.Pointer(f.UnsafeAddr())).Elem()
+}
+
+// addressable copies a (struct) value so that its fields can be opened.
+func addressable(v reflect.Value) reflect.Value {
+	c := reflect.New(v.Type()).Elem()
+	c.Set(v)
+	return c
+}
+
+type endpointView struct {
+	Socket             string  `json:"socket"`
+	Stopped            bool    `json:"stopped"`
+	StoppedForS        float64 `json:"stopped_for_s"`
+	HasOptions         bool    `json:"has_options"`
+	PreferredAvailable bool    `json:"get_preferred_allocation_available"`
+	PreStartRequired   bool    `json:"pre_start_required"`
+}
+
+type deviceView struct {
+	ID             string  `json:"id"`
+	Health         string  `json:"health"`
+	ReportedHealth string  `json:"reported_health"`
+	NUMA           []int64 `json:"numa_nodes"`
+}
+
+type resourceView struct {
+	Devices   []deviceView   `json:"devices"`
+	InUse     []string       `json:"in_use"`
+	Endpoint  *endpointView  `json:"endpoint"`
+	Endpoints []endpointView `json:"endpoints"`
+	Clients   []string       `json:"clients"`
+}
+
+func endpointOf(info reflect.Value) endpointView {
+	info = addressable(info)
+	var view endpointView
+	if opts, _ := field(info, "opts").Interface().(*pluginapi.DevicePluginOptions); opts != nil {
+		view.HasOptions = true
+		view.PreferredAvailable = opts.GetPreferredAllocationAvailable
+		view.PreStartRequired = opts.PreStartRequired
+	}
+	e := field(info, "e")
+	if e.IsNil() {
+		return view
+	}
+	impl := e.Elem()
+	if impl.Kind() == reflect.Pointer {
+		impl = impl.Elem()
+	}
+	mu := field(impl, "mutex").Addr().Interface().(*sync.Mutex)
+	mu.Lock()
+	view.Socket = field(impl, "socket").String()
+	stop := field(impl, "stopTime").Interface().(time.Time)
+	mu.Unlock()
+	if view.Socket != "" {
+		view.Socket = filepath.Base(view.Socket)
+	}
+	if !stop.IsZero() {
+		view.Stopped = true
+		view.StoppedForS = time.Since(stop).Seconds()
+	}
+	return view
+}
+
+func (p *peer) snapshot() (result map[string]any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			fe, ok := r.(fieldError)
+			if !ok {
+				panic(r)
+			}
+			result, err = nil, fmt.Errorf("reading the device manager's state: %s", fe.msg)
+		}
+	}()
+	covered := logSeq.Load()
+	m := reflect.ValueOf(p.manager).Elem()
+	views := map[string]*resourceView{}
+	view := func(name string) *resourceView {
+		v := views[name]
+		if v == nil {
+			v = &resourceView{Devices: []deviceView{}, InUse: []string{}, Endpoints: []endpointView{}, Clients: []string{}}
+			views[name] = v
+		}
+		return v
+	}
+
+	mu := field(m, "mutex").Addr().Interface().(*sync.Mutex)
+	mu.Lock()
+	func() {
+		defer mu.Unlock()
+		all := field(m, "allDevices").Interface()
+		healthy := field(m, "healthyDevices").Interface().(map[string]sets.Set[string])
+		unhealthy := field(m, "unhealthyDevices").Interface().(map[string]sets.Set[string])
+		allocated := field(m, "allocatedDevices").Interface().(map[string]sets.Set[string])
+		allDevices := reflect.ValueOf(all)
+		add := func(name, id, health string) {
+			d := deviceView{ID: id, Health: health}
+			if byID := allDevices.MapIndex(reflect.ValueOf(name)); byID.IsValid() {
+				if dev := byID.MapIndex(reflect.ValueOf(id)); dev.IsValid() {
+					pd := dev.Interface().(*pluginapi.Device)
+					d.ReportedHealth = pd.Health
+					if pd.Topology != nil {
+						d.NUMA = []int64{}
+						for _, n := range pd.Topology.Nodes {
+							d.NUMA = append(d.NUMA, n.ID)
+						}
+					}
+				}
+			}
+			view(name).Devices = append(view(name).Devices, d)
+		}
+		for name, ids := range healthy {
+			view(name)
+			for id := range ids {
+				add(name, id, pluginapi.Healthy)
+			}
+		}
+		for name, ids := range unhealthy {
+			view(name)
+			for id := range ids {
+				add(name, id, pluginapi.Unhealthy)
+			}
+		}
+		for name, ids := range allocated {
+			view(name).InUse = sets.List(ids)
+		}
+		endpoints := field(m, "endpoints")
+		for it := endpoints.MapRange(); it.Next(); {
+			ep := endpointOf(it.Value())
+			view(it.Key().String()).Endpoint = &ep
+		}
+		store := field(m, "endpointStore")
+		for it := store.MapRange(); it.Next(); {
+			name := it.Key().String()
+			for inner := it.Value().MapRange(); inner.Next(); {
+				view(name).Endpoints = append(view(name).Endpoints, endpointOf(inner.Value().Elem()))
+			}
+		}
+	}()
+
+	server := field(m, "server").Elem()
+	if server.Kind() == reflect.Pointer {
+		server = server.Elem()
+	}
+	smu := field(server, "mutex").Addr().Interface().(*sync.Mutex)
+	smu.Lock()
+	clients := field(server, "clients").Interface().(map[string][]plugin.Client)
+	for name, cs := range clients {
+		for _, c := range cs {
+			view(name).Clients = append(view(name).Clients, filepath.Base(c.SocketPath()))
+		}
+	}
+	smu.Unlock()
+
+	out := map[string]any{}
+	for name, v := range views {
+		sort.Slice(v.Devices, func(i, j int) bool { return v.Devices[i].ID < v.Devices[j].ID })
+		sort.Slice(v.Endpoints, func(i, j int) bool { return v.Endpoints[i].Socket < v.Endpoints[j].Socket })
+		sort.Strings(v.Clients)
+		out[name] = v
+	}
+	return map[string]any{"resources": out, "pods": p.podsWithDevices(), "log_seq": covered}, nil
+}
+
+// stateEmitter sends a "state" event after changes (log lines, commands), coalescing bursts. It never runs
+// inside a log call: the device manager logs while holding its mutex, which the snapshot takes.
+type stateEmitter struct {
+	p    *peer
+	wake chan struct{}
+}
+
+func newStateEmitter(p *peer) *stateEmitter {
+	s := &stateEmitter{p: p, wake: make(chan struct{}, 1)}
+	go s.run()
+	return s
+}
+
+func (s *stateEmitter) poke() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (s *stateEmitter) run() {
+	for range s.wake {
+		snap, err := s.p.snapshot()
+		if err != nil {
+			s.p.out.event("state_error", map[string]any{"error": err.Error()})
+			continue
+		}
+		s.p.out.event("state", snap)
+	}
+}

@@ -1,0 +1,190 @@
+"""One device plugin, two kubelets: the grpcio emulator and the kubelet's device manager (tests/kubeletpeer).
+
+Each scenario runs against both (the `kubelet` fixture is parametrised), so the emulator is held to what the
+kubelet's code really does, including the parts of re-registration that surprise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.emulator import (
+    AllocationError,
+    KubeletEmulator,
+    NotRegisteredError,
+    device_ids_by_resource,
+    query_pod_resources,
+)
+from tests.emulator.fakeplugin import RESOURCE, FakePlugin, dev
+from tests.peers import KubeletPeer
+
+Kubelet = KubeletEmulator | KubeletPeer
+ALREADY_CONNECTED = "device plugin already connected"
+
+
+def clients(kubelet: Kubelet, resource: str = RESOURCE) -> tuple[str, ...]:
+    """Endpoints whose streams the kubelet still watches for the resource."""
+    if isinstance(kubelet, KubeletPeer):
+        raw = kubelet.peer_resource(resource)
+        return raw.clients if raw is not None else ()
+    return kubelet.clients(resource)
+
+
+async def stream_ended(kubelet: Kubelet, count: int) -> None:
+    await kubelet.wait_for(
+        lambda: len([e for e in kubelet.stream_ends if e.resource == RESOURCE]) >= count,
+        what=f"{count} ended stream(s) of {RESOURCE}",
+    )
+
+
+async def test_register_allocate_list_and_remove(
+    kubelet: Kubelet, make_plugin: Callable[..., FakePlugin], pod_resources_socket: Path
+) -> None:
+    plugin = make_plugin([dev("a", numa=[0]), dev("b", numa=[1]), dev("c", "Unhealthy", numa=[0])])
+    await plugin.register(kubelet.socket_path)
+    snap = await kubelet.wait_devices(RESOURCE)
+    assert (snap.capacity, snap.allocatable) == (3, 2)
+    assert snap.healthy_ids == {"a", "b"}
+
+    result = await kubelet.allocate(RESOURCE, 1, pod="web")
+    (held,) = result.device_ids
+    assert held in {"a", "b"}
+    assert result.envs == {"FAKE_IDS": held}
+    assert result.annotations == {"fake.example.com/count": "1"}
+    assert result.devices == [("/dev/fake", "/dev/null", "rw")]
+    assert result.mounts == [("/etc/fake", "/tmp", True)]
+    assert result.cdi_devices == ["example.com/fake=all"]
+    assert plugin.allocate_requests == [[held]]
+
+    listed = await asyncio.to_thread(query_pod_resources, pod_resources_socket)
+    (pod,) = listed.pod_resources
+    assert pod.name == "web"
+    assert device_ids_by_resource(pod.containers[0].devices) == {RESOURCE: {held}}
+    allocatable = await asyncio.to_thread(
+        query_pod_resources, pod_resources_socket, "GetAllocatableResources"
+    )
+    assert device_ids_by_resource(allocatable.devices) == {RESOURCE: {"a", "b"}}
+
+    status = await kubelet.node_status()
+    assert (status.capacity[RESOURCE], status.allocatable[RESOURCE]) == (3, 2)
+
+    other = await kubelet.allocate(RESOURCE, 1, pod="db")
+    assert set(other.device_ids) == {"a", "b"} - {held}
+    with pytest.raises(AllocationError, match="requested number of devices unavailable"):
+        await kubelet.allocate(RESOURCE, 1, pod="late")
+
+    assert await kubelet.remove_pod("web") == (held,)
+    await kubelet.wait_devices(RESOURCE, lambda s: s.in_use == set(other.device_ids))
+    again = await kubelet.allocate(RESOURCE, 1, pod="late")
+    assert again.device_ids == (held,)
+
+
+async def test_unknown_resource_is_not_registered(kubelet: Kubelet) -> None:
+    with pytest.raises(NotRegisteredError):
+        await kubelet.allocate("example.com/nothing", 1, pod="lost")
+
+
+async def test_the_only_stream_ending_marks_every_device_unhealthy(
+    kubelet: Kubelet, make_plugin: Callable[..., FakePlugin]
+) -> None:
+    plugin = make_plugin([dev("a"), dev("b"), dev("c")])
+    await plugin.register(kubelet.socket_path)
+    await kubelet.wait_devices(RESOURCE)
+    plugin.end_streams()
+    snap = await kubelet.wait_devices(RESOURCE, lambda s: s.allocatable == 0)
+    assert snap.capacity == 3 and not snap.registered and not snap.stream_open
+    status = await kubelet.node_status()
+    # Within the 5-minute grace period node status keeps the capacity; nothing is allocatable.
+    assert (status.capacity[RESOURCE], status.allocatable[RESOURCE], status.removed) == (3, 0, ())
+    with pytest.raises(AllocationError):
+        await kubelet.allocate(RESOURCE, 1, pod="refused")
+    # The kubelet never re-opens a stream; a new Register brings the devices back.
+    await plugin.register(kubelet.socket_path)
+    snap = await kubelet.wait_devices(RESOURCE, lambda s: s.stream_open and s.allocatable == 3)
+    assert snap.registered
+
+
+async def test_registering_a_connected_socket_again_is_refused_and_orphans_its_stream(
+    kubelet: Kubelet, make_plugin: Callable[..., FakePlugin]
+) -> None:
+    """v1.37: a second Register for a socket path that is connected fails, and the kubelet stops watching
+    the stream already running there: when it ends, nothing is marked unhealthy and nothing is disconnected,
+    so that path cannot register again until the kubelet restarts."""
+    plugin = make_plugin([dev("a"), dev("b")])
+    await plugin.register(kubelet.socket_path)
+    await kubelet.wait_devices(RESOURCE)
+    assert clients(kubelet) == ("fake.sock",)
+
+    with pytest.raises(grpc.RpcError) as caught:
+        await plugin.register(kubelet.socket_path)
+    assert ALREADY_CONNECTED in (caught.value.details() or "")
+    await kubelet.wait_for(lambda: clients(kubelet) == (), what="the running client dropped from the list")
+    # The running stream still feeds the device list.
+    plugin.set_devices([dev("a"), dev("b"), dev("c")])
+    await kubelet.wait_devices(RESOURCE, lambda s: s.capacity == 3 and s.allocatable == 3)
+
+    plugin.end_streams()
+    await stream_ended(kubelet, 1)
+    snap = kubelet.resource(RESOURCE)
+    assert snap is not None and snap.allocatable == 3  # still counted healthy: nobody disconnected it
+    with pytest.raises(grpc.RpcError) as caught:
+        await plugin.register(kubelet.socket_path)
+    assert ALREADY_CONNECTED in (caught.value.details() or "")
+
+
+async def test_a_second_endpoint_keeps_the_resource_when_the_first_stream_ends(
+    kubelet: Kubelet, make_plugin: Callable[..., FakePlugin]
+) -> None:
+    first = make_plugin([dev("a"), dev("b")], name="first.sock")
+    await first.register(kubelet.socket_path)
+    await kubelet.wait_devices(RESOURCE)
+    second = make_plugin([dev("x")], name="second.sock")
+    await second.register(kubelet.socket_path)
+    await kubelet.wait_devices(RESOURCE, lambda s: s.endpoint == "second.sock" and s.device_ids == {"x"})
+    # Both streams stay open and both feed the one device list: the last message wins.
+    assert clients(kubelet) == ("first.sock", "second.sock")
+    first.set_devices([dev("a"), dev("b"), dev("c")])
+    await kubelet.wait_devices(RESOURCE, lambda s: s.device_ids == {"a", "b", "c"})
+
+    first.end_streams()
+    await kubelet.wait_for(lambda: clients(kubelet) == ("second.sock",), what="first.sock disconnected")
+    snap = kubelet.resource(RESOURCE)
+    assert snap is not None and snap.registered and snap.endpoint == "second.sock"
+    assert snap.allocatable == 3  # not marked unhealthy: another endpoint remains
+    second.set_devices([dev("x"), dev("y")])
+    await kubelet.wait_devices(RESOURCE, lambda s: s.device_ids == {"x", "y"} and s.allocatable == 2)
+
+
+async def test_restart_keeps_allocations_and_waits_for_registration(
+    kubelet: Kubelet, make_plugin: Callable[..., FakePlugin], plugin_dir: Path, pod_resources_socket: Path
+) -> None:
+    plugin = make_plugin([dev("a"), dev("b")])
+    await plugin.register(kubelet.socket_path)
+    await kubelet.wait_devices(RESOURCE)
+    held = (await kubelet.allocate(RESOURCE, 1, pod="survivor")).device_ids
+    await kubelet.restart()
+    # Every socket in the directory is gone but the kubelet's own; its checkpoint stays.
+    left = set(await asyncio.to_thread(os.listdir, plugin_dir))
+    if isinstance(kubelet, KubeletPeer):
+        assert left == {"kubelet.sock", "kubelet_internal_checkpoint"}
+    else:
+        assert left == {"kubelet.sock"}  # the emulator keeps its books in memory
+    snap = kubelet.resource(RESOURCE)
+    assert snap is not None and not snap.registered and snap.capacity == 0
+    status = await kubelet.node_status()
+    assert status.device_capacity[RESOURCE] == 0 and status.removed == ()
+    listed = await asyncio.to_thread(query_pod_resources, pod_resources_socket)
+    assert [(p.name, device_ids_by_resource(p.containers[0].devices)) for p in listed.pod_resources] == [
+        ("survivor", {RESOURCE: set(held)})
+    ]
+    plugin.stop()
+    plugin.start()
+    await plugin.register(kubelet.socket_path)
+    snap = await kubelet.wait_devices(RESOURCE)
+    assert snap.free_ids == {"a", "b"} - set(held), kubelet.describe()
