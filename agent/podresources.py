@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grpclib import GRPCError
-from grpclib.client import Channel
+from grpclib.client import Channel, UnaryUnaryMethod
 
 from agent.kubeletapi.v1 import GetPodResourcesRequest, ListPodResourcesRequest, PodResourcesListerStub
 
@@ -57,10 +57,16 @@ def in_use_by_resource(assignments: list[Assignment], prefix: str) -> dict[str, 
     return {name: frozenset(ids) for name, ids in found.items()}
 
 
-async def get_assignments(socket: Path, namespace: str, pod: str, timeout_s: float = 5.0) -> list[Assignment]:
+async def get_assignments(
+    socket: Path, namespace: str, pod: str, timeout_s: float = 5.0, channel: Channel | None = None
+) -> list[Assignment]:
     """The device assignments of one pod (PodResources `Get`, behind the kubelet's KubeletPodResourcesGet
-    feature gate); raises PodResourcesError, its `status` set when the kubelet answered with an error."""
-    channel = Channel(path=str(socket))
+    feature gate); raises PodResourcesError, its `status` set when the kubelet answered with an error.
+
+    With `channel` (kept open by the caller) no connection is set up per call; without, one is."""
+    own = channel is None
+    if channel is None:
+        channel = Channel(path=str(socket))
     try:
         reply = await PodResourcesListerStub(channel).get(
             GetPodResourcesRequest(pod_name=pod, pod_namespace=namespace), timeout=timeout_s
@@ -72,7 +78,8 @@ async def get_assignments(socket: Path, namespace: str, pod: str, timeout_s: flo
     except (OSError, TimeoutError) as exc:
         raise PodResourcesError(f"{socket}: cannot connect: {exc!r}") from exc
     finally:
-        channel.close()
+        if own:
+            channel.close()
     found = reply.pod_resources
     if found is None:
         return []
@@ -82,3 +89,28 @@ async def get_assignments(socket: Path, namespace: str, pod: str, timeout_s: flo
         for container in found.containers
         for devices in container.devices
     ]
+
+
+class _RawReply:
+    """Stands in for the reply type: grpclib's codec only calls FromString; the bytes are decoded later,
+    off the event loop, by agent.wire.held_device_ids."""
+
+    @staticmethod
+    def FromString(data: bytes) -> bytes:
+        return data
+
+
+async def list_raw(socket: Path, timeout_s: float = 5.0) -> bytes:
+    """The kubelet's List answer, serialized (with 200,000 IDs in use, decoding is the expensive part)."""
+    channel = Channel(path=str(socket))
+    method: UnaryUnaryMethod[ListPodResourcesRequest, bytes] = UnaryUnaryMethod(
+        channel, "/v1.PodResourcesLister/List", ListPodResourcesRequest, _RawReply  # type: ignore[arg-type]
+    )
+    try:
+        return await method(ListPodResourcesRequest(), timeout=timeout_s)
+    except GRPCError as exc:
+        raise PodResourcesError(f"{socket}: List failed: {exc.status.name} {exc.message}") from exc
+    except (OSError, TimeoutError) as exc:
+        raise PodResourcesError(f"{socket}: cannot connect: {exc!r}") from exc
+    finally:
+        channel.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 import structlog
+from grpclib.client import Channel
 
 from agent.podresources import Assignment, PodResourcesError, get_assignments, list_assignments
 
@@ -48,12 +49,26 @@ class PodResourcesAllocations:
         self.socket = socket
         self.timeout_s = timeout_s
         self._get_available = True
+        # One HTTP/2 connection for every Get: setting one up per container would cost a millisecond.
+        self._channel: Channel | None = None
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     async def of_pod(self, namespace: str, pod: str) -> dict[str, Devices]:
         if self._get_available:
+            if self._channel is None:
+                self._channel = Channel(path=str(self.socket))
             try:
-                assignments = await get_assignments(self.socket, namespace, pod, self.timeout_s)
+                assignments = await get_assignments(
+                    self.socket, namespace, pod, self.timeout_s, channel=self._channel
+                )
             except PodResourcesError as exc:
+                if exc.status is None:
+                    # A transport failure (a kubelet restart): dial afresh next time.
+                    self.close()
                 if exc.status == "UNIMPLEMENTED" or (exc.status is not None and "disabled" in str(exc)):
                     self._get_available = False
                     log.info("podresources.get_unavailable", reason=str(exc), using="List")

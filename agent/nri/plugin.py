@@ -36,23 +36,16 @@ from agent.nri.wire import (
     TtrpcRequest,
     decode_container_event,
     decode_synchronize,
+    encode_adjustment,
+    encode_update,
+    encode_updates,
 )
 from agent.nriapi.nri.pkg.api.v1alpha1 import (
     ConfigureRequest,
     ConfigureResponse,
-    ContainerAdjustment,
     ContainerState,
-    ContainerUpdate,
-    CreateContainerResponse,
     Event,
-    LinuxContainerAdjustment,
-    LinuxContainerUpdate,
-    LinuxCpu,
-    LinuxResources,
     RegisterPluginRequest,
-    SynchronizeResponse,
-    UpdateContainerResponse,
-    UpdateContainersRequest,
     UpdateContainersResponse,
 )
 
@@ -104,14 +97,9 @@ class _SyncState:
     containers: list[ContainerRef] = field(default_factory=list)
 
 
-def _cpu_update(container_id: str, cpus: CpuSet, mems: CpuSet | None) -> ContainerUpdate:
-    cpu = LinuxCpu(cpus=cpus.format(), mems=mems.format() if mems else "")
-    return ContainerUpdate(
-        container_id=container_id,
-        linux=LinuxContainerUpdate(resources=LinuxResources(cpu=cpu)),
-        # Another plugin's claim on the same container must not fail the runtime's request.
-        ignore_failure=True,
-    )
+def _cpu_update(container_id: str, cpus: CpuSet, mems: CpuSet | None) -> bytes:
+    # ignore_failure: another plugin's claim on the same container must not fail the runtime's request.
+    return encode_update(container_id, cpus.format(), mems.format() if mems else "", ignore_failure=True)
 
 
 class NriPlugin:
@@ -278,10 +266,11 @@ class NriPlugin:
             updates = self._reconcile_all()
             if not updates:
                 continue
-            request = UpdateContainersRequest(update=updates)
             try:
                 reply = UpdateContainersResponse.parse(
-                    await conn.call(RUNTIME_SERVICE, "UpdateContainers", bytes(request), CALL_TIMEOUT_S)
+                    await conn.call(
+                        RUNTIME_SERVICE, "UpdateContainers", encode_updates(updates), CALL_TIMEOUT_S
+                    )
                 )
             except (TtrpcError, TimeoutError) as exc:
                 self.metrics.nri_adjustments.inc(event="reload", outcome="error")
@@ -327,7 +316,7 @@ class NriPlugin:
         self._sync.pods.update((p.id, p) for p in batch.pods)
         self._sync.containers += batch.containers
         if batch.more:
-            return bytes(SynchronizeResponse(more=True))
+            return encode_updates([], more=True)
         pods, containers, self._sync = self._sync.pods, self._sync.containers, _SyncState()
         updates = await self._synchronized(pods, containers)
         self.connected = True
@@ -336,11 +325,9 @@ class NriPlugin:
         self.metrics.nri_connections.inc(result="ok")
         self._synced.set()
         log.info("nri.synchronized", runtime=self.runtime, containers=len(containers), updates=len(updates))
-        return bytes(SynchronizeResponse(update=updates))
+        return encode_updates(updates)
 
-    async def _synchronized(
-        self, pods: dict[str, PodRef], containers: list[ContainerRef]
-    ) -> list[ContainerUpdate]:
+    async def _synchronized(self, pods: dict[str, PodRef], containers: list[ContainerRef]) -> list[bytes]:
         try:
             async with asyncio.timeout(self._budget_s):
                 everything: dict[tuple[str, str, str], Devices] | None = await self.allocations.of_all()
@@ -350,7 +337,7 @@ class NriPlugin:
                 "nri.sync_unmapped", reason=str(exc) or "PodResources timed out", effect="no adjustment"
             )
         self.containers = {}
-        updates = []
+        updates: list[bytes] = []
         unpooled = self.view.online_cpus() - self.view.exclusive_cpus()
         for ref in containers:
             if ref.state not in (ContainerState.CONTAINER_CREATED, ContainerState.CONTAINER_RUNNING):
@@ -381,9 +368,7 @@ class NriPlugin:
         decision = self._decide(tracked, "create")
         if decision is None or decision.cpus is None or decision.cpus == tracked.kubelet_cpus:
             return b""
-        cpu = LinuxCpu(cpus=decision.cpus.format(), mems=decision.mems.format() if decision.mems else "")
-        adjust = ContainerAdjustment(linux=LinuxContainerAdjustment(resources=LinuxResources(cpu=cpu)))
-        return bytes(CreateContainerResponse(adjust=adjust))
+        return encode_adjustment(decision.cpus.format(), decision.mems.format() if decision.mems else "")
 
     async def _learn(self, event: ContainerEvent) -> Tracked:
         pod, ref = event.pod, event.container
@@ -449,8 +434,7 @@ class NriPlugin:
             return b""
         if event.update_cpus and parse_runtime_cpus(event.update_cpus) == decision.cpus:
             return b""
-        update = _cpu_update(tracked.id, decision.cpus, decision.mems)
-        return bytes(UpdateContainerResponse(update=[update]))
+        return encode_updates([_cpu_update(tracked.id, decision.cpus, decision.mems)])
 
     async def _stop(self, payload: bytes) -> bytes:
         try:
@@ -465,9 +449,9 @@ class NriPlugin:
 
     # --- pool reloads
 
-    def _reconcile_all(self) -> list[ContainerUpdate]:
+    def _reconcile_all(self) -> list[bytes]:
         """Updates for every live container whose cpuset must change under the current plan."""
-        updates = []
+        updates: list[bytes] = []
         for tracked in self.containers.values():
             before = tracked.enforced
             decision = self._decide(tracked, "reload")

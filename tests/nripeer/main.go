@@ -135,7 +135,9 @@ func (p *peer) synchronize(ctx context.Context, cb nri.SyncCB) error {
 		}
 	}
 	p.lock.Unlock()
+	started := time.Now()
 	updates, err := cb(ctx, pods, ctrs)
+	elapsed := time.Since(started).Microseconds()
 	if err != nil {
 		p.emit(map[string]any{"event": "sync_failed", "error": err.Error()})
 		return err
@@ -143,7 +145,9 @@ func (p *peer) synchronize(ctx context.Context, cb nri.SyncCB) error {
 	p.lock.Lock()
 	applied := p.applyUpdates(updates)
 	p.lock.Unlock()
-	p.emit(map[string]any{"event": "synchronized", "containers": len(ctrs), "updates": applied})
+	p.emit(map[string]any{
+		"event": "synchronized", "containers": len(ctrs), "updates": applied, "elapsed_us": elapsed,
+	})
 	return nil
 }
 
@@ -241,7 +245,10 @@ func (p *peer) handle(ctx context.Context, c *command) (map[string]any, error) {
 		setCPU(ctr, c.Cpus, c.Mems)
 		adjusted := false
 		if p.runtime != nil {
+			started := time.Now()
 			rpl, err := p.runtime.CreateContainer(ctx, &nri.CreateContainerRequest{Pod: pod, Container: ctr})
+			// What the runtime waits for: every plugin's answer, transport included.
+			reply["elapsed_us"] = time.Since(started).Microseconds()
 			if err != nil {
 				return reply, err
 			}

@@ -1,0 +1,153 @@
+"""NRI figures: CreateContainer and Synchronize as the runtime waits for them, reconnection, RSS.
+
+`cpupool agent` runs as its own process (as on a node) with NRI on; upstream NRI's runtime side
+(tests/nripeer) calls it and times each call from the runtime's side, transport included; the grpcio
+kubelet emulator in this process answers the plugin's PodResources calls.
+Run alone with ``python -m bench.nri [--quick]``; `make bench` includes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.logs import setup_logging
+from bench.agentproc import AgentProcess
+from bench.report import Figure, Target, render
+from bench.stats import summary_ms
+from tests.emulator import KubeletEmulator
+from tests.harness import POOLS, ConfigMapDir, host_root
+from tests.nriruntime import NriRuntime
+
+
+@dataclass(frozen=True)
+class NriSizes:
+    running: int = 500
+    creations: int = 1000
+    restarts: int = 20
+    rss_creations: int = 10000
+
+
+QUICK = NriSizes(running=50, creations=100, restarts=3, rss_creations=300)
+
+
+async def _create_remove(runtime: NriRuntime, pod: str, cid: str) -> float:
+    """One container created then removed; the runtime's wait for CreateContainer, in seconds."""
+    reply = await runtime.create(pod, cid, name=cid)
+    await runtime.remove(cid)
+    return int(reply["elapsed_us"]) / 1e6
+
+
+async def nri_figures(workdir: Path, sizes: NriSizes) -> list[Figure]:
+    workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - set-up before anything runs
+    plugin_dir = workdir / "device-plugins"
+    plugin_dir.mkdir()
+    pod_resources = workdir / "pod-resources.sock"
+    socket = workdir / "nri.sock"
+    configmap = ConfigMapDir(workdir / "config")
+    configmap.write(POOLS)
+    agent = AgentProcess(
+        root=host_root(workdir),
+        plugin_dir=plugin_dir,
+        config=configmap.file,
+        pod_resources=pod_resources,
+        log_path=workdir / "agent.log",
+    )
+    agent.argv += ["--nri-socket", str(socket)]
+    async with (
+        KubeletEmulator(plugin_dir, pod_resources_socket=pod_resources) as emu,
+        NriRuntime(socket) as runtime,
+    ):
+        await runtime.start()
+        async with agent:
+            await emu.wait_devices("cpupool.io/fast", timeout=30)
+            await runtime.wait_plugin(timeout=30)
+            await emu.allocate("cpupool.io/fast", 2, pod="db")
+            await runtime.run_pod("p0", "db")
+            await runtime.create("p0", "db-main")
+            await runtime.run_pod("p1", "plain")
+            for i in range(sizes.running):
+                await runtime.create("p1", f"r{i}", name=f"r{i}")
+            # One in ten new containers holds exclusive CPUs (its pod's Get returns devices).
+            creates = [
+                await _create_remove(runtime, "p0" if i % 10 == 0 else "p1", f"n{i}")
+                for i in range(sizes.creations)
+            ]
+
+            syncs: list[float] = []
+            reconnects: list[float] = []
+            for _ in range(sizes.restarts):
+                await runtime.stop()
+                mark = len(runtime.events)
+                started = time.perf_counter()
+                await runtime.start()
+                await runtime.wait_plugin()
+                reconnects.append(time.perf_counter() - started)
+                synced = [
+                    e for e in runtime.events[mark:] if e["event"] == "synchronized" and e["containers"]
+                ]
+                syncs += [int(e["elapsed_us"]) / 1e6 for e in synced]
+
+            for i in range(max(1, sizes.rss_creations // 10)):
+                await _create_remove(runtime, "p1", f"w{i}")
+            before = agent.rss_kib() / 1024
+            for i in range(sizes.rss_creations):
+                await _create_remove(runtime, "p1", f"m{i}")
+            after = agent.rss_kib() / 1024
+    return [
+        Figure(
+            "nri_create",
+            f"CreateContainer as the runtime waits for it, {sizes.running} containers running",
+            summary_ms(creates),
+            [Target("p99_ms", 2, "ms")],
+            [
+                "measured in upstream NRI's runtime side: ttrpc both ways, the plugin's PodResources Get "
+                "(grpcio kubelet emulator, another process) and its decision"
+            ],
+        ),
+        Figure(
+            "nri_synchronize",
+            f"Synchronize of {sizes.running + 1} containers as the runtime waits for it",
+            summary_ms(syncs),
+            [Target("p99_ms", 50, "ms")],
+            ["one PodResources List, then a decision per container"],
+        ),
+        Figure(
+            "nri_reconnect",
+            "Runtime restart: from its start until the plugin is registered, configured and synchronized",
+            summary_ms(reconnects),
+            [Target("p99_ms", 100, "ms")],
+            ["includes the benchmark driver's JSON round trips to the Go runtime"],
+        ),
+        Figure(
+            "nri_rss",
+            f"Agent RSS over {sizes.rss_creations} container creations and removals (after a warm-up)",
+            {
+                "before_mib": round(before, 1),
+                "after_mib": round(after, 1),
+                "growth_mib": round(after - before, 1),
+            },
+            [Target("growth_mib", 2, "MiB")],
+        ),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.nri", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the harness")
+    args = parser.parse_args(argv)
+    setup_logging("error", "console")
+    with tempfile.TemporaryDirectory(prefix="cpupool-nri-", dir="/tmp") as workdir:
+        figures = asyncio.run(nri_figures(Path(workdir), QUICK if args.quick else NriSizes()))
+    print(render(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
