@@ -12,7 +12,7 @@ GEN_DIR := agent/kubeletapi
 NRI_PROTO_SRC := protos/github.com/containerd/nri/pkg/api/api.proto
 NRI_GEN_DIR := agent/nriapi
 
-.PHONY: venv helm test lint demo bench protos check-protos clean process-starter nripeer
+.PHONY: venv helm test lint demo bench protos check-protos clean process-starter nripeer kubelet-peer
 
 venv: $(STAMP)
 
@@ -32,7 +32,14 @@ nripeer:
 	@if command -v go >/dev/null; then bash scripts/build-go-peer.sh tests/nripeer; \
 	else echo "go is not installed: the NRI tests will be skipped"; fi
 
-test: $(STAMP) helm nripeer
+# The kubelet peer for tests/test_kubeletpeer.py and the peer-parametrised tests (the kubelet's own device
+# manager, k8s.io/kubernetes, in Go), built once per machine into ${XDG_CACHE_HOME:-~/.cache}/cpupool/<hash>/
+# (several minutes cold); without `go` it is skipped and so are those tests, saying why.
+kubelet-peer:
+	@if command -v go >/dev/null; then bash tests/kubeletpeer/build.sh >/dev/null; \
+	else echo "go is not installed: the tests against the real kubelet peer will be skipped"; fi
+
+test: $(STAMP) helm nripeer kubelet-peer
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 )
@@ -30,6 +31,8 @@ func reexecInNamespace() int {
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	cmd.Env = append(os.Environ(), inNamespaceEnv+"=1")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS, Pdeathsig: syscall.SIGKILL}
+	// Pdeathsig fires when the forking thread exits, not the process: keep this goroutine on its thread.
+	runtime.LockOSThread()
 	if err := cmd.Start(); err != nil {
 		fmt.Fprintln(os.Stderr, "kubeletpeer: cannot start in a private mount namespace (run as root):", err)
 		return 3
