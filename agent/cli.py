@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--pod-resources-socket", type=Path, default=Path("/var/lib/kubelet/pod-resources/kubelet.sock")
     )
+    agent.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("/var/lib/cpupool"),
+        help="host directory keeping what every served device ID means across restarts ('' to not keep it)",
+    )
     agent.add_argument("--health-port", type=int, default=8081, help="0 disables /healthz, /readyz, /metrics")
     agent.add_argument("--health-host", default="0.0.0.0")
     agent.add_argument(
@@ -290,6 +296,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         plugin_dir=args.plugin_dir,
         pod_resources_socket=args.pod_resources_socket,
         pin_self=args.pin_self,
+        state_dir=args.state_dir if str(args.state_dir) not in ("", ".") else None,
     )
     supervisor = Supervisor(settings)
     extra: list[Callable[[], Coroutine[Any, Any, None]]] = []

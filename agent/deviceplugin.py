@@ -422,12 +422,13 @@ class _TrackingServer(Server):
             if not task.done()
         ]
 
+    def open_connections(self) -> list[H2Protocol]:
+        # `connection` is set once the transport is made; Connection.is_closing() is grpclib's public test.
+        return [p for p in list(self.protocols) if hasattr(p, "connection") and not p.connection.is_closing()]
+
     def drop_connections(self) -> None:
-        for protocol in list(self.protocols):
-            connection = getattr(protocol, "connection", None)
-            transport = getattr(connection, "_transport", None)
-            if transport is not None:
-                transport.close()
+        for protocol in self.open_connections():
+            protocol.connection.close()
 
 
 class ResourceServer:
@@ -457,6 +458,21 @@ class ResourceServer:
         self._server = server
         self._inode = self.path.stat().st_ino
         log.info("server.started", resource=self.servicer.resource.name, socket=str(self.path))
+
+    async def end_streams_and_wait(self, timeout_s: float) -> bool:
+        """End every ListAndWatch stream and wait until the clients that held them hang up (the kubelet
+        closes a client's connection once its stream ends); False if some connection is still open."""
+        server = self._server
+        self.servicer.end_streams()
+        if server is None:
+            return True
+        waiting = server.open_connections()
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while any(not p.connection.is_closing() for p in waiting):
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
 
     def socket_present(self) -> bool:
         """False when our socket file is gone or replaced (a starting kubelet deletes every socket)."""

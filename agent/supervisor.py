@@ -11,14 +11,14 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from agent.config import ConfigError, PoolConfig, default_config, parse_config, validate
+from agent.config import ConfigError, PoolConfig, ValidatedConfig, default_config, parse_config, validate
 from agent.cpuset import CpuSet
 from agent.deviceplugin import (
     KUBELET_SOCKET,
@@ -28,10 +28,15 @@ from agent.deviceplugin import (
     register,
 )
 from agent.dirwatch import watch_directories
+from agent.ledger import LedgerError
+from agent.ledger import dumps as ledger_dumps
+from agent.ledger import load as ledger_load
+from agent.ledger import save as ledger_save
 from agent.metrics import Metrics
-from agent.plan import Plan, Resource, build_plan, diff_plans
-from agent.podresources import PodResourcesError, in_use_by_resource, list_assignments
+from agent.plan import UNKNOWN, Held, Plan, Resource, build_plan, diff_plans
+from agent.podresources import PodResourcesError, list_raw
 from agent.topology import Topology, discover
+from agent.wire import held_device_ids
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +50,13 @@ REGISTER_BACKOFF_START_S = 0.1
 # How long a resource may go without a ListAndWatch stream before the agent registers it again.
 STREAM_LOST_GRACE_S = 1.0
 REGISTER_BACKOFF_MAX_S = 30.0
+# How often the online CPU list is compared (one small sysfs read) when no hotplug event says so sooner.
+HOTPLUG_POLL_S = 5.0
+# After ending a resource's streams, how long to wait for the kubelet to drop the old connection before
+# registering again (it disconnects whatever client is current when an old stream ends).
+REREGISTER_WAIT_S = 2.0
+# Plans built while Allocates arrive are built again with them; after this many tries, on the loop.
+PLAN_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,9 @@ class AgentSettings:
     pin_self: bool = True
     recheck_interval_s: float = IN_USE_RECHECK_S
     config_poll_s: float = CONFIG_POLL_S
+    # Where the meaning of every served device ID is kept across restarts (None: not kept, say so).
+    state_dir: Path | None = None
+    hotplug_poll_s: float = HOTPLUG_POLL_S
 
 
 @dataclass
@@ -105,6 +120,16 @@ class Supervisor:
         self._stopping = asyncio.Event()
         self._cpuid: CpuSet = CpuSet()
         self.started = asyncio.Event()
+        # The meanings of device IDs saved by an earlier run (used until this run has a plan of its own).
+        self._memory: Plan | None = None
+        self._saved: str | None = None
+        # Allocates answered since the last two PodResources reads: the kubelet records an allocation only
+        # after our answer reaches it, so a read can miss the newest ones.
+        self._answered: dict[str, set[str]] = {}
+        self._answered_before: dict[str, set[str]] = {}
+        self._allocations = 0
+        self._online: str | None = None
+        self.held_known = False
         # Called after every applied plan (the NRI plugin pushes the cpusets that change).
         self.plan_listeners: list[Callable[[], None]] = []
 
@@ -143,10 +168,12 @@ class Supervisor:
         """Serve until stop() is called; then end streams, close servers and remove the sockets."""
         self.settings.plugin_dir.mkdir(parents=True, exist_ok=True)
         self._kubelet_socket = self._kubelet_socket_identity()
+        await self._load_memory()
         await self._reload(initial=True)
         self._tasks = [
             asyncio.create_task(self._watch(), name="watch"),
             asyncio.create_task(self._recheck_loop(), name="in-use-recheck"),
+            asyncio.create_task(self._hotplug_loop(), name="hotplug"),
         ]
         self.started.set()
         try:
@@ -179,6 +206,8 @@ class Supervisor:
                     await self._check_kubelet()
                 if "config" in flags:
                     await self._reload()
+                elif "hotplug" in flags:
+                    await self._topology_changed()
                 elif "recheck" in flags:
                     await self._replan("in-use re-check")
             except Exception:
@@ -195,10 +224,10 @@ class Supervisor:
         try:
             return path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            if self._config_text is not None:
-                raise _Unreadable(f"{path} was removed") from None
-            log.warning("config.missing", path=str(path), serving="the kernel's isolated CPUs")
-            return None
+            # Never fall back to the built-in pool for a file that was asked for: that would serve CPUs
+            # the operator meant for something else.
+            what = "does not exist" if self._config_text is None else "was removed"
+            raise _Unreadable(f"{path} {what}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise _Unreadable(f"{path}: {exc}") from exc
 
@@ -207,7 +236,11 @@ class Supervisor:
         try:
             text = await asyncio.to_thread(self._read_config)
         except _Unreadable as exc:
-            log.warning("config.unreadable", reason=str(exc), keeping="last good config")
+            if self.plan is None:
+                self.last_config_error = str(exc)
+                log.error("config.unreadable", reason=str(exc), serving="nothing until the file can be read")
+            else:
+                log.warning("config.unreadable", reason=str(exc), keeping="last good config")
             return
         if not initial and text == self._config_text:
             if self._rejected is not None:
@@ -219,12 +252,12 @@ class Supervisor:
             config = default_config() if text is None else parse_config(text, str(self.settings.config_path))
             topology = await asyncio.to_thread(discover, self.settings.root)
             validated = validate(config, topology)
-            in_use = await self._in_use(config.resource_base_name)
-            plan = build_plan(validated, topology, self.plan, in_use or {})
+            plan = await self._make_plan(validated, topology)
         except ConfigError as exc:
             self._config_failed(exc, text)
             return
         self._config, self._config_text, self.topology = config, text, topology
+        self._online = topology.online.format()
         # Read with the topology, off the loop: Allocate and re-plans then do no file IO.
         self._cpuid = await asyncio.to_thread(cpuid_cpus, self.settings.root, CpuSet(topology.cpus))
         self._rejected = None
@@ -262,37 +295,126 @@ class Supervisor:
             else "nothing served until the config is fixed",
         )
 
-    async def _replan(self, reason: str) -> None:
-        """Plan the applied config again with fresh in-use data (devices held back may be free now)."""
+    async def _replan(self, reason: str, topology: Topology | None = None) -> None:
+        """Plan the applied config again with fresh held data (devices held back may be free now)."""
         if self._config is None or self.topology is None:
             return
-        in_use = await self._in_use(self._config.resource_base_name)
-        if in_use is None:
-            # Without in-use data, releasing held devices could hand one CPU to two pods: keep them.
-            return
+        topology = topology or self.topology
         try:
-            plan = build_plan(validate(self._config, self.topology), self.topology, self.plan, in_use)
+            plan = await self._make_plan(validate(self._config, topology), topology)
         except ConfigError as exc:
             log.warning("replan.skipped", reason=reason, error=str(exc))
             return
+        self.topology = topology
         log.debug("replan", reason=reason)
         await self._apply(plan)
 
-    async def _in_use(self, base: str) -> dict[str, frozenset[str]] | None:
-        """Device IDs in use per resource, None when the PodResources API cannot tell."""
+    async def _topology_changed(self) -> None:
+        """CPUs went offline or came back: their devices turn Unhealthy or Healthy on the open streams."""
+        topology = await asyncio.to_thread(discover, self.settings.root)
+        online = topology.online.format()
+        if online == self._online:
+            return
+        log.info("topology.online_changed", was=self._online, now=online)
+        self._online = online
+        if self._config is None:
+            return
+        self._cpuid = await asyncio.to_thread(cpuid_cpus, self.settings.root, CpuSet(topology.cpus))
+        await self._replan("online CPUs changed", topology)
+
+    async def _make_plan(self, validated: ValidatedConfig, topology: Topology) -> Plan:
+        """Build the plan off the loop from the kubelet's record; Allocates answered meanwhile count too."""
+        previous = self.plan or self._memory
+        held = await self._held(validated.config.resource_base_name)
+        for _ in range(PLAN_RETRIES):
+            seen = self._allocations
+            merged = self._with_answered(held)
+            plan = await asyncio.to_thread(build_plan, validated, topology, previous, merged)
+            if seen == self._allocations:
+                return plan
+        # Allocates keep coming: build on the loop, where none can interleave.
+        return build_plan(validated, topology, previous, self._with_answered(held))
+
+    def _with_answered(self, held: Held) -> Held:
+        if held is UNKNOWN or not isinstance(held, dict):
+            return held
+        merged = dict(held)
+        for answered in (self._answered_before, self._answered):
+            for name, ids in answered.items():
+                merged[name] = merged.get(name, frozenset()) | ids
+        return merged
+
+    def allocated(self, name: str, ids: Sequence[str]) -> None:
+        """An Allocate was answered: those IDs are held from now on, whatever the kubelet says yet."""
+        self._allocations += 1
+        self._answered.setdefault(name, set()).update(ids)
+
+    async def _held(self, base: str) -> Held:
+        """Device IDs held per resource name (the kubelet's record), UNKNOWN when it cannot be read."""
         socket = self.settings.pod_resources_socket
+        # The window of Allocates that a read may miss starts at the previous read.
+        self._answered_before, self._answered = self._answered, {}
+        known = set(self.plan.resources if self.plan is not None else ())
+        known |= set(self._memory.resources if self._memory is not None else ())
+        prefix = base + "/"
         if socket is None:
-            return None
+            self._held_unknown("no PodResources socket configured")
+            return UNKNOWN
         try:
-            assignments = await list_assignments(socket)
-        except PodResourcesError as exc:
-            if self.plan is not None:
-                log.warning("podresources.unavailable", reason=str(exc), effect="in-use devices unknown")
-            return None
-        in_use = in_use_by_resource(assignments, base + "/")
+            raw = await list_raw(socket)
+            held = await asyncio.to_thread(
+                held_device_ids, raw, lambda name: name.startswith(prefix) or name in known
+            )
+        except (PodResourcesError, ValueError) as exc:
+            self._held_unknown(str(exc))
+            return UNKNOWN
+        if not self.held_known:
+            log.info("podresources.available", resources_held=len(held))
+        self.held_known = True
         for name in self.states:
-            self.metrics.devices_in_use.set(len(in_use.get(name, ())), resource=name)
-        return in_use
+            self.metrics.devices_in_use.set(len(held.get(name, ())), resource=name)
+        return held
+
+    def _held_unknown(self, reason: str) -> None:
+        if self.held_known or self.plan is None:
+            log.error(
+                "podresources.unavailable",
+                reason=reason,
+                effect="every device served before is treated as held: no CPU moves to another resource, "
+                "nothing held is freed, until the kubelet's record can be read",
+            )
+        self.held_known = False
+
+    async def _load_memory(self) -> None:
+        state_dir = self.settings.state_dir
+        if state_dir is None:
+            log.warning(
+                "state.not_kept",
+                effect="after a restart, held devices whose pool changed meanwhile are known only by the "
+                "new config (set --state-dir)",
+            )
+            return
+        try:
+            self._memory = await asyncio.to_thread(ledger_load, state_dir)
+        except LedgerError as exc:
+            log.error("state.unreadable", reason=str(exc), effect="starting without the earlier meanings")
+            return
+        if self._memory is not None:
+            log.info("state.loaded", path=str(state_dir), resources=sorted(self._memory.resources))
+
+    async def _save_memory(self, plan: Plan) -> None:
+        state_dir = self.settings.state_dir
+        if state_dir is None:
+            return
+        text = ledger_dumps(plan)
+        if text == self._saved:
+            return
+        try:
+            await asyncio.to_thread(ledger_save, state_dir, text)
+        except OSError as exc:
+            log.error("state.write_failed", path=str(state_dir), reason=str(exc), retry="at the next plan")
+            return
+        self._saved = text
 
     async def _apply(self, plan: Plan) -> None:
         old = self.plan
@@ -315,14 +437,19 @@ class Supervisor:
             log.info("resource.updated", resource=name, devices=new.device_count, healthy=new.healthy_count)
             if before.pool_type is not new.pool_type:
                 # The kubelet reads the options only while registering.
-                self._start_registration(name)
+                self._start_registration(name, replace_stream=True)
         for name in diff.added:
             await self._start_resource(plan.resources[name])
         await self._start_missing()
         if self.settings.pin_self and self.topology is not None:
             self._pin(plan, self.topology)
+        await self._save_memory(plan)
         for listener in self.plan_listeners:
-            listener()
+            try:
+                listener()
+            except Exception:
+                # A listener's fault (the NRI side) must never stop the device plugin side.
+                log.exception("plan.listener_failed")
 
     def _pin(self, plan: Plan, topology: Topology) -> None:
         cpus = housekeeping_cpus(plan, topology)
@@ -340,7 +467,9 @@ class Supervisor:
     # --- servers and registration
 
     async def _start_resource(self, resource: Resource) -> None:
-        servicer = ResourceServicer(resource, self._cpuid, self.metrics, self._streams_closed)
+        servicer = ResourceServicer(
+            resource, self._cpuid, self.metrics, self._streams_closed, on_allocated=self.allocated
+        )
         server = ResourceServer(servicer, self.settings.plugin_dir / resource.socket_name)
         try:
             await server.start()
@@ -378,15 +507,31 @@ class Supervisor:
         log.warning("listandwatch.lost", resource=name, action="registering again until the kubelet answers")
         self._start_registration(name)
 
-    def _start_registration(self, name: str) -> None:
+    def _start_registration(self, name: str, *, replace_stream: bool = False) -> None:
         state = self.states[name]
         if state.registration is not None and not state.registration.done():
             state.registration.cancel()
         state.registered = False
         self.metrics.registered.set(0, resource=name)
-        state.registration = asyncio.create_task(self._register_loop(name), name=f"register:{name}")
+        state.registration = asyncio.create_task(
+            self._register_loop(name, replace_stream=replace_stream), name=f"register:{name}"
+        )
 
-    async def _register_loop(self, name: str) -> None:
+    async def _register_loop(self, name: str, *, replace_stream: bool = False) -> None:
+        if replace_stream:
+            state = self.states.get(name)
+            if state is not None:
+                # The kubelet keeps an older client streaming after a new Register, and when that old stream
+                # ends it disconnects the *current* client for the name. So end the old stream first and let
+                # the kubelet drop that client; only then register again.
+                dropped = await state.server.end_streams_and_wait(REREGISTER_WAIT_S)
+                if not dropped:
+                    log.warning(
+                        "register.old_client_lingers",
+                        resource=name,
+                        waited_s=REREGISTER_WAIT_S,
+                        action="registering anyway",
+                    )
         delay = REGISTER_BACKOFF_START_S
         attempt = 0
         while True:
@@ -532,6 +677,19 @@ class Supervisor:
             await asyncio.sleep(self.settings.recheck_interval_s)
             if self.plan is not None and self.plan.pending:
                 self.notify("recheck")
+
+    async def _hotplug_loop(self) -> None:
+        """Compare the online CPU list now and then: one small read, no wake-up of anything else."""
+        path = self.settings.root / "sys" / "devices" / "system" / "cpu" / "online"
+        while True:
+            await asyncio.sleep(self.settings.hotplug_poll_s)
+            try:
+                text = await asyncio.to_thread(path.read_text)
+                online = CpuSet.parse(text).format()
+            except (OSError, ValueError):
+                continue
+            if self._online is not None and online != self._online:
+                self.notify("hotplug")
 
 
 class _Unreadable(Exception):

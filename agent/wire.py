@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from agent.kubeletapi.v1beta1 import (
     AllocateRequest,
@@ -268,3 +268,67 @@ class PreferredAllocationRequestDecoder:
                 for fields in _messages(data, 1)
             ]
         )
+
+
+# --- Reading the kubelet's record (PodResources List) -----------------------------------------------------
+# With a 200,000-millicpu pool in use the List answer carries 200,000 device IDs: the generic decoder takes
+# seconds for that. Only (resource name, device IDs) matter to the agent; this reader skips everything else.
+
+
+def _device_ids(data: bytes, accept: Callable[[str], bool], out: dict[str, set[str]]) -> None:
+    """One ContainerDevices message: resource_name = 1, device_ids = 2 (topology = 3 is skipped)."""
+    name: str | None = None
+    ids: list[str] = []
+    pos, end = 0, len(data)
+    while pos < end:
+        key = data[pos]
+        if key & 0x80:
+            key, pos = _read_varint(data, pos)
+        else:
+            pos += 1
+        wire_type = key & 7
+        if wire_type != _LEN:
+            pos = _skip(data, pos, wire_type)
+            continue
+        length = data[pos]
+        if length & 0x80:
+            length, pos = _read_varint(data, pos)
+        else:
+            pos += 1
+        stop = pos + length
+        if stop > end:
+            raise ValueError("truncated length-delimited field")
+        if key == 0x12:
+            ids.append(data[pos:stop].decode("utf-8"))
+        elif key == 0x0A:
+            name = data[pos:stop].decode("utf-8")
+        pos = stop
+    if name is not None and accept(name):
+        out.setdefault(name, set()).update(ids)
+
+
+def _skip(data: bytes, pos: int, wire_type: int) -> int:
+    if wire_type == 0:
+        return _read_varint(data, pos)[1]
+    if wire_type == 1:
+        return pos + 8
+    if wire_type == 5:
+        return pos + 4
+    raise ValueError(f"unsupported wire type {wire_type}")
+
+
+def held_device_ids(data: bytes, accept: Callable[[str], bool]) -> dict[str, frozenset[str]]:
+    """Device IDs per resource name in a serialized ListPodResourcesResponse, for names `accept` takes.
+
+    pod_resources = 1 -> PodResources.containers = 3 -> ContainerResources.devices = 2."""
+    out: dict[str, set[str]] = {}
+    for number, pod in _fields(data):
+        if number != 1 or not isinstance(pod, bytes):
+            continue
+        for number2, container in _fields(pod):
+            if number2 != 3 or not isinstance(container, bytes):
+                continue
+            for number3, devices in _fields(container):
+                if number3 == 2 and isinstance(devices, bytes):
+                    _device_ids(devices, accept, out)
+    return {name: frozenset(ids) for name, ids in out.items()}

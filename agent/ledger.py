@@ -1,0 +1,166 @@
+"""The agent's memory across restarts: what every device ID it served means, for every resource name.
+
+The kubelet's record (PodResources) says which IDs are held, never what they mean: "7" of a pool that was
+exclusive is CPU 7, of a pool that became shared it is millicpu #7. The plan is that meaning; this module
+writes it to a small JSON file after every change and reads it back at start, so an agent restarted with
+another config still knows which CPUs the held IDs stand for.
+
+The file lives on the host (a hostPath the chart mounts), not in the kubelet's device-plugins directory,
+which the kubelet empties when it starts. It is written atomically (temporary file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from agent.allocation import ExclusiveDevice
+from agent.config import HtPolicy, PoolType
+from agent.cpuset import CpuSet
+from agent.plan import Plan, Resource, SharedGroup, shared_device_id, shared_device_index
+from agent.topology import CoreKey
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.json"
+
+
+class LedgerError(Exception):
+    """The state file exists but cannot be used; the message names the file and the fault."""
+
+
+def _ranges(values: Iterable[int]) -> str:
+    ordered = sorted(set(values))
+    parts: list[str] = []
+    start = prev = None
+    for value in ordered:
+        if start is None:
+            start = prev = value
+        elif value == prev + 1:  # type: ignore[operator]
+            prev = value
+        else:
+            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = value
+    if start is not None:
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ",".join(parts)
+
+
+def _parse_ranges(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        out.update(range(int(low), int(high or low) + 1))
+    return out
+
+
+def _device(device: ExclusiveDevice) -> list[Any]:
+    core = device.core
+    where = [core.package, core.core_id, core.first_thread]
+    return [device.cpus.format(), device.numa_node, where, device.l3]
+
+
+def _resource(resource: Resource) -> dict[str, Any]:
+    groups = []
+    for group in resource.shared_groups:
+        indexes = [shared_device_index(i) for i in group.ids]
+        groups.append({"cpus": group.cpus.format(), "ids": _ranges(i for i in indexes if i is not None)})
+    return {
+        "pool": resource.pool,
+        "type": str(resource.pool_type),
+        "ht": str(resource.ht_policy) if resource.ht_policy is not None else None,
+        "cpus": resource.cpus.format(),
+        "configCpus": resource.config_cpus.format(),
+        "socket": resource.socket_name,
+        "configured": resource.configured,
+        "exclusive": {i: _device(d) for i, d in resource.exclusive.items()},
+        "sharedCount": resource.shared_count,
+        "sharedRetained": _ranges(resource.shared_retained),
+        "sharedWithheld": _ranges(resource.shared_withheld),
+        "groups": groups,
+    }
+
+
+def dumps(plan: Plan) -> str:
+    """The state file's text for `plan` (stable: equal plans give equal text)."""
+    body = {
+        "version": FORMAT_VERSION,
+        "resourceBaseName": plan.resource_base_name,
+        "resources": {name: _resource(r) for name, r in sorted(plan.resources.items())},
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def loads(text: str, source: str = STATE_FILE) -> Plan:
+    """Read a state file back into a plan (its meanings only: health is decided anew)."""
+    try:
+        body = json.loads(text)
+        if body.get("version") != FORMAT_VERSION:
+            raise LedgerError(f"{source}: unsupported state format {body.get('version')!r}")
+        resources: dict[str, Resource] = {}
+        for name, raw in body["resources"].items():
+            exclusive = {
+                device_id: ExclusiveDevice(
+                    device_id, CpuSet.parse(cpus), int(numa), CoreKey(*(int(x) for x in core)), l3
+                )
+                for device_id, (cpus, numa, core, l3) in raw["exclusive"].items()
+            }
+            groups = tuple(
+                SharedGroup(
+                    CpuSet.parse(g["cpus"]),
+                    frozenset(shared_device_id(i) for i in _parse_ranges(g["ids"])),
+                )
+                for g in raw["groups"]
+            )
+            resources[name] = Resource(
+                name,
+                raw["pool"],
+                PoolType(raw["type"]),
+                HtPolicy(raw["ht"]) if raw["ht"] is not None else None,
+                CpuSet.parse(raw["cpus"]),
+                exclusive=exclusive,
+                shared_count=int(raw["sharedCount"]),
+                shared_retained=frozenset(_parse_ranges(raw["sharedRetained"])),
+                shared_withheld=frozenset(_parse_ranges(raw["sharedWithheld"])),
+                shared_groups=groups,
+                config_cpus=CpuSet.parse(raw["configCpus"]),
+                socket=raw["socket"],
+                configured=bool(raw["configured"]),
+                shared_recent=int(raw["sharedCount"]),
+            )
+        return Plan(str(body["resourceBaseName"]), resources)
+    except LedgerError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LedgerError(f"{source}: unreadable state ({type(exc).__name__}: {exc})") from exc
+
+
+def load(state_dir: Path) -> Plan | None:
+    """The plan saved in `state_dir`, None when there is none yet."""
+    path = state_dir / STATE_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LedgerError(f"{path}: {exc}") from exc
+    return loads(text, str(path))
+
+
+def save(state_dir: Path, text: str) -> None:
+    """Replace the state file with `text` atomically: a crash leaves the old file or the new one."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / STATE_FILE
+    tmp = state_dir / f".{STATE_FILE}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(state_dir, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
