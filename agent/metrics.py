@@ -137,7 +137,7 @@ class Metrics:
         self.nri_seconds = Histogram(
             "cpupool_nri_request_duration_seconds",
             "Time to answer an NRI request, by method.",
-            (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0),
+            (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0),
         )
         self.kubelet_counts_pooled_cpus = Metric(
             "cpupool_kubelet_counts_pooled_cpus",

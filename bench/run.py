@@ -21,6 +21,8 @@ from bench.lifecycle import idle_figure, memory_figure, reload_figure, reregistr
 from bench.listing import shared_list
 from bench.load import load_figure
 from bench.node import running_node
+from bench.nri import QUICK as NRI_QUICK
+from bench.nri import NriSizes, nri_figures
 from bench.report import Figure, build_report, render, write_report
 from bench.rpc import allocate_round_trip, preferred_pure, preferred_rpc
 from bench.starter import starter_startup
@@ -127,6 +129,11 @@ async def run_all(workdir: Path, sizes: Sizes) -> list[Figure]:
             return [await preferred_rpc(node.socket("cpupool.io/cores"), sizes.preferred_iterations)]
 
         await _step("GetPreferredAllocation round trips", preferred, figures)
+
+    async def nri() -> list[Figure]:
+        return await nri_figures(workdir / "nri", NRI_QUICK if sizes is QUICK else NriSizes())
+
+    await _step("NRI plugin", nri, figures)
     return figures
 
 

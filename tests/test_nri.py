@@ -306,3 +306,21 @@ async def test_cpus_freed_by_a_reload_after_a_runtime_restart_reach_old_containe
         await n.runtime.wait_event("updates", after=mark)
         cpusets = await n.runtime.cpusets()
         assert CpuSet.parse(cpusets["c1"]) == ONLINE - CpuSet.parse("2-7,18-23")
+
+
+async def test_a_pods_allocation_is_remembered_and_unknown_pods_get_no_adjustment(tmp_path: Path) -> None:
+    async with node(tmp_path) as n:
+        fast = await n.agent.emu.allocate(FAST, 2, pod="db")
+        await n.pod("p1", "db")
+        await n.runtime.create("p1", "c1")
+        # The kubelet goes away (restarting): PodResources cannot be asked.
+        await n.agent.emu.stop()
+        # A restart of the same pod's container: its allocation, read at its first creation, still holds.
+        again = await n.runtime.create("p1", "c2")
+        assert CpuSet.parse(again["cpus"]) == cpus_of(fast.device_ids)
+        # A new pod cannot be mapped: it is left exactly as the runtime had it, never failed.
+        await n.pod("p2", "new")
+        unknown = await n.runtime.create("p2", "c3", cpus="0-31")
+        assert unknown["cpus"] == "0-31" and not unknown["adjusted"]
+        metrics = n.agent.supervisor.metrics
+        assert metrics.nri_adjustments.get(event="create", outcome="unmapped") == 1

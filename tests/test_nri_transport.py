@@ -183,7 +183,7 @@ class _View:
 
 
 class _NoDevices:
-    async def of_pod(self, namespace: str, pod: str) -> dict[str, Any]:
+    async def of_pod(self, namespace: str, pod: str) -> dict[str, Any] | None:
         return {}
 
     async def of_all(self) -> dict[Any, Any]:

@@ -27,8 +27,9 @@ class AllocationsUnknown(Exception):
 
 
 class AllocationSource(Protocol):
-    async def of_pod(self, namespace: str, pod: str) -> dict[str, Devices]:
-        """Container name -> devices, for one pod; raises AllocationsUnknown."""
+    async def of_pod(self, namespace: str, pod: str) -> dict[str, Devices] | None:
+        """Container name -> devices, for one pod; None when the kubelet does not know the pod (it holds
+        nothing, but may be known later); raises AllocationsUnknown."""
 
     async def of_all(self) -> dict[ContainerKey, Devices]:
         """Every container's devices; raises AllocationsUnknown."""
@@ -57,7 +58,7 @@ class PodResourcesAllocations:
             self._channel.close()
             self._channel = None
 
-    async def of_pod(self, namespace: str, pod: str) -> dict[str, Devices]:
+    async def of_pod(self, namespace: str, pod: str) -> dict[str, Devices] | None:
         if self._get_available:
             if self._channel is None:
                 self._channel = Channel(path=str(self.socket))
@@ -74,7 +75,7 @@ class PodResourcesAllocations:
                     log.info("podresources.get_unavailable", reason=str(exc), using="List")
                 elif exc.status is not None and "not found" in str(exc):
                     # The kubelet does not know the pod (a sandbox made outside Kubernetes): it holds nothing.
-                    return {}
+                    return None
                 else:
                     raise AllocationsUnknown(str(exc)) from exc
             else:

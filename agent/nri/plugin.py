@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ NRI_VERSION = "v0.12.5"
 EVENTS = (Event.CREATE_CONTAINER, Event.UPDATE_CONTAINER, Event.STOP_CONTAINER, Event.REMOVE_CONTAINER)
 # Never come near the runtime's own request timeout (2 s by default): answer "no adjustment" by then.
 ANSWER_BUDGET_S = 0.5
+# Pods whose allocation is remembered by UID (a few hundred bytes each).
+POD_CACHE_SIZE = 4096
 CALL_TIMEOUT_S = 2.0
 BACKOFF_START_S = 0.02
 BACKOFF_MAX_S = 2.0
@@ -128,6 +131,7 @@ class NriPlugin:
         self._plan_changed = asyncio.Event()
         self._budget_s = ANSWER_BUDGET_S
         self._absent_reported = False
+        self._pod_devices: OrderedDict[str, dict[str, Devices]] = OrderedDict()
         self._handlers: dict[str, Callable[[bytes], Awaitable[bytes]]] = {
             "Configure": self._configure,
             "Synchronize": self._synchronize,
@@ -336,6 +340,9 @@ class NriPlugin:
             log.warning(
                 "nri.sync_unmapped", reason=str(exc) or "PodResources timed out", effect="no adjustment"
             )
+        by_pod: dict[tuple[str, str], dict[str, Devices]] = {}
+        for (namespace, name, container), devices_of in (everything or {}).items():
+            by_pod.setdefault((namespace, name), {})[container] = devices_of
         self.containers = {}
         updates: list[bytes] = []
         unpooled = self.view.online_cpus() - self.view.exclusive_cpus()
@@ -344,6 +351,9 @@ class NriPlugin:
                 continue
             pod = pods.get(ref.pod_sandbox_id, PodRef())
             devices = None if everything is None else everything.get((pod.namespace, pod.name, ref.name), {})
+            if (pod.namespace, pod.name) in by_pod and pod.uid not in self._pod_devices:
+                # Only pods the kubelet listed: one it does not list (yet) is not remembered as empty.
+                self._remember(pod.uid, by_pod[(pod.namespace, pod.name)])
             current = kubelet_cpus = parse_runtime_cpus(ref.cpus)
             if kubelet_cpus is not None and kubelet_cpus == unpooled:
                 # What strict gave an unset cpuset last time: keep it unset, so a CPU that leaves an
@@ -373,8 +383,12 @@ class NriPlugin:
     async def _learn(self, event: ContainerEvent) -> Tracked:
         pod, ref = event.pod, event.container
         try:
-            per_container = await self.allocations.of_pod(pod.namespace, pod.name)
-            devices: Devices | None = per_container.get(ref.name, {})
+            per_container = self._pod_devices.get(pod.uid) if pod.uid else None
+            if per_container is None:
+                per_container = await self.allocations.of_pod(pod.namespace, pod.name)
+                if per_container is not None:
+                    self._remember(pod.uid, per_container)
+            devices: Devices | None = (per_container or {}).get(ref.name, {})
         except AllocationsUnknown as exc:
             devices = None
             log.warning(
@@ -383,6 +397,17 @@ class NriPlugin:
         tracked = Tracked(ref.id, pod.namespace, pod.name, ref.name, parse_runtime_cpus(ref.cpus), devices)
         self.containers[ref.id] = tracked
         return tracked
+
+    def _remember(self, uid: str, per_container: dict[str, Devices]) -> None:
+        """Keep a pod's allocation by UID. The kubelet allocates devices to every container of a pod at
+        admission, before its first container is created, and a UID is never reused: the record stays
+        true for the pod's life, so its other containers and their restarts need no PodResources call."""
+        if not uid:
+            return
+        self._pod_devices[uid] = per_container
+        self._pod_devices.move_to_end(uid)
+        while len(self._pod_devices) > POD_CACHE_SIZE:
+            self._pod_devices.popitem(last=False)
 
     def _decide(self, tracked: Tracked, event: str) -> Decision | None:
         """Apply the policy to a tracked container and count the outcome; None: its devices are unknown."""
