@@ -1,0 +1,230 @@
+"""What is held keeps its meaning: type changes, base-name changes, shared CPUs that move, offline CPUs,
+the kubelet's record unknown, and the state file that carries meanings across agent restarts."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.allocation import ExclusiveDevice
+from agent.config import PoolType, parse_config, validate
+from agent.cpuset import CpuSet
+from agent.ledger import dumps, loads
+from agent.plan import (
+    HEALTHY,
+    UNHEALTHY,
+    UNKNOWN,
+    Held,
+    Plan,
+    Resource,
+    build_plan,
+    list_message_size,
+    shared_device_id,
+)
+from agent.topology import CoreKey, Topology
+from agent.wire import encode_devices, encode_resource
+from tests.topologies import make_topology
+
+# 2 NUMA nodes x 4 cores x 2 threads: CPUs 0-15, siblings n and n+8.
+TOPO = make_topology(isolated="2-7,10-15")
+
+
+def plan_of(
+    text: str, previous: Plan | None = None, held: Held | None = None, topology: Topology = TOPO
+) -> Plan:
+    return build_plan(validate(parse_config(text, "test.yaml"), topology), topology, previous, held)
+
+
+def offline(topology: Topology, cpus: str) -> Topology:
+    gone = CpuSet.parse(cpus)
+    return replace(
+        topology,
+        online=topology.online - gone,
+        cpus={n: c for n, c in topology.cpus.items() if n not in gone},
+    )
+
+
+def health(resource: Resource) -> dict[str, str]:
+    return {d.id: d.health for d in resource.devices()}
+
+
+def assert_encodes_as_listed(resource: Resource) -> None:
+    encoded = encode_resource(resource)
+    assert bytes(encoded) == encode_devices(resource.devices())
+    assert list_message_size(resource) == len(bytes(encoded))
+    assert encoded.device_count == resource.device_count == len(resource.devices())
+    ids = [d.id for d in resource.devices()]
+    assert len(ids) == len(set(ids)), "a device ID is listed twice"
+
+
+EXCL = "pools:\n  a: {cpus: '2-5', pooltype: exclusive}\n  s: {cpus: '6-7', pooltype: shared}\n"
+
+
+def test_exclusive_to_shared_keeps_held_ids_exclusive_and_out_of_shared_cpus() -> None:
+    old = plan_of(EXCL)
+    new = plan_of(
+        "pools:\n  a: {cpus: '2-5', pooltype: shared}\n",
+        previous=old,
+        held={"cpupool.io/a": frozenset({"2", "3"})},
+    )
+    a = new.resources["cpupool.io/a"]
+    assert a.pool_type is PoolType.SHARED
+    # A shared container never gets a CPU another container holds exclusively.
+    assert a.cpus == CpuSet([4, 5])
+    assert a.grant(["0"]).shared == CpuSet([4, 5])
+    # The held IDs keep their exclusive meaning, listed Unhealthy; millicpus "2" and "3" wait for them.
+    assert a.grant(["2"]).exclusive == CpuSet([2])
+    assert health(a)["2"] == UNHEALTHY and health(a)["3"] == UNHEALTHY
+    assert a.healthy_count == 2000 - 2
+    assert_encodes_as_listed(a)
+    # Freed: the whole pool is shared again and the IDs are millicpus.
+    later = plan_of("pools:\n  a: {cpus: '2-5', pooltype: shared}\n", previous=new, held={})
+    a = later.resources["cpupool.io/a"]
+    assert a.cpus == CpuSet([2, 3, 4, 5]) and a.healthy_count == 4000 and not a.exclusive
+    assert_encodes_as_listed(a)
+
+
+def test_shared_to_exclusive_keeps_shared_holders_off_their_cpus() -> None:
+    old = plan_of(EXCL)
+    held = {"cpupool.io/s": frozenset({"7", shared_device_id(1500)})}
+    new = plan_of(
+        "pools:\n  a: {cpus: '2-5', pooltype: exclusive}\n  s: {cpus: '6-7', pooltype: exclusive}\n",
+        previous=old,
+        held=held,
+    )
+    s = new.resources["cpupool.io/s"]
+    assert s.pool_type is PoolType.EXCLUSIVE
+    # CPUs 6 and 7 still run shared containers: not one of them is offered, and Allocate refuses them.
+    assert {d.id for d in s.devices() if d.health == HEALTHY} == set()
+    assert "6" in s.blocked
+    # Millicpu "7" is held: exclusive device "7" waits until it is free.
+    assert "7" not in s.exclusive and s.grant(["7"]).shared == CpuSet([6, 7])
+    assert_encodes_as_listed(s)
+    freed = plan_of(
+        "pools:\n  a: {cpus: '2-5', pooltype: exclusive}\n  s: {cpus: '6-7', pooltype: exclusive}\n",
+        previous=new,
+        held={},
+    )
+    assert health(freed.resources["cpupool.io/s"]) == {"6": HEALTHY, "7": HEALTHY}
+
+
+def test_resource_base_name_change_keeps_old_names_draining_on_their_own_sockets() -> None:
+    old = plan_of(EXCL)
+    new = plan_of(
+        "resourceBaseName: other.io\npools:\n  a: {cpus: '2-5', pooltype: exclusive}\n",
+        previous=old,
+        held={"cpupool.io/a": frozenset({"4"})},
+    )
+    assert set(new.resources) == {"other.io/a", "cpupool.io/a"}
+    drained = new.resources["cpupool.io/a"]
+    assert not drained.configured and health(drained) == {"4": UNHEALTHY}
+    assert drained.socket_name != new.resources["other.io/a"].socket_name
+    # The new name never offers the held CPU, and refuses it.
+    other = new.resources["other.io/a"]
+    assert health(other)["4"] == UNHEALTHY and "cpupool.io/a" in other.blocked["4"]
+
+
+def test_shared_cpus_that_move_stay_unoffered_while_shared_containers_hold_them() -> None:
+    old = plan_of(EXCL)
+    # Shared containers hold millicpus handed out while the pool was 6-7; 7 moves to the exclusive pool.
+    moved = "pools:\n  a: {cpus: '2-5,7', pooltype: exclusive}\n  s: {cpus: '6', pooltype: shared}\n"
+    new = plan_of(moved, previous=old, held={"cpupool.io/s": frozenset({"0", "1"})})
+    a, s = new.resources["cpupool.io/a"], new.resources["cpupool.io/s"]
+    assert health(a)["7"] == UNHEALTHY and "shared" in a.blocked["7"]
+    # New shared containers get CPU 6 only; the held millicpus keep the CPUs they were given.
+    assert s.cpus == CpuSet([6]) and s.grant(["5"]).shared == CpuSet([6])
+    assert s.grant(["0"]).shared == CpuSet([6, 7])
+    # Still held at the next re-check: still kept. Then freed: offered.
+    again = plan_of(moved, previous=new, held={"cpupool.io/s": frozenset({"1"})})
+    assert health(again.resources["cpupool.io/a"])["7"] == UNHEALTHY
+    freed = plan_of(moved, previous=again, held={"cpupool.io/s": frozenset({"5"})})
+    assert health(freed.resources["cpupool.io/a"])["7"] == HEALTHY
+    assert not freed.resources["cpupool.io/s"].shared_groups
+
+
+def test_without_the_kubelets_record_nothing_moves() -> None:
+    old = plan_of(EXCL)
+    moved = (
+        "pools:\n  a: {cpus: '2-4', pooltype: exclusive}\n  b: {cpus: '5', pooltype: exclusive}\n"
+        "  s: {cpus: '6-7', pooltype: shared}\n"
+    )
+    new = plan_of(moved, previous=old, held=UNKNOWN)
+    assert not new.held_known and new.pending
+    assert health(new.resources["cpupool.io/a"])["5"] == UNHEALTHY
+    assert health(new.resources["cpupool.io/b"]) == {"5": UNHEALTHY}
+    assert "5" in new.resources["cpupool.io/b"].blocked
+    # Known again, nothing held: the move happens.
+    known = plan_of(moved, previous=new, held={})
+    assert health(known.resources["cpupool.io/b"]) == {"5": HEALTHY}
+    assert "5" not in known.resources["cpupool.io/a"].exclusive
+
+
+def test_offline_cpus_are_unhealthy_and_come_back_healthy() -> None:
+    old = plan_of(EXCL)
+    down = offline(TOPO, "3,7")
+    new = plan_of(EXCL, previous=old, held={}, topology=down)
+    a, s = new.resources["cpupool.io/a"], new.resources["cpupool.io/s"]
+    assert health(a) == {"2": HEALTHY, "3": UNHEALTHY, "4": HEALTHY, "5": HEALTHY}
+    assert "offline" in a.blocked["3"]
+    assert s.cpus == CpuSet([6]) and s.healthy_count == 1000
+    assert_encodes_as_listed(s)
+    up = plan_of(EXCL, previous=new, held={})
+    assert health(up.resources["cpupool.io/a"])["3"] == HEALTHY
+    assert up.resources["cpupool.io/s"].cpus == CpuSet([6, 7])
+
+
+def test_held_device_of_an_offline_cpu_stays_listed_with_its_meaning() -> None:
+    old = plan_of(EXCL)
+    new = plan_of(EXCL, previous=old, held={"cpupool.io/a": frozenset({"3"})}, topology=offline(TOPO, "3"))
+    a = new.resources["cpupool.io/a"]
+    assert a.exclusive["3"].numa_node == 0 and health(a)["3"] == UNHEALTHY
+    # It is the holder's own device: a re-admission may still Allocate it.
+    assert "3" not in a.blocked
+
+
+def test_state_file_round_trip_keeps_every_meaning() -> None:
+    old = plan_of(EXCL)
+    changed = plan_of(
+        "pools:\n  a: {cpus: '2-5,7', pooltype: shared}\n",
+        previous=old,
+        held={"cpupool.io/a": frozenset({"2"}), "cpupool.io/s": frozenset({"0", "zz"})},
+    )
+    text = dumps(changed)
+    restored = loads(text)
+    assert dumps(restored) == text
+    # Planning from the restored state gives what planning from memory gives.
+    held = {"cpupool.io/a": frozenset({"2"}), "cpupool.io/s": frozenset({"0"})}
+    assert plan_of(EXCL, previous=restored, held=held) == plan_of(EXCL, previous=changed, held=held)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    count=st.integers(0, 50_000),
+    holes=st.sets(st.integers(0, 50_000), max_size=6),
+    retained=st.sets(st.integers(0, 60_000), max_size=4),
+)
+def test_listing_with_withheld_ids_encodes_like_the_device_list(
+    count: int, holes: set[int], retained: set[int]
+) -> None:
+    withheld = frozenset(h for h in holes if h < count)
+    foreign = {
+        shared_device_id(h): ExclusiveDevice(shared_device_id(h), CpuSet([h % 16]), 0, CoreKey(0, 0), None)
+        for h in withheld
+        if shared_device_id(h).isdigit()
+    }
+    withheld = frozenset(h for h in withheld if shared_device_id(h) in foreign)
+    resource = Resource(
+        "cpupool.io/s",
+        "s",
+        PoolType.SHARED,
+        None,
+        CpuSet([1]),
+        exclusive=foreign,
+        shared_count=count,
+        shared_retained=frozenset(r for r in retained if r >= count),
+        shared_withheld=withheld,
+        unhealthy=frozenset(foreign),
+    )
+    assert_encodes_as_listed(resource)
