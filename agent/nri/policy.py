@@ -8,6 +8,7 @@ to give it. The PoolView protocol is all the plugin knows of the plan.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -59,8 +60,11 @@ class Decision:
     reason: str = ""
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_runtime_cpus(text: str) -> CpuSet | None:
-    """The cpuset the runtime holds for a container; None when unset or unreadable."""
+    """The cpuset the runtime holds for a container; None when unset or unreadable.
+
+    Cached: a node's containers share a handful of cpusets, and Synchronize parses hundreds."""
     if not text.strip():
         return None
     try:
@@ -92,9 +96,14 @@ def decide(
     if policy is Policy.POOLS:
         return Decision(Kind.OTHER, None, reason="policy pools leaves other containers alone")
     base = kubelet_cpus if kubelet_cpus is not None else view.online_cpus()
-    narrowed = base - view.exclusive_cpus()
+    narrowed = _without(base, view.exclusive_cpus())
     if not narrowed:
         return Decision(
             Kind.OTHER, None, reason=f"every CPU of its cpuset {base.format()} is in an exclusive pool"
         )
     return Decision(Kind.OTHER, narrowed)
+
+
+@functools.lru_cache(maxsize=256)
+def _without(base: CpuSet, exclusive: CpuSet) -> CpuSet:
+    return base - exclusive

@@ -14,23 +14,33 @@ if TYPE_CHECKING:
 class SupervisorPoolView:
     def __init__(self, supervisor: Supervisor) -> None:
         self._supervisor = supervisor
+        # Per plan object (plans are immutable): asked once per container, computed once per plan.
+        self._cached: tuple[object, CpuSet, CpuSet] | None = None
+        self._online: tuple[object, CpuSet] | None = None
+
+    def _sets(self) -> tuple[CpuSet, CpuSet]:
+        plan = self._supervisor.plan
+        if self._cached is not None and self._cached[0] is plan:
+            return self._cached[1], self._cached[2]
+        exclusive, shared = CpuSet(), CpuSet()
+        if plan is not None:
+            # A resource's `cpus` include CPUs still held by pods after a reload took them from the config.
+            exclusive = CpuSet().union(*(r.cpus for r in plan.resources.values() if r.exclusive_pool))
+            shared = CpuSet().union(*(r.cpus for r in plan.resources.values() if not r.exclusive_pool))
+        self._cached = (plan, exclusive, shared)
+        return exclusive, shared
 
     def online_cpus(self) -> CpuSet:
         topology = self._supervisor.topology
-        return CpuSet(topology.cpus) if topology is not None else CpuSet()
+        if self._online is None or self._online[0] is not topology:
+            self._online = (topology, CpuSet(topology.cpus) if topology is not None else CpuSet())
+        return self._online[1]
 
     def exclusive_cpus(self) -> CpuSet:
-        plan = self._supervisor.plan
-        if plan is None:
-            return CpuSet()
-        # A resource's `cpus` include CPUs still held by pods after a reload took them from the config.
-        return CpuSet().union(*(r.cpus for r in plan.resources.values() if r.exclusive_pool))
+        return self._sets()[0]
 
     def shared_cpus(self) -> CpuSet:
-        plan = self._supervisor.plan
-        if plan is None:
-            return CpuSet()
-        return CpuSet().union(*(r.cpus for r in plan.resources.values() if not r.exclusive_pool))
+        return self._sets()[1]
 
     def owns(self, resource: str) -> bool:
         plan = self._supervisor.plan

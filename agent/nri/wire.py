@@ -66,6 +66,47 @@ def fields(data: bytes) -> list[tuple[int, int | bytes]]:
     return out
 
 
+def select(data: bytes, wanted: frozenset[int]) -> dict[int, int | bytes]:
+    """The `wanted` fields of a message (the last occurrence of each), skipping every other field without
+    copying it: a container's env, mounts and annotations cost a few varint reads."""
+    out: dict[int, int | bytes] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        # Keys and most lengths are one byte: read those inline (this loop runs for every env entry).
+        key = data[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _read_varint(data, pos)
+        number, kind = key >> 3, key & 7
+        if number == 0:
+            raise WireError("field number 0")
+        if kind == _LEN:
+            if pos < end and data[pos] < 0x80:
+                size = data[pos]
+                pos += 1
+            else:
+                size, pos = _read_varint(data, pos)
+            if pos + size > end:
+                raise WireError(f"field {number}: {size} bytes announced, {end - pos} left")
+            if number in wanted:
+                out[number] = data[pos : pos + size]
+            pos += size
+        elif kind == _VARINT:
+            value, pos = _read_varint(data, pos)
+            if number in wanted:
+                out[number] = value
+        elif kind == _I64:
+            pos += 8
+        elif kind == _I32:
+            pos += 4
+        else:
+            raise WireError(f"field {number}: wire type {kind} is not used by proto3")
+        if pos > end:
+            raise WireError(f"field {number}: truncated")
+    return out
+
+
 def _text(value: int | bytes, what: str) -> str:
     if not isinstance(value, bytes):
         raise WireError(f"{what}: expected a string, got a varint")
@@ -193,44 +234,42 @@ class ContainerRef:
     mems: str = ""
 
 
+_POD_FIELDS = frozenset({1, 2, 3, 4})
+_CONTAINER_FIELDS = frozenset({1, 2, 3, 4, 11})
+_ONE, _TWO, _THREE = frozenset({1}), frozenset({2}), frozenset({3})
+_CPU_FIELDS = frozenset({6, 7})
+
+
 def decode_pod(data: bytes) -> PodRef:
-    values = {1: "", 2: "", 3: "", 4: ""}
-    for number, value in fields(data):
-        if number in values:
-            values[number] = _text(value, f"PodSandbox field {number}")
-    return PodRef(values[1], values[2], values[3], values[4])
+    found = select(data, _POD_FIELDS)
+    return PodRef(*(_text(found.get(n, b""), f"PodSandbox field {n}") for n in (1, 2, 3, 4)))
 
 
 def decode_cpu(resources: bytes) -> tuple[str, str]:
     """(cpus, mems) of a LinuxResources message."""
-    cpus = mems = ""
-    for number, value in fields(resources):
-        if number == 2:  # LinuxResources.cpu
-            for inner, item in fields(_bytes(value, "LinuxResources.cpu")):
-                if inner == 6:
-                    cpus = _text(item, "LinuxCPU.cpus")
-                elif inner == 7:
-                    mems = _text(item, "LinuxCPU.mems")
-    return cpus, mems
+    cpu = select(resources, _TWO).get(2)  # LinuxResources.cpu
+    if cpu is None:
+        return "", ""
+    found = select(_bytes(cpu, "LinuxResources.cpu"), _CPU_FIELDS)
+    return _text(found.get(6, b""), "LinuxCPU.cpus"), _text(found.get(7, b""), "LinuxCPU.mems")
 
 
 def decode_container(data: bytes) -> ContainerRef:
-    cid = pod = name = cpus = mems = ""
-    state = 0
-    for number, value in fields(data):
-        if number == 1:
-            cid = _text(value, "Container.id")
-        elif number == 2:
-            pod = _text(value, "Container.pod_sandbox_id")
-        elif number == 3:
-            name = _text(value, "Container.name")
-        elif number == 4:
-            state = _int(value, "Container.state")
-        elif number == 11:  # Container.linux
-            for inner, item in fields(_bytes(value, "Container.linux")):
-                if inner == 3:  # LinuxContainer.resources
-                    cpus, mems = decode_cpu(_bytes(item, "LinuxContainer.resources"))
-    return ContainerRef(cid, pod, name, state, cpus, mems)
+    found = select(data, _CONTAINER_FIELDS)
+    cpus = mems = ""
+    linux = found.get(11)  # Container.linux
+    if linux is not None:
+        resources = select(_bytes(linux, "Container.linux"), _THREE).get(3)  # LinuxContainer.resources
+        if resources is not None:
+            cpus, mems = decode_cpu(_bytes(resources, "LinuxContainer.resources"))
+    return ContainerRef(
+        _text(found.get(1, b""), "Container.id"),
+        _text(found.get(2, b""), "Container.pod_sandbox_id"),
+        _text(found.get(3, b""), "Container.name"),
+        _int(found.get(4, 0), "Container.state"),
+        cpus,
+        mems,
+    )
 
 
 @dataclass(frozen=True)
