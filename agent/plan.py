@@ -454,7 +454,6 @@ def build_plan(
         resources[name] = resource
     if problems:
         raise ConfigError(config.source, problems)
-    sockets = {r.socket_name for r in resources.values()}
     for name in sorted(set(before) | set(claims.exclusive) | set(claims.shared)):
         if name in resources:
             continue
@@ -462,20 +461,32 @@ def build_plan(
         if old is None:
             continue
         draining = _draining_resource(old, claims)
-        if draining is None:
-            continue
-        if draining.socket_name in sockets:
-            # Another base name's pool of the same name: its socket must differ.
-            digest = hashlib.sha256(name.encode()).hexdigest()[:10]
-            draining = replace(draining, socket=f"cpupool-{draining.pool}-{digest}.sock")
-        sockets.add(draining.socket_name)
-        resources[name] = draining
+        if draining is not None:
+            resources[name] = draining
+    _assign_sockets(resources, before)
     return Plan(
         config.resource_base_name,
         resources,
         validated.warnings,
         held_known=not isinstance(held, _Unknown),
     )
+
+
+def _assign_sockets(resources: dict[str, Resource], before: Mapping[str, Resource]) -> None:
+    """Every resource keeps the socket it is served on; a new one takes `cpupool-<pool>.sock` unless another
+    name (a draining pool of an older base name) still holds it, then a name with a hash of its own."""
+    taken: set[str] = set()
+    order = sorted(resources, key=lambda n: (n not in before, resources[n].configured, n))
+    for name in order:
+        resource = resources[name]
+        old = before.get(name)
+        socket = old.socket_name if old is not None else f"cpupool-{resource.pool}.sock"
+        if socket in taken:
+            digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+            socket = f"cpupool-{resource.pool}-{digest}.sock"
+        taken.add(socket)
+        if socket != resource.socket_name or not resource.socket:
+            resources[name] = replace(resource, socket=socket)
 
 
 def _fresh_resource(

@@ -55,6 +55,7 @@ HOTPLUG_POLL_S = 5.0
 # After ending a resource's streams, how long to wait for the kubelet to drop the old connection before
 # registering again (it disconnects whatever client is current when an old stream ends).
 REREGISTER_WAIT_S = 2.0
+REREGISTER_SETTLE_S = 0.1
 # Plans built while Allocates arrive are built again with them; after this many tries, on the loop.
 PLAN_RETRIES = 3
 
@@ -532,6 +533,9 @@ class Supervisor:
                         waited_s=REREGISTER_WAIT_S,
                         action="registering anyway",
                     )
+                # The kubelet closes the client's connection first and only then marks the old endpoint
+                # disconnected: a registration that overtook that step would be the one marked.
+                await asyncio.sleep(REREGISTER_SETTLE_S)
         delay = REGISTER_BACKOFF_START_S
         attempt = 0
         while True:

@@ -1,0 +1,130 @@
+"""One exclusive CPU is never in two live containers: the agent against a kubelet (the grpcio emulator and,
+where Go is present, the kubelet's own device manager) through agent restarts, base-name and pool-type
+changes, CPUs going offline, and a kubelet whose available list lags."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from agent.cpuset import CpuSet
+from agent.supervisor import Supervisor
+from tests.emulator import KubeletEmulator, PluginCallError, ResourceSnapshot
+from tests.harness import running_agent
+
+FAST = "cpupool.io/fast"
+FAST_ONLY = 'pools:\n  fast: {cpus: "2-7", pooltype: exclusive}\n'
+
+
+def health(snap: ResourceSnapshot) -> dict[str, str]:
+    return {d.id: d.health for d in snap.devices}
+
+
+def registered_as(snap: ResourceSnapshot, pooltype: str) -> bool:
+    """The kubelet's current endpoint is the registration made for `pooltype` and streams its list."""
+    options = snap.options
+    if options is None or not snap.stream_open:
+        return False
+    return options.get_preferred_allocation_available == (pooltype == "exclusive") and (
+        (len(snap.devices) > 100) == (pooltype == "shared")
+    )
+
+
+async def test_agent_restart_remembers_what_is_held(tmp_path: Path, peer: str) -> None:
+    async with running_agent(tmp_path, FAST_ONLY, recheck_interval_s=0.1, peer=peer) as run:
+        await run.emu.wait_devices(FAST)
+        (held,) = (await run.emu.allocate(FAST, 1, pod="first")).device_ids
+        # A DaemonSet rollout: the agent stops, and meanwhile the operator moves the held CPU to another pool.
+        await run.stop()
+        rest = ",".join(c for c in ("2", "3", "4", "5", "6", "7") if c != held)
+        run.configmap.write(
+            f'pools:\n  fast: {{cpus: "{rest}", pooltype: exclusive}}\n'
+            f'  other: {{cpus: "{held}", pooltype: exclusive}}\n'
+        )
+        run.supervisor = Supervisor(run.supervisor.settings)
+        run.task = asyncio.create_task(run.supervisor.run())
+        other = await run.emu.wait_devices("cpupool.io/other")
+        assert health(other) == {held: "Unhealthy"}
+        # Even asked directly, the agent refuses to hand the held CPU to a second container.
+        if isinstance(run.emu, KubeletEmulator):
+            with pytest.raises(PluginCallError, match="held exclusively"):
+                await run.emu.call_allocate("cpupool.io/other", [held])
+        fast = await run.emu.wait_devices(FAST)
+        assert health(fast)[held] == "Unhealthy"
+        await run.emu.remove_pod("first")
+        await run.emu.wait_devices("cpupool.io/other", lambda s: health(s) == {held: "Healthy"})
+        second = await run.emu.allocate("cpupool.io/other", 1, pod="second")
+        assert second.envs["EXCLUSIVE_CPUS"] == held
+
+
+async def test_base_name_change_keeps_held_cpus_out_of_the_new_names(tmp_path: Path, peer: str) -> None:
+    async with running_agent(tmp_path, FAST_ONLY, recheck_interval_s=0.1, peer=peer) as run:
+        await run.emu.wait_devices(FAST)
+        (held,) = (await run.emu.allocate(FAST, 1, pod="first")).device_ids
+        run.configmap.write(
+            'resourceBaseName: other.io\npools:\n  fast: {cpus: "2-7", pooltype: exclusive}\n'
+        )
+        renamed = await run.emu.wait_devices("other.io/fast", lambda s: len(s.devices) == 6)
+        assert health(renamed)[held] == "Unhealthy"
+        # The old name stays served for its holder (a re-admission finds its device).
+        old = await run.emu.wait_devices(FAST, lambda s: health(s) == {held: "Unhealthy"})
+        assert old.registered
+        taken = await run.emu.allocate("other.io/fast", 5, pod="second")
+        assert held not in CpuSet.parse(taken.envs["EXCLUSIVE_CPUS"])
+        await run.emu.remove_pod("first")
+        await run.emu.wait_devices("other.io/fast", lambda s: health(s)[held] == "Healthy")
+
+
+async def test_pool_type_change_never_puts_a_held_cpu_in_a_shared_set(tmp_path: Path, peer: str) -> None:
+    async with running_agent(tmp_path, FAST_ONLY, recheck_interval_s=0.1, peer=peer) as run:
+        await run.emu.wait_devices(FAST)
+        held = CpuSet(int(i) for i in (await run.emu.allocate(FAST, 2, pod="first")).device_ids)
+        run.configmap.write('pools:\n  fast: {cpus: "2-7", pooltype: shared}\n')
+        await run.emu.wait_devices(FAST, lambda s: registered_as(s, "shared") and s.allocatable > 0)
+        shared = await run.emu.allocate(FAST, 500, pod="second")
+        cpus = CpuSet.parse(shared.envs["SHARED_CPUS"])
+        assert cpus and cpus.isdisjoint(held)
+
+
+async def test_two_type_changes_leave_one_live_registration(tmp_path: Path, peer: str) -> None:
+    """The kubelet keeps an older client streaming after a re-registration, and when that old stream ends it
+    disconnects the current client: the agent must end the old stream before it registers again."""
+    async with running_agent(tmp_path, FAST_ONLY, peer=peer) as run:
+        await run.emu.wait_devices(FAST)
+        for pooltype in ("shared", "exclusive"):
+            run.configmap.write(f'pools:\n  fast: {{cpus: "2-7", pooltype: {pooltype}}}\n')
+            await run.emu.wait_devices(FAST, lambda s, t=pooltype: registered_as(s, t) and s.allocatable > 0)
+        await asyncio.sleep(0.5)
+        final = run.emu.resource(FAST)
+        assert final is not None and final.registered and final.stream_open
+        assert final.allocatable == 6
+        allocation = await run.emu.allocate(FAST, 1, pod="after")
+        assert allocation.envs["EXCLUSIVE_CPUS"]
+
+
+async def test_cpu_going_offline_turns_its_device_unhealthy(tmp_path: Path, peer: str) -> None:
+    async with running_agent(tmp_path, FAST_ONLY, peer=peer) as run:
+        await run.emu.wait_devices(FAST)
+        cpu_dir = run.root / "sys" / "devices" / "system" / "cpu"
+        online = CpuSet.parse((cpu_dir / "online").read_text())
+        (cpu_dir / "cpu5" / "online").write_text("0\n")
+        (cpu_dir / "online").write_text((online - CpuSet([5])).format() + "\n")
+        run.supervisor.notify("hotplug")
+        fast = await run.emu.wait_devices(FAST, lambda s: health(s).get("5") == "Unhealthy")
+        assert fast.allocatable == 5
+        (cpu_dir / "cpu5" / "online").write_text("1\n")
+        (cpu_dir / "online").write_text(online.format() + "\n")
+        run.supervisor.notify("hotplug")
+        await run.emu.wait_devices(FAST, lambda s: health(s).get("5") == "Healthy")
+
+
+async def test_preferred_allocation_passes_over_ids_it_does_not_offer(tmp_path: Path) -> None:
+    async with running_agent(tmp_path, FAST_ONLY) as run:
+        await run.emu.wait_devices(FAST)
+        # Right after a reload the kubelet's available list may still name devices that are gone.
+        answer = await run.emu.call_preferred(FAST, ["2", "3", "40", "41"], [], 2)
+        assert sorted(answer) == ["2", "3"]
+        answer = await run.emu.call_preferred(FAST, ["2", "40", "41"], ["41"], 2)
+        assert set(answer) == {"2", "41"}
