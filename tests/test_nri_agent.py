@@ -105,3 +105,38 @@ async def test_agent_enforces_and_reports_cpusets(tmp_path: Path) -> None:
             _, stderr = await asyncio.to_thread(proc.communicate, timeout=15)
         assert '"event": "kubelet.counts_pooled_cpus"' in stderr
         assert '"event": "nri.synchronized"' in stderr
+
+
+async def test_no_nri_serves_the_device_plugin_and_says_enforcement_is_off(tmp_path: Path) -> None:
+    config = tmp_path / "poolconfig.yaml"
+    config.write_text(POOLS)
+    plugin_dir = tmp_path / "plugins"
+    plugin_dir.mkdir()
+    port = free_port()
+    async with KubeletEmulator(plugin_dir, pod_resources_socket=tmp_path / "pr.sock") as emu:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - a separate process, as in production
+            [sys.executable, "-m", "agent.cli", "agent", "--config", str(config),
+             "--root", str(host_root(tmp_path)), "--plugin-dir", str(plugin_dir),
+             "--pod-resources-socket", str(tmp_path / "pr.sock"),
+             "--no-nri", "--nri-socket", str(tmp_path / "nri.sock"), "--no-pin-self",
+             "--health-host", "127.0.0.1", "--health-port", str(port), "--log-format", "json"],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            await emu.wait_devices(FAST, timeout=15)
+            await emu.wait_for(lambda: _answers(port), what="the health port")
+            _, report = await http_json(port, "/enforcement")
+            assert report["nri"] == {"enabled": False} and report["containers"] == []
+            # No kubelet config under this root: the accounting is unknown, with the file named.
+            accounting = report["kubelet_accounting"]
+            assert accounting["verdict"] == "unknown"  # type: ignore[index]
+            assert "config.yaml" in accounting["detail"]  # type: ignore[index]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.to_thread(proc.communicate, timeout=15)
+        assert '"event": "nri.disabled"' in stderr and "nri.unavailable" not in stderr
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

@@ -10,16 +10,18 @@ from pathlib import Path
 from typing import Protocol
 
 import structlog
+from grpclib import GRPCError
 from grpclib.client import Channel
 
-from agent.podresources import Assignment, PodResourcesError, get_assignments, list_assignments
+from agent.kubeletapi.v1 import ContainerResources, ListPodResourcesRequest, PodResourcesListerStub
+from agent.podresources import PodResourcesError, get_assignments
 
 log = structlog.get_logger(__name__)
 
 # resource name -> device IDs, for one container
 Devices = dict[str, tuple[str, ...]]
-# (namespace, pod, container) -> its devices
-ContainerKey = tuple[str, str, str]
+# (namespace, pod)
+PodKey = tuple[str, str]
 
 
 class AllocationsUnknown(Exception):
@@ -31,16 +33,16 @@ class AllocationSource(Protocol):
         """Container name -> devices, for one pod; None when the kubelet does not know the pod (it holds
         nothing, but may be known later); raises AllocationsUnknown."""
 
-    async def of_all(self) -> dict[ContainerKey, Devices]:
-        """Every container's devices; raises AllocationsUnknown."""
+    async def of_all(self) -> dict[PodKey, dict[str, Devices]]:
+        """Every pod the kubelet lists, with its containers' devices (empty for a container holding none);
+        raises AllocationsUnknown."""
 
 
-def _group(assignments: list[Assignment]) -> dict[ContainerKey, Devices]:
-    found: dict[ContainerKey, dict[str, list[str]]] = {}
-    for item in assignments:
-        per = found.setdefault((item.namespace, item.pod, item.container), {})
-        per.setdefault(item.resource, []).extend(item.device_ids)
-    return {key: {name: tuple(ids) for name, ids in per.items()} for key, per in found.items()}
+def _devices(container: ContainerResources) -> Devices:
+    found: dict[str, list[str]] = {}
+    for devices in container.devices:
+        found.setdefault(devices.resource_name, []).extend(devices.device_ids)
+    return {name: tuple(ids) for name, ids in found.items()}
 
 
 class PodResourcesAllocations:
@@ -79,13 +81,27 @@ class PodResourcesAllocations:
                 else:
                     raise AllocationsUnknown(str(exc)) from exc
             else:
-                return {key[2]: devices for key, devices in _group(assignments).items()}
-        everything = await self.of_all()
-        return {key[2]: devices for key, devices in everything.items() if key[:2] == (namespace, pod)}
+                per_container: dict[str, dict[str, list[str]]] = {}
+                for item in assignments:
+                    per_container.setdefault(item.container, {}).setdefault(item.resource, []).extend(
+                        item.device_ids
+                    )
+                return {name: {r: tuple(ids) for r, ids in d.items()} for name, d in per_container.items()}
+        return (await self.of_all()).get((namespace, pod))
 
-    async def of_all(self) -> dict[ContainerKey, Devices]:
+    async def of_all(self) -> dict[PodKey, dict[str, Devices]]:
+        channel = Channel(path=str(self.socket))
         try:
-            assignments = await list_assignments(self.socket, self.timeout_s)
-        except PodResourcesError as exc:
-            raise AllocationsUnknown(str(exc)) from exc
-        return _group(assignments)
+            reply = await PodResourcesListerStub(channel).list(
+                ListPodResourcesRequest(), timeout=self.timeout_s
+            )
+        except GRPCError as exc:
+            raise AllocationsUnknown(f"{self.socket}: List failed: {exc.status.name} {exc.message}") from exc
+        except (OSError, TimeoutError) as exc:
+            raise AllocationsUnknown(f"{self.socket}: cannot connect: {exc!r}") from exc
+        finally:
+            channel.close()
+        return {
+            (pod.namespace, pod.name): {c.name: _devices(c) for c in pod.containers}
+            for pod in reply.pod_resources
+        }

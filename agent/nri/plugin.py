@@ -332,28 +332,38 @@ class NriPlugin:
         return encode_updates(updates)
 
     async def _synchronized(self, pods: dict[str, PodRef], containers: list[ContainerRef]) -> list[bytes]:
-        try:
-            async with asyncio.timeout(self._budget_s):
-                everything: dict[tuple[str, str, str], Devices] | None = await self.allocations.of_all()
-        except (AllocationsUnknown, TimeoutError) as exc:
-            everything = None
-            log.warning(
-                "nri.sync_unmapped", reason=str(exc) or "PodResources timed out", effect="no adjustment"
-            )
-        by_pod: dict[tuple[str, str], dict[str, Devices]] = {}
-        for (namespace, name, container), devices_of in (everything or {}).items():
-            by_pod.setdefault((namespace, name), {})[container] = devices_of
+        live = [
+            c
+            for c in containers
+            if c.state in (ContainerState.CONTAINER_CREATED, ContainerState.CONTAINER_RUNNING)
+        ]
+        listed: dict[tuple[str, str], dict[str, Devices]] | None = {}
+        # One List for the pods the record does not hold yet (all of them at the agent's start; none
+        # after a runtime restart).
+        if any(pods.get(c.pod_sandbox_id, PodRef()).uid not in self._pod_devices for c in live):
+            try:
+                async with asyncio.timeout(self._budget_s):
+                    listed = await self.allocations.of_all()
+            except (AllocationsUnknown, TimeoutError) as exc:
+                listed = None
+                log.warning(
+                    "nri.sync_unmapped", reason=str(exc) or "PodResources timed out", effect="no adjustment"
+                )
         self.containers = {}
         updates: list[bytes] = []
         unpooled = self.view.online_cpus() - self.view.exclusive_cpus()
-        for ref in containers:
-            if ref.state not in (ContainerState.CONTAINER_CREATED, ContainerState.CONTAINER_RUNNING):
-                continue
+        for ref in live:
             pod = pods.get(ref.pod_sandbox_id, PodRef())
-            devices = None if everything is None else everything.get((pod.namespace, pod.name, ref.name), {})
-            if (pod.namespace, pod.name) in by_pod and pod.uid not in self._pod_devices:
-                # Only pods the kubelet listed: one it does not list (yet) is not remembered as empty.
-                self._remember(pod.uid, by_pod[(pod.namespace, pod.name)])
+            per_container = self._pod_devices.get(pod.uid) if pod.uid else None
+            if per_container is None and listed is not None:
+                per_container = listed.get((pod.namespace, pod.name))
+                if per_container is not None:
+                    # Only pods the kubelet listed: one it does not list (yet) is not remembered as empty.
+                    self._remember(pod.uid, per_container)
+            if per_container is not None:
+                devices: Devices | None = per_container.get(ref.name, {})
+            else:
+                devices = None if listed is None else {}
             current = kubelet_cpus = parse_runtime_cpus(ref.cpus)
             if kubelet_cpus is not None and kubelet_cpus == unpooled:
                 # What strict gave an unset cpuset last time: keep it unset, so a CPU that leaves an
@@ -409,16 +419,21 @@ class NriPlugin:
         while len(self._pod_devices) > POD_CACHE_SIZE:
             self._pod_devices.popitem(last=False)
 
-    def _decide(self, tracked: Tracked, event: str) -> Decision | None:
-        """Apply the policy to a tracked container and count the outcome; None: its devices are unknown."""
+    def _decide(self, tracked: Tracked, event: str | None) -> Decision | None:
+        """Apply the policy to a tracked container; None: its devices are unknown. The outcome is logged
+        and counted under `event`; a reload (event None) re-decides every container and counts only what
+        it pushes."""
         if tracked.devices is None:
             # Without the kubelet's word a pool container could be narrowed off its own CPUs: leave it.
             tracked.enforced = None
-            self.metrics.nri_adjustments.inc(event=event, outcome="unmapped")
+            if event is not None:
+                self.metrics.nri_adjustments.inc(event=event, outcome="unmapped")
             return None
         decision = decide(self.view, self.settings.policy, tracked.devices, tracked.kubelet_cpus)
         tracked.kind = decision.kind
         tracked.enforced, tracked.mems = decision.cpus, decision.mems
+        if event is None:
+            return decision
         if decision.cpus is None:
             outcome = (
                 "conflict"
@@ -479,7 +494,7 @@ class NriPlugin:
         updates: list[bytes] = []
         for tracked in self.containers.values():
             before = tracked.enforced
-            decision = self._decide(tracked, "reload")
+            decision = self._decide(tracked, None)
             if decision is None or decision.cpus is None:
                 continue
             if decision.cpus != before:
