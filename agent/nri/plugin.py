@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -35,7 +36,9 @@ from agent.nri.wire import (
     ContainerRef,
     PodRef,
     TtrpcRequest,
+    WireError,
     decode_container_event,
+    decode_pod_event,
     decode_synchronize,
     encode_adjustment,
     encode_update,
@@ -60,7 +63,14 @@ DEFAULT_INDEX = "50"
 PLUGIN_SERVICE = "nri.pkg.api.v1alpha1.Plugin"
 RUNTIME_SERVICE = "nri.pkg.api.v1alpha1.Runtime"
 NRI_VERSION = "v0.12.5"
-EVENTS = (Event.CREATE_CONTAINER, Event.UPDATE_CONTAINER, Event.STOP_CONTAINER, Event.REMOVE_CONTAINER)
+EVENTS = (
+    Event.RUN_POD_SANDBOX,
+    Event.REMOVE_POD_SANDBOX,
+    Event.CREATE_CONTAINER,
+    Event.UPDATE_CONTAINER,
+    Event.STOP_CONTAINER,
+    Event.REMOVE_CONTAINER,
+)
 # Never come near the runtime's own request timeout (2 s by default): answer "no adjustment" by then.
 ANSWER_BUDGET_S = 0.5
 # Pods whose allocation is remembered by UID (a few hundred bytes each).
@@ -100,9 +110,15 @@ class _SyncState:
     containers: list[ContainerRef] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=1024)
+def _text(cpus: CpuSet | None) -> str:
+    # A node's containers share a handful of cpusets: format each once.
+    return cpus.format() if cpus else ""
+
+
 def _cpu_update(container_id: str, cpus: CpuSet, mems: CpuSet | None) -> bytes:
     # ignore_failure: another plugin's claim on the same container must not fail the runtime's request.
-    return encode_update(container_id, cpus.format(), mems.format() if mems else "", ignore_failure=True)
+    return encode_update(container_id, _text(cpus), _text(mems), ignore_failure=True)
 
 
 class NriPlugin:
@@ -132,6 +148,8 @@ class NriPlugin:
         self._budget_s = ANSWER_BUDGET_S
         self._absent_reported = False
         self._pod_devices: OrderedDict[str, dict[str, Devices]] = OrderedDict()
+        # PodResources Gets started at RunPodSandbox, by pod UID; each task removes itself when done.
+        self._fetching: dict[str, asyncio.Task[dict[str, Devices] | None]] = {}
         self._handlers: dict[str, Callable[[bytes], Awaitable[bytes]]] = {
             "Configure": self._configure,
             "Synchronize": self._synchronize,
@@ -139,6 +157,8 @@ class NriPlugin:
             "UpdateContainer": self._update,
             "StopContainer": self._stop,
             "RemoveContainer": self._remove,
+            "RunPodSandbox": self._run_pod,
+            "RemovePodSandbox": self._remove_pod,
             "Shutdown": self._shutdown,
         }
 
@@ -257,6 +277,9 @@ class NriPlugin:
         finally:
             await _stop(pushing)
             await _stop(reading)
+            for task in list(self._fetching.values()):
+                await _stop_fetch(task)
+            self._fetching.clear()
         self.metrics.nri_connections.inc(result=result)
         self.last_error = reason
         log.warning("nri.disconnected", reason=reason, action="dialling the runtime again")
@@ -388,12 +411,17 @@ class NriPlugin:
         decision = self._decide(tracked, "create")
         if decision is None or decision.cpus is None or decision.cpus == tracked.kubelet_cpus:
             return b""
-        return encode_adjustment(decision.cpus.format(), decision.mems.format() if decision.mems else "")
+        return encode_adjustment(_text(decision.cpus), _text(decision.mems))
 
     async def _learn(self, event: ContainerEvent) -> Tracked:
         pod, ref = event.pod, event.container
         try:
             per_container = self._pod_devices.get(pod.uid) if pod.uid else None
+            fetching = self._fetching.get(pod.uid) if per_container is None and pod.uid else None
+            if fetching is not None:
+                # Started when the sandbox was made: usually done by now. Shielded, so that our own
+                # timeout never cancels it for another container of the pod.
+                per_container = await _shared_result(fetching)
             if per_container is None:
                 per_container = await self.allocations.of_pod(pod.namespace, pod.name)
                 if per_container is not None:
@@ -484,6 +512,48 @@ class NriPlugin:
             log.warning("nri.stop_undecodable", reason=repr(exc))
         return b""
 
+    async def _run_pod(self, payload: bytes) -> bytes:
+        """A pod sandbox is made: its devices were allocated at admission, so read them now, while the
+        runtime sets the sandbox up, and CreateContainer finds them without waiting for the kubelet."""
+        try:
+            pod = decode_pod_event(payload)
+        except WireError as exc:
+            log.warning("nri.run_pod_undecodable", reason=str(exc))
+            return b""
+        if pod.uid and pod.uid not in self._pod_devices and pod.uid not in self._fetching:
+            task = asyncio.create_task(self._fetch(pod), name=f"nri:fetch:{pod.uid}")
+            self._fetching[pod.uid] = task
+            task.add_done_callback(lambda done: self._fetched(pod.uid, done))
+        return b""
+
+    async def _fetch(self, pod: PodRef) -> dict[str, Devices] | None:
+        """The pod's allocation, remembered; None when it cannot be had now (CreateContainer asks again)."""
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                per_container = await self.allocations.of_pod(pod.namespace, pod.name)
+        except (AllocationsUnknown, TimeoutError) as exc:
+            log.debug("nri.prefetch_failed", pod=f"{pod.namespace}/{pod.name}", reason=str(exc))
+            return None
+        if per_container is not None:
+            self._remember(pod.uid, per_container)
+        return per_container
+
+    def _fetched(self, uid: str, task: asyncio.Task[dict[str, Devices] | None]) -> None:
+        if self._fetching.get(uid) is task:
+            del self._fetching[uid]
+
+    async def _remove_pod(self, payload: bytes) -> bytes:
+        try:
+            pod = decode_pod_event(payload)
+        except WireError as exc:
+            log.warning("nri.remove_pod_undecodable", reason=str(exc))
+            return b""
+        self._pod_devices.pop(pod.uid, None)
+        fetching = self._fetching.pop(pod.uid, None)
+        if fetching is not None:
+            fetching.cancel()
+        return b""
+
     async def _remove(self, payload: bytes) -> bytes:
         return await self._stop(payload)
 
@@ -515,3 +585,21 @@ async def _stop(task: asyncio.Task[None] | None) -> None:
         task.cancel()
     with contextlib.suppress(asyncio.CancelledError, ProtocolError, ConnectionLost):
         await task
+
+
+async def _stop_fetch(task: asyncio.Task[dict[str, Devices] | None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _shared_result(task: asyncio.Task[dict[str, Devices] | None]) -> dict[str, Devices] | None:
+    """The result of a fetch several containers may wait for; None if it was cancelled (its pod removed)
+    while this caller was not."""
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        return None

@@ -8,6 +8,7 @@ handful of fields from each, so it walks the bytes and keeps only those. Field n
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -272,6 +273,12 @@ def decode_container(data: bytes) -> ContainerRef:
     )
 
 
+def decode_pod_event(data: bytes) -> PodRef:
+    """RunPodSandboxRequest, RemovePodSandboxRequest: pod = 1."""
+    pod = select(data, _ONE).get(1)
+    return PodRef() if pod is None else decode_pod(_bytes(pod, "request.pod"))
+
+
 @dataclass(frozen=True)
 class ContainerEvent:
     """CreateContainer, UpdateContainer, StopContainer, RemoveContainer: pod = 1, container = 2."""
@@ -320,6 +327,7 @@ def decode_synchronize(data: bytes) -> SyncBatch:
 # --- the plugin's replies: only cpusets, encoded by hand (the generic encoder costs ~0.1 ms per message)
 
 
+@functools.lru_cache(maxsize=1024)
 def _linux_resources_cpu(cpus: str, mems: str) -> bytes:
     cpu = (_field(6, cpus.encode()) if cpus else b"") + (_field(7, mems.encode()) if mems else b"")
     return _field(2, cpu)  # LinuxResources.cpu
