@@ -23,6 +23,7 @@ from bench.load import load_figure
 from bench.node import running_node
 from bench.nri import QUICK as NRI_QUICK
 from bench.nri import NriSizes, nri_figures
+from bench.replan import replan_figures
 from bench.report import Figure, build_report, render, write_report
 from bench.rpc import allocate_round_trip, preferred_pure, preferred_rpc
 from bench.starter import starter_startup
@@ -45,6 +46,7 @@ class Sizes:
     concurrency: int = 1000
     emulator_list: bool = True
     starter_runs: int = 30
+    replan_repeats: int = 20
 
 
 QUICK = Sizes(
@@ -58,6 +60,7 @@ QUICK = Sizes(
     concurrency=100,
     emulator_list=False,
     starter_runs=3,
+    replan_repeats=2,
 )
 
 
@@ -84,7 +87,11 @@ async def run_all(workdir: Path, sizes: Sizes) -> list[Figure]:
     async def starter() -> list[Figure]:
         return [await asyncio.to_thread(starter_startup, workdir / "starter", sizes.starter_runs)]
 
+    async def replan() -> list[Figure]:
+        return await replan_figures(sizes.replan_repeats)
+
     await _step("preferred allocation, pure function", pure, figures)
+    await _step("replan with 200,000 held devices", replan, figures)
     await _step("process-starter start-up", starter, figures)
     await _step("200,000-device shared list", listing, figures)
 
