@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -15,8 +17,17 @@ from agent.cpuset import CpuSet
 from agent.supervisor import STREAM_LOST_GRACE_S
 from tests.emulator import ResourceSnapshot
 from tests.harness import POOLS, Running, running_agent
+from tests.peers import KubeletPeer
 
 FAST, MULTI, SHARED = "cpupool.io/fast", "cpupool.io/multi", "cpupool.io/shared"
+FAST_CPUS = ("2", "3", "4", "5", "6", "7")
+FAST_ONLY = 'pools:\n  fast: {cpus: "2-7", pooltype: exclusive}\n'
+"""A 6-CPU fast pool for the in-use tests; the kubelet picks which CPU a pod gets, so tests ask it."""
+
+
+def without(cpus: tuple[str, ...], cpu: str) -> str:
+    """The pool's CPU list without `cpu`, as a config value ("2,3,5")."""
+    return ",".join(c for c in cpus if c != cpu)
 
 
 def ids(snap: ResourceSnapshot) -> set[str]:
@@ -37,8 +48,8 @@ def stream_ends(run: Running, name: str) -> int:
     return sum(1 for e in run.emu.stream_ends if e.resource == name)
 
 
-async def test_edit_changes_pools_on_open_streams(tmp_path: Path) -> None:
-    async with running_agent(tmp_path) as run:
+async def test_edit_changes_pools_on_open_streams(tmp_path: Path, peer: str) -> None:
+    async with running_agent(tmp_path, peer=peer) as run:
         await all_registered(run, FAST, MULTI, SHARED)
         registrations = len(run.emu.registrations)
         run.configmap.write(
@@ -66,8 +77,8 @@ pools:
         assert run.supervisor.config_generation == 2
 
 
-async def test_invalid_edit_keeps_the_last_good_config(tmp_path: Path) -> None:
-    async with running_agent(tmp_path) as run:
+async def test_invalid_edit_keeps_the_last_good_config(tmp_path: Path, peer: str) -> None:
+    async with running_agent(tmp_path, peer=peer) as run:
         await all_registered(run, FAST, MULTI, SHARED)
         run.configmap.write(
             'pools:\n  fast: {cpus: "2-5", pooltype: exclusive}\n  bad: {cpus: "40", pooltype: shared}\n'
@@ -96,8 +107,8 @@ async def test_invalid_edit_keeps_the_last_good_config(tmp_path: Path) -> None:
         assert run.supervisor.last_config_error is None
 
 
-async def test_twenty_edits_in_a_row_end_on_the_last(tmp_path: Path) -> None:
-    async with running_agent(tmp_path) as run:
+async def test_twenty_edits_in_a_row_end_on_the_last(tmp_path: Path, peer: str) -> None:
+    async with running_agent(tmp_path, peer=peer) as run:
         await all_registered(run, FAST, MULTI, SHARED)
         for n in range(20):
             run.configmap.write(f'pools:\n  fast: {{cpus: "2-{2 + n % 6}", pooltype: exclusive}}\n')
@@ -110,37 +121,44 @@ async def test_twenty_edits_in_a_row_end_on_the_last(tmp_path: Path) -> None:
         assert run.supervisor.last_config_error is None
 
 
-async def test_shrinking_a_pool_keeps_an_allocated_device_unhealthy_until_released(tmp_path: Path) -> None:
-    async with running_agent(tmp_path, recheck_interval_s=0.1) as run:
+async def test_shrinking_a_pool_keeps_an_allocated_device_unhealthy_until_released(
+    tmp_path: Path, peer: str
+) -> None:
+    async with running_agent(tmp_path, FAST_ONLY, recheck_interval_s=0.1, peer=peer) as run:
         await all_registered(run, FAST)
-        held = await run.emu.call_preferred(FAST, ["7"], [], 1)
-        allocation = await run.emu.allocate(FAST, 1, must_include=held, pod="busy")
-        assert allocation.device_ids == ("7",)
-        run.configmap.write('pools:\n  fast: {cpus: "2-6", pooltype: exclusive}\n')
-        fast = await run.emu.wait_devices(FAST, lambda s: "7" in health(s) and len(s.devices) == 6)
-        assert health(fast)["7"] == "Unhealthy"
-        assert fast.allocatable == 5
+        allocation = await run.emu.allocate(FAST, 1, pod="busy")
+        (held,) = allocation.device_ids
+        kept = without(FAST_CPUS, held)
+        run.configmap.write(f'pools:\n  fast: {{cpus: "{kept}", pooltype: exclusive}}\n')
+        # The held CPU stays listed, unhealthy: the kubelet keeps the allocation and hands it out to nobody.
+        fast = await run.emu.wait_devices(FAST, lambda s: health(s).get(held) == "Unhealthy")
+        assert ids(fast) == set(FAST_CPUS)
+        assert fast.allocatable == len(FAST_CPUS) - 1
         await asyncio.sleep(0.3)
-        assert health(run.emu.resource(FAST))["7"] == "Unhealthy"  # type: ignore[arg-type]
-        run.emu.release("busy")
-        await run.emu.wait_devices(FAST, lambda s: ids(s) == {"2", "3", "4", "5", "6"})
+        assert health(run.emu.resource(FAST))[held] == "Unhealthy"  # type: ignore[arg-type]
+        await run.emu.remove_pod("busy")
+        await run.emu.wait_devices(FAST, lambda s: ids(s) == set(without(FAST_CPUS, held).split(",")))
 
 
-async def test_cpu_moved_between_pools_while_in_use_is_not_handed_out_twice(tmp_path: Path) -> None:
-    async with running_agent(tmp_path, recheck_interval_s=0.1) as run:
+async def test_cpu_moved_between_pools_while_in_use_is_not_handed_out_twice(
+    tmp_path: Path, peer: str
+) -> None:
+    async with running_agent(tmp_path, FAST_ONLY, recheck_interval_s=0.1, peer=peer) as run:
         await all_registered(run, FAST)
-        await run.emu.allocate(FAST, 1, must_include=["7"], pod="busy")
+        (held,) = (await run.emu.allocate(FAST, 1, pod="busy")).device_ids
+        kept = without(FAST_CPUS, held)
         run.configmap.write(
-            'pools:\n  fast: {cpus: "2-6", pooltype: exclusive}\n  other: {cpus: "7", pooltype: exclusive}\n'
+            f'pools:\n  fast: {{cpus: "{kept}", pooltype: exclusive}}\n'
+            f'  other: {{cpus: "{held}", pooltype: exclusive}}\n'
         )
         other = await run.emu.wait_devices("cpupool.io/other")
-        assert health(other) == {"7": "Unhealthy"}
-        run.emu.release("busy")
-        await run.emu.wait_devices("cpupool.io/other", lambda s: health(s) == {"7": "Healthy"})
+        assert health(other) == {held: "Unhealthy"}
+        await run.emu.remove_pod("busy")
+        await run.emu.wait_devices("cpupool.io/other", lambda s: health(s) == {held: "Healthy"})
 
 
-async def test_restart_reregisters_every_resource(tmp_path: Path) -> None:
-    async with running_agent(tmp_path) as run:
+async def test_restart_reregisters_every_resource(tmp_path: Path, peer: str) -> None:
+    async with running_agent(tmp_path, peer=peer) as run:
         await all_registered(run, FAST, MULTI, SHARED)
         since = time.monotonic()
         await run.emu.restart()
@@ -151,50 +169,106 @@ async def test_restart_reregisters_every_resource(tmp_path: Path) -> None:
         assert run.supervisor.metrics.kubelet_restarts.get() >= 1
 
 
+REGISTER_ARRIVED = "Got registration request from device plugin with resource"
+
+
+@contextlib.contextmanager
+def failing_without_traceback() -> Iterator[None]:
+    """Turn a wait that timed out into a plain test failure. After many peer restarts (threads), formatting a
+    traceback can trip CPython 3.11's AST recursion bug (see conftest.py) and end the whole pytest session."""
+    try:
+        yield
+    except TimeoutError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+AGENT_REGISTER_LOOP_DIES = (
+    "agent bug: the kubelet dies while a Register is in flight and comes back at once; the agent cancels its "
+    "register task as the connection drops, grpclib raises StreamTerminatedError('Connection lost') (or "
+    "AttributeError: 'Connection' object has no attribute '_transport') instead of CancelledError, "
+    "Supervisor._register_loop lets it end the task ('Task exception was never retrieved') and that "
+    "resource never registers again"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=AGENT_REGISTER_LOOP_DIES)
+async def test_kubelet_dying_during_register_does_not_stop_registration(
+    tmp_path: Path, kubelet_peer_binary: Path
+) -> None:
+    """The real kubelet killed right after a Register reached it, before it answered, and started again at
+    once, twenty times. Every resource must register again each time."""
+    async with running_agent(tmp_path, peer="kubelet") as run:
+        assert isinstance(run.emu, KubeletPeer)
+        await all_registered(run, FAST, MULTI, SHARED)
+        for _ in range(20):
+            run.emu.kill_on_log(REGISTER_ARRIVED)
+            await run.emu.restart()
+            since = time.monotonic()
+            await run.emu.restart()
+            with failing_without_traceback():
+                for name in (FAST, MULTI, SHARED):
+                    await run.emu.wait_registered(name, since=since, timeout=10)
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def test_fifty_restarts_with_allocations_leak_nothing(tmp_path: Path) -> None:
-    async with running_agent(tmp_path) as run:
-        await all_registered(run, FAST, MULTI, SHARED)
-        await run.emu.allocate(FAST, 1, pod="warmup")
-        run.emu.release("warmup")
-        fds_before = open_fds()
-        tasks_before = len(asyncio.all_tasks())
-        for n in range(50):
-            since = time.monotonic()
-            # Every fifth restart comes back at once and again while the agent is registering.
-            await run.emu.restart()
-            if n % 5 == 0:
-                await asyncio.sleep(0.005)
+async def test_fifty_restarts_with_allocations_leak_nothing(
+    tmp_path: Path, peer: str, request: pytest.FixtureRequest
+) -> None:
+    if peer == "kubelet":
+        # The double restarts below race the agent's Register against the kubelet's death; when they meet,
+        # the bug that test_kubelet_dying_during_register_does_not_stop_registration shows ends the run.
+        request.applymarker(pytest.mark.xfail(strict=False, reason=f"racy here: {AGENT_REGISTER_LOOP_DIES}"))
+    with failing_without_traceback():
+        async with running_agent(tmp_path, peer=peer) as run:
+            await all_registered(run, FAST, MULTI, SHARED)
+            await run.emu.allocate(FAST, 1, pod="warmup")
+            await run.emu.remove_pod("warmup")
+            fds_before = open_fds()
+            tasks_before = len(asyncio.all_tasks())
+            for n in range(50):
                 since = time.monotonic()
+                # Every fifth restart comes back at once and again while the agent is registering.
                 await run.emu.restart()
-            for name in (FAST, MULTI, SHARED):
-                await run.emu.wait_registered(name, since=since, timeout=10)
-            fast = await run.emu.wait_devices(FAST, timeout=10)
-            shared = await run.emu.wait_devices(SHARED, timeout=10)
-            assert len(fast.devices) == 12 and shared.allocatable == 2000
-            if n % 10 == 0:
-                result = await run.emu.allocate(FAST, 2, pod=f"p{n}")
-                assert len(result.envs["EXCLUSIVE_CPUS"].split(",")) == 2
-                run.emu.release(f"p{n}")
-        sockets = sorted(p.name for p in run.plugin_dir.iterdir())
-        assert sockets == ["cpupool-fast.sock", "cpupool-multi.sock", "cpupool-shared.sock", "kubelet.sock"]
-        # Every restart was recognised as one (a re-created kubelet.sock may reuse its inode number).
-        assert run.supervisor.metrics.kubelet_restarts.get() >= 50
-        # Stream watchdogs started by the restarts end after their grace period; nothing else may linger.
-        await run.emu.wait_for(
-            lambda: len(asyncio.all_tasks()) <= tasks_before,
-            timeout=STREAM_LOST_GRACE_S + 2,
-            what=f"tasks to settle: {sorted(t.get_name() for t in asyncio.all_tasks())}",
-        )
-        # grpc and grpclib keep a few descriptors per connection; anything that grows with restarts is a leak.
-        assert open_fds() <= fds_before + 6
+                if n % 5 == 0:
+                    await asyncio.sleep(0.005)
+                    since = time.monotonic()
+                    await run.emu.restart()
+                for name in (FAST, MULTI, SHARED):
+                    await run.emu.wait_registered(name, since=since, timeout=10)
+                fast = await run.emu.wait_devices(FAST, timeout=10)
+                shared = await run.emu.wait_devices(SHARED, timeout=10)
+                assert len(fast.devices) == 12 and shared.allocatable == 2000
+                if n % 10 == 0:
+                    result = await run.emu.allocate(FAST, 2, pod=f"p{n}")
+                    assert len(result.envs["EXCLUSIVE_CPUS"].split(",")) == 2
+                    await run.emu.remove_pod(f"p{n}")
+            # The real kubelet keeps its checkpoint beside the sockets.
+            sockets = sorted(
+                p.name for p in run.plugin_dir.iterdir() if p.name != "kubelet_internal_checkpoint"
+            )
+            assert sockets == [
+                "cpupool-fast.sock",
+                "cpupool-multi.sock",
+                "cpupool-shared.sock",
+                "kubelet.sock",
+            ]
+            # Every restart was recognised as one (a re-created kubelet.sock may reuse its inode number).
+            assert run.supervisor.metrics.kubelet_restarts.get() >= 50
+            # Stream watchdogs started by the restarts end after their grace period; nothing else may linger.
+            await run.emu.wait_for(
+                lambda: len(asyncio.all_tasks()) <= tasks_before,
+                timeout=STREAM_LOST_GRACE_S + 2,
+                what=f"tasks to settle: {sorted(t.get_name() for t in asyncio.all_tasks())}",
+            )
+            # grpc and grpclib keep a few descriptors per connection; what grows with restarts is a leak.
+            assert open_fds() <= fds_before + 6
 
 
-async def test_kubelet_that_never_comes_back(tmp_path: Path) -> None:
-    async with running_agent(tmp_path) as run:
+async def test_kubelet_that_never_comes_back(tmp_path: Path, peer: str) -> None:
+    async with running_agent(tmp_path, peer=peer) as run:
         await all_registered(run, FAST, MULTI, SHARED)
         await run.emu.stop()
         (run.plugin_dir / "kubelet.sock").unlink(missing_ok=True)
@@ -211,15 +285,15 @@ async def test_kubelet_that_never_comes_back(tmp_path: Path) -> None:
         await run.emu.wait_for(lambda: run.supervisor.ready, what="the agent to be ready again")
 
 
-async def test_default_isolcpus_resource_without_config_file(tmp_path: Path) -> None:
-    async with running_agent(tmp_path, config=None) as run:
+async def test_default_isolcpus_resource_without_config_file(tmp_path: Path, peer: str) -> None:
+    async with running_agent(tmp_path, config=None, peer=peer) as run:
         await all_registered(run, "cpupool.io/isolcpus")
         snap = run.emu.resource("cpupool.io/isolcpus")
         assert snap is not None and ids(snap) == {str(c) for c in CpuSet.parse("2-7,18-23")}
 
 
-async def test_config_file_appearing_later_is_picked_up(tmp_path: Path) -> None:
-    async with running_agent(tmp_path, config=POOLS) as run:
+async def test_config_file_appearing_later_is_picked_up(tmp_path: Path, peer: str) -> None:
+    async with running_agent(tmp_path, config=POOLS, peer=peer) as run:
         await all_registered(run, FAST)
         # The file vanishing (ConfigMap deleted) keeps what is served.
         os.unlink(run.configmap.file)
@@ -228,8 +302,8 @@ async def test_config_file_appearing_later_is_picked_up(tmp_path: Path) -> None:
         assert fast is not None and fast.stream_open and len(fast.devices) == 12
 
 
-async def test_removed_pool_drops_its_connections_so_clients_fail_fast(tmp_path: Path) -> None:
-    async with running_agent(tmp_path) as run:
+async def test_removed_pool_drops_its_connections_so_clients_fail_fast(tmp_path: Path, peer: str) -> None:
+    async with running_agent(tmp_path, peer=peer) as run:
         await all_registered(run, MULTI)
         channel = grpc.insecure_channel(f"unix://{run.plugin_dir / 'cpupool-multi.sock'}")
         options = channel.unary_unary("/v1beta1.DevicePlugin/GetDevicePluginOptions")
@@ -251,14 +325,16 @@ async def test_removed_pool_drops_its_connections_so_clients_fail_fast(tmp_path:
             channel.close()
 
 
-async def test_reload_and_restart_without_inotify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_reload_and_restart_without_inotify(
+    tmp_path: Path, peer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Where inotify cannot be used, the watchfiles fallback carries edits and restarts the same way."""
 
     def unavailable(_directories: object) -> None:
         raise OSError(38, "inotify is not available here")
 
     monkeypatch.setattr(dirwatch, "_Inotify", unavailable)
-    async with running_agent(tmp_path) as run:
+    async with running_agent(tmp_path, peer=peer) as run:
         await all_registered(run, FAST, MULTI, SHARED)
         run.configmap.write('pools:\n  fast: {cpus: "2-3", pooltype: exclusive}\n')
         await run.emu.wait_devices(FAST, lambda s: ids(s) == {"2", "3"})

@@ -215,6 +215,7 @@ class KubeletPeer:
         self._state: dict[str, Any] = {"resources": {}, "pods": []}
         self._state_error: str | None = None
         self._unapplied: list[dict[str, Any]] = []
+        self._kill_on: str | None = None
         self._waiters: set[asyncio.Event] = set()
         self._stderr: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
         self._admission = asyncio.Lock()
@@ -266,6 +267,9 @@ class KubeletPeer:
         binary = self._binary or await asyncio.to_thread(find_or_build)
         self.plugin_dir.mkdir(parents=True, exist_ok=True)
         self._stderr.clear()
+        # Register calls the previous process logged but never answered died with it.
+        self._pending.clear()
+        self._lists_received.clear()
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._proc = await asyncio.create_subprocess_exec(
@@ -292,7 +296,8 @@ class KubeletPeer:
             await self._stop(graceful=False)
             raise PeerError(f"the kubelet peer did not start: {exc}\n{self._stderr_tail()}") from None
         self.starts += 1
-        await self.refresh()
+        with contextlib.suppress(PeerError):  # killed on purpose already (kill_on_log)
+            await self.refresh()
         log.info("kubelet_peer.started", pid=proc.pid, plugin_dir=str(self.plugin_dir))
 
     async def stop(self, *, graceful: bool = False) -> None:
@@ -330,6 +335,19 @@ class KubeletPeer:
         self._fail_pending(PeerError("the kubelet peer stopped"))
         self._changed()
         log.info("kubelet_peer.stopped", pid=proc.pid, returncode=proc.returncode)
+
+    def kill_on_log(self, message: str | None) -> None:
+        """Kill the peer (SIGKILL) the moment it logs `message`, once: a kubelet that dies in the middle of
+        something, for example "Got registration request from device plugin with resource" while the plugin
+        waits for its Register answer. None cancels. `stop()` or `restart()` cleans up afterwards."""
+        self._kill_on = message
+
+    def _kill_now(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            log.info("kubelet_peer.killed", pid=proc.pid)
 
     async def restart(self, downtime: float = 0.0, *, graceful: bool = False) -> None:
         """Stop and start again on the same directories: the device manager re-reads its checkpoint (pods
@@ -393,6 +411,9 @@ class KubeletPeer:
             elif kind == "log":
                 self.log_lines.append(message)
                 self._unapplied.append(message)
+                if self._kill_on is not None and message.get("msg") == self._kill_on:
+                    self._kill_on = None
+                    self._kill_now()
             elif kind == "ready" and self._ready is not None and not self._ready.done():
                 self._ready.set_result(message)
             elif kind == "fatal":
