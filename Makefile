@@ -12,7 +12,7 @@ GEN_DIR := agent/kubeletapi
 NRI_PROTO_SRC := protos/github.com/containerd/nri/pkg/api/api.proto
 NRI_GEN_DIR := agent/nriapi
 
-.PHONY: venv helm test lint demo bench protos check-protos clean process-starter nripeer kubelet-peer
+.PHONY: venv helm test lint demo bench protos check-protos clean process-starter nripeer kubelet-peer e2e
 
 venv: $(STAMP)
 
@@ -51,6 +51,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# The NRI plugin against a real containerd (built from tests/e2e/go.mod, NRI on), Debian's runc and crictl,
+# with the container's cpuset read back from the kernel. Needs root and Go; not part of `make test` or CI.
+e2e: $(STAMP)
+	$(PY) -m tests.e2e.run
 
 # The process-starter bundle (dist/process-starter/) for application images without Python or libc.
 # Needs Debian's python3.11, patchelf and a static libc (apt-get as root), so not part of `make test`;
