@@ -157,6 +157,27 @@ async def test_cpu_moved_between_pools_while_in_use_is_not_handed_out_twice(
         await run.emu.wait_devices("cpupool.io/other", lambda s: health(s) == {held: "Healthy"})
 
 
+async def test_pool_type_changes_keep_the_resource_registered_and_healthy(
+    tmp_path: Path, any_peer: str
+) -> None:
+    """A pool that changes type and back must stay usable with every kubelet release: v1.37 refuses a second
+    Register for a connected socket, v1.34 to v1.36 take the whole resource down when an older stream ends."""
+    exclusive = 'pools:\n  fast: {cpus: "2-5", pooltype: exclusive}\n'
+    async with running_agent(tmp_path, exclusive, recheck_interval_s=0.1, peer=any_peer) as run:
+        await all_registered(run, FAST)
+        run.configmap.write('pools:\n  fast: {cpus: "2-5", pooltype: shared}\n')
+        await run.emu.wait_devices(FAST, lambda s: s.capacity == 4000 and s.allocatable == 4000)
+        run.configmap.write(exclusive)
+        await run.emu.wait_devices(FAST, lambda s: ids(s) == {"2", "3", "4", "5"} and s.allocatable == 4)
+        # Streams that ended late must not take the resource down afterwards.
+        await asyncio.sleep(STREAM_LOST_GRACE_S + 0.5)
+        fast = run.emu.resource(FAST)
+        assert fast is not None and fast.registered and fast.stream_open and fast.allocatable == 4
+        assert all(r.accepted for r in run.emu.registrations if r.resource == FAST)
+        result = await run.emu.allocate(FAST, 2, pod="after")
+        assert len(result.envs["EXCLUSIVE_CPUS"].split(",")) == 2
+
+
 async def test_restart_reregisters_every_resource(tmp_path: Path, peer: str) -> None:
     async with running_agent(tmp_path, peer=peer) as run:
         await all_registered(run, FAST, MULTI, SHARED)

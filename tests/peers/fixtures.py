@@ -2,7 +2,8 @@
 
 - `kubelet_peer_binary` (session): the tests/kubeletpeer binary, built once per machine and cached. Skips the
   test, with the reason, only where `go` is missing and nothing is cached; a failing build is an error.
-- `peer` (parametrised "emulator" / "kubelet"): the name to hand to tests.harness.running_agent(peer=...).
+- `peer` (parametrised "emulator" / "kubelet"): the name to hand to tests.harness.running_agent(peer=...);
+  `any_peer` adds "emulator-1.36" (the registration behaviour of kubelets v1.34 to v1.36).
 - `base_dir`, `plugin_dir`, `pod_resources_socket`: short temporary paths (unix sockets allow 107 bytes).
 - `make_plugin`: started grpcio FakePlugins in `plugin_dir`, stopped after the test.
 - `kubelet` (parametrised): a started KubeletEmulator or KubeletPeer on those paths.
@@ -40,6 +41,16 @@ def kubelet_peer_binary() -> Path:
 @pytest.fixture(params=PEERS)
 def peer(request: pytest.FixtureRequest) -> str:
     """Which kubelet a test runs against; "kubelet" needs (and so may skip on) the peer binary."""
+    name: str = request.param
+    if name == "kubelet":
+        request.getfixturevalue("kubelet_peer_binary")
+    return name
+
+
+@pytest.fixture(params=(*PEERS, "emulator-1.36"))
+def any_peer(request: pytest.FixtureRequest) -> str:
+    """`peer`, plus the emulator with the registration behaviour of kubelets v1.34 to v1.36: for scenarios
+    where those releases differ from v1.37 (re-registration, stream ends)."""
     name: str = request.param
     if name == "kubelet":
         request.getfixturevalue("kubelet_peer_binary")
