@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 
 from tests.emulator import (
+    DEVICEPLUGIN,
     AllocationError,
     KubeletEmulator,
     NotRegisteredError,
     device_ids_by_resource,
     query_pod_resources,
 )
-from tests.emulator.fakeplugin import RESOURCE, FakePlugin, dev
+from tests.emulator.fakeplugin import RESOURCE, FakePlugin, dev, pb
 from tests.peers import KubeletPeer
 
 Kubelet = KubeletEmulator | KubeletPeer
@@ -88,6 +89,30 @@ async def test_register_allocate_list_and_remove(
 async def test_unknown_resource_is_not_registered(kubelet: Kubelet) -> None:
     with pytest.raises(NotRegisteredError):
         await kubelet.allocate("example.com/nothing", 1, pod="lost")
+
+
+async def test_a_register_the_plugin_gave_up_on_leaves_nothing_behind(
+    kubelet: Kubelet, make_plugin: Callable[..., FakePlugin]
+) -> None:
+    """The kubelet dials the plugin with the Register call's context: a plugin that stops waiting for the
+    answer (here: its socket is not there yet, so the dial blocks) aborts the connect."""
+    request = pb.RegisterRequest(version="v1beta1", endpoint="late.sock", resource_name=RESOURCE)
+
+    def call() -> None:
+        with grpc.insecure_channel(f"unix://{kubelet.socket_path}") as channel:
+            DEVICEPLUGIN.grpc.RegistrationStub(channel).Register(request, timeout=0.5)
+
+    with pytest.raises(grpc.RpcError) as caught:
+        await asyncio.to_thread(call)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await kubelet.wait_for(lambda: len(kubelet.registrations) == 1, what="the abandoned Register to end")
+    (record,) = kubelet.registrations
+    assert not record.accepted and "failed to dial device plugin" in (record.error or "")
+    assert kubelet.resource(RESOURCE) is None and clients(kubelet) == ()
+    # Nothing stale is left: the socket registers normally once it is served.
+    plugin = make_plugin([dev("a")], name="late.sock")
+    await plugin.register(kubelet.socket_path)
+    await kubelet.wait_devices(RESOURCE)
 
 
 async def test_the_only_stream_ending_marks_every_device_unhealthy(
@@ -188,3 +213,55 @@ async def test_restart_keeps_allocations_and_waits_for_registration(
     await plugin.register(kubelet.socket_path)
     snap = await kubelet.wait_devices(RESOURCE)
     assert snap.free_ids == {"a", "b"} - set(held), kubelet.describe()
+
+
+# -- what only the real kubelet does: topology, several resources per container ----------------------------
+
+
+@pytest.fixture
+async def real(
+    kubelet_peer_binary: Path, plugin_dir: Path, pod_resources_socket: Path
+) -> AsyncIterator[KubeletPeer]:
+    async with KubeletPeer(plugin_dir, pod_resources_socket, binary=kubelet_peer_binary) as peer:
+        yield peer
+
+
+async def test_topology_hints_and_numa_aligned_allocation(
+    real: KubeletPeer, make_plugin: Callable[..., FakePlugin]
+) -> None:
+    plugin = make_plugin([dev("a", numa=[0]), dev("b", numa=[1]), dev("c", numa=[0])])
+    await plugin.register(real.socket_path)
+    await real.wait_devices(RESOURCE)
+    hints = await real.topology_hints({RESOURCE: 2})
+    assert set(hints) == {RESOURCE}
+    assert {(h.numa_nodes, h.preferred) for h in hints[RESOURCE]} == {((0,), True), ((0, 1), False)}
+    # With the topology manager's decision for NUMA node 1, the device manager takes the device there.
+    on_one = await real.allocate(RESOURCE, 1, pod="numa1", numa_affinity=[1])
+    assert on_one.device_ids == ("b",)
+    # Hints count only what is still free: two devices now fit on node 0 alone, and nowhere else.
+    hints = await real.topology_hints({RESOURCE: 2})
+    assert {(h.numa_nodes, h.preferred) for h in hints[RESOURCE]} == {((0,), True), ((0, 1), False)}
+    assert (await real.topology_hints({RESOURCE: 3}))[RESOURCE] == []
+
+
+async def test_one_container_with_two_resources(
+    real: KubeletPeer, make_plugin: Callable[..., FakePlugin]
+) -> None:
+    cpus = make_plugin([dev("1"), dev("2")], name="cpus.sock")
+    gpus = make_plugin([dev("g0")], name="gpus.sock")
+    await cpus.register(real.socket_path, resource="example.com/cpu")
+    await gpus.register(real.socket_path, resource="example.com/gpu")
+    await real.wait_devices("example.com/cpu")
+    await real.wait_devices("example.com/gpu")
+    answer = await real.admit({"example.com/cpu": 2, "example.com/gpu": 1}, pod="both")
+    assert answer["device_ids"] == {"example.com/cpu": ["1", "2"], "example.com/gpu": ["g0"]}
+    # Each plugin's envs reach the container; the same key from two plugins would be one of them.
+    assert answer["envs"]["FAKE_IDS"] in {"g0", "1,2", "2,1"}
+    assert real.pods()[("default", "both")] == {
+        "main": {"example.com/cpu": ("1", "2"), "example.com/gpu": ("g0",)}
+    }
+    # A pod that does not fit is rejected as a whole and leaves nothing behind.
+    with pytest.raises(AllocationError):
+        await real.admit({"example.com/cpu": 1, "example.com/gpu": 1}, pod="late")
+    await real.refresh()
+    assert ("default", "late") not in real.pods()

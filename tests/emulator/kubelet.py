@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -265,7 +266,7 @@ class KubeletEmulator:
         epoch = self._books.epoch
         error: str | None = None
         try:
-            self._admit(request, epoch)
+            self._admit(request, epoch, context)
         except _Rejected as exc:
             error = exc.message
             code = exc.code
@@ -289,7 +290,7 @@ class KubeletEmulator:
         log.info("register.accepted", resource=request.resource_name, endpoint=request.endpoint)
         return _pb.Empty()
 
-    def _admit(self, request: Any, epoch: int) -> None:
+    def _admit(self, request: Any, epoch: int, context: Any) -> None:
         unknown = grpc.StatusCode.UNKNOWN
         if request.version != SUPPORTED_VERSION:
             raise _Rejected(
@@ -303,6 +304,18 @@ class KubeletEmulator:
         # Go's filepath.Join: the endpoint is always relative to the plugin dir, even with a leading "/".
         socket_path = Path(os.path.normpath(f"{self.plugin_dir}/{request.endpoint}"))
         endpoint = PluginEndpoint(request.resource_name, request.endpoint, socket_path, epoch)
+        # The kubelet dials and asks for the options with the Register call's context: a plugin that gives up
+        # on its Register (cancels it) aborts the connect ("context canceled"). Once connected, it no longer
+        # matters. grpcio runs this callback when the call ends, cancelled or answered.
+        connecting = threading.Lock()
+        state = {"connected": False}
+
+        def caller_gone() -> None:
+            with connecting:
+                if not state["connected"]:
+                    endpoint.close()
+
+        context.add_callback(caller_gone)
         try:
             self._books.add_client(endpoint, epoch)
         except StaleRegistration:
@@ -315,18 +328,23 @@ class KubeletEmulator:
                 pre_start_required=reply.pre_start_required,
                 get_preferred_allocation_available=reply.get_preferred_allocation_available,
             )
-            self._books.connect(endpoint, options, epoch)
+            with connecting:
+                if endpoint.closed:
+                    raise DialError("context canceled")
+                self._books.connect(endpoint, options, epoch)
+                state["connected"] = True
         except StaleRegistration:
             self._books.drop_client(endpoint, abandoned=False)
             endpoint.close()
             raise _Rejected(grpc.StatusCode.UNAVAILABLE, "kubelet restarted during registration") from None
         except DialError as exc:
             self._books.drop_client(endpoint, abandoned=False)
+            cause = "context canceled" if endpoint.closed else str(exc)
             endpoint.close()
-            raise _Rejected(unknown, f"failed to dial device plugin: {exc}") from None
+            raise _Rejected(unknown, f"failed to dial device plugin: {cause}") from None
         except grpc.RpcError as exc:
             # The kubelet keeps this connection open (it never closes a client whose connect failed).
-            self._books.drop_client(endpoint, abandoned=True)
+            self._books.drop_client(endpoint, abandoned=not endpoint.closed)
             raise _Rejected(
                 unknown, f"failed to get device plugin options: {exc.code().name}: {exc.details()}"
             ) from None

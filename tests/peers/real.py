@@ -739,6 +739,8 @@ class KubeletPeer:
                 if any(marker in str(exc) for marker in _UNREGISTERED):
                     raise NotRegisteredError(message) from None
                 raise AllocationError(message) from None
+            # Like the emulator's books, the driver's view includes the admission when this returns.
+            await self.refresh()
         result["pod"] = name
         return result
 
@@ -796,6 +798,7 @@ class KubeletPeer:
         uid = self._uids.get((namespace, pod), "")
         result = await self._command({"op": "remove_pod", "pod": f"{namespace}/{pod}", "uid": uid})
         self._uids.pop((namespace, pod), None)
+        await self.refresh()
         freed = [i for ids in (result.get("freed") or {}).values() for i in ids]
         return tuple(sorted(freed, key=_natural))
 
