@@ -24,5 +24,9 @@ echo "building the kubelet peer (k8s.io/kubernetes device manager; a cold build 
 go build -mod=readonly -buildvcs=false -trimpath -ldflags "-s -w" -o "$tmp" .
 mv -f "$tmp" "$out"
 trap - EXIT
+# Older builds of this program (other hashes) are dead weight of ~50 MB each.
+for old in "$cache"/*/kubelet-peer; do
+    [ "$old" = "$out" ] || rm -rf -- "$(dirname "$old")"
+done
 echo "built $out in $((SECONDS - start)) s" >&2
 echo "$out"
