@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds the kubelet peer once per machine and prints the binary's path.
 # The binary is cached outside the repository, under ${XDG_CACHE_HOME:-$HOME/.cache}/cpupool/<hash>/, where
-# <hash> covers go.mod, go.sum and the Go sources: tests/peers/build.py computes the same key to find it.
+# <hash> covers go.mod, go.sum, this script and the Go sources: tests/peers/build.py computes the same key.
 # Exit status 2 (and nothing built) when `go` is not on PATH.
 set -euo pipefail
 cd "$(dirname "$0")"
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/cpupool"
-hash=$(cat go.mod go.sum $(LC_ALL=C ls -- *.go) | sha256sum | cut -c1-16)
+hash=$(cat go.mod go.sum build.sh $(LC_ALL=C ls -- *.go) | sha256sum | cut -c1-16)
 out="$cache/$hash/kubelet-peer"
 if [ -x "$out" ]; then
     echo "$out"

@@ -1,9 +1,9 @@
 """Finding (and, once per machine, building) the kubelet peer binary from tests/kubeletpeer/.
 
 The binary lives outside the repository in ``${XDG_CACHE_HOME:-$HOME/.cache}/cpupool/<hash>/kubelet-peer``;
-<hash> covers go.mod, go.sum and the Go sources, computed exactly as tests/kubeletpeer/build.sh does, so
-``make kubelet-peer`` and the tests agree on one cached build. ``CPUPOOL_KUBELET_PEER`` names a binary to
-use instead.
+<hash> covers go.mod, go.sum, build.sh and the Go sources, computed exactly as tests/kubeletpeer/build.sh
+does, so ``make kubelet-peer`` and the tests agree on one cached build. ``CPUPOOL_KUBELET_PEER`` names a
+binary to use instead.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ class PeerBuildError(Exception):
 
 
 def source_hash() -> str:
-    """The cache key: sha256 of go.mod, go.sum and the *.go files (byte order of names), 16 hex digits."""
+    """The cache key: sha256 of go.mod, go.sum, build.sh and the *.go files (byte order of names), 16 hex
+    digits; the same bytes in the same order as build.sh hashes them."""
     digest = hashlib.sha256()
-    files = [SOURCE_DIR / "go.mod", SOURCE_DIR / "go.sum"]
+    files = [SOURCE_DIR / "go.mod", SOURCE_DIR / "go.sum", BUILD_SCRIPT]
     files += sorted(SOURCE_DIR.glob("*.go"), key=lambda p: os.fsencode(p.name))
     for path in files:
         digest.update(path.read_bytes())
