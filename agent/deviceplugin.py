@@ -16,6 +16,7 @@ import structlog
 from grpclib import GRPCError
 from grpclib.client import Channel
 from grpclib.const import Handler, Status
+from grpclib.exceptions import ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
 
@@ -521,7 +522,7 @@ async def register(plugin_dir: Path, resource: Resource, timeout_s: float = 10.0
         await RegistrationStub(channel).register(request, timeout=timeout_s)
     except GRPCError as exc:
         raise RegistrationError(f"kubelet refused {resource.name}: {exc.status.name} {exc.message}") from exc
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, StreamTerminatedError, ProtocolError) as exc:
         raise RegistrationError(f"cannot reach the kubelet at {kubelet}: {exc!r}") from exc
     finally:
         channel.close()

@@ -80,6 +80,8 @@ def _resource(resource: Resource) -> dict[str, Any]:
         "sharedRetained": _ranges(resource.shared_retained),
         "sharedWithheld": _ranges(resource.shared_withheld),
         "groups": groups,
+        "unhealthy": sorted(resource.unhealthy),
+        "blocked": dict(sorted(resource.blocked.items())),
     }
 
 
@@ -94,7 +96,7 @@ def dumps(plan: Plan) -> str:
 
 
 def loads(text: str, source: str = STATE_FILE) -> Plan:
-    """Read a state file back into a plan (its meanings only: health is decided anew)."""
+    """Read a state file back into the plan it was written from."""
     try:
         body = json.loads(text)
         if body.get("version") != FORMAT_VERSION:
@@ -129,6 +131,8 @@ def loads(text: str, source: str = STATE_FILE) -> Plan:
                 socket=raw["socket"],
                 configured=bool(raw["configured"]),
                 shared_recent=int(raw["sharedCount"]),
+                unhealthy=frozenset(str(i) for i in raw.get("unhealthy", ())),
+                blocked={str(k): str(v) for k, v in raw.get("blocked", {}).items()},
             )
         return Plan(str(body["resourceBaseName"]), resources)
     except LedgerError:

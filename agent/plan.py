@@ -155,7 +155,7 @@ class Resource:
 
     def devices(self) -> list[DeviceView]:
         views = [
-            DeviceView(d.id, UNHEALTHY if d.id in self.unhealthy else HEALTHY, d.numa_node)
+            DeviceView(d.id, UNHEALTHY if d.id in self.unhealthy else HEALTHY, device_numa(d))
             for d in self.exclusive.values()
         ]
         if self.exclusive_pool:
@@ -212,6 +212,11 @@ class Resource:
             or self.cpus != self.config_cpus
             or not self.configured
         )
+
+
+def device_numa(device: ExclusiveDevice) -> int | None:
+    # A CPU that was offline since the agent started has no known NUMA node (-1): list it without one.
+    return device.numa_node if device.numa_node >= 0 else None
 
 
 @dataclass(frozen=True)
@@ -305,7 +310,7 @@ def list_message_size(resource: Resource) -> int:
     """Encoded size of the ListAndWatchResponse that carries every device of `resource`."""
     total = sum(
         device_message_size(
-            DeviceView(d.id, UNHEALTHY if d.id in resource.unhealthy else HEALTHY, d.numa_node)
+            DeviceView(d.id, UNHEALTHY if d.id in resource.unhealthy else HEALTHY, device_numa(d))
         )
         for d in resource.exclusive.values()
     )

@@ -239,7 +239,8 @@ class Supervisor:
         except _Unreadable as exc:
             if self.plan is None:
                 self.last_config_error = str(exc)
-                log.error("config.unreadable", reason=str(exc), serving="nothing until the file can be read")
+                log.error("config.unreadable", reason=str(exc), serving="the remembered plan, if any")
+                await self._serve_memory("the config file cannot be read")
             else:
                 log.warning("config.unreadable", reason=str(exc), keeping="last good config")
             return
@@ -256,6 +257,7 @@ class Supervisor:
             plan = await self._make_plan(validated, topology)
         except ConfigError as exc:
             self._config_failed(exc, text)
+            await self._serve_memory("the config is invalid")
             return
         self._config, self._config_text, self.topology = config, text, topology
         self._online = topology.online.format()
@@ -278,6 +280,19 @@ class Supervisor:
         if not plan.resources:
             log.warning("agent.nothing_to_serve", reason="the config has no pools, or no CPU is isolated")
         await self._apply(plan)
+
+    async def _serve_memory(self, reason: str) -> None:
+        """At start, with no usable config: serve what the previous run served, as it served it, so that
+        a bad edit followed by a restart does not take every resource away from the kubelet."""
+        if self.plan is not None or self._memory is None:
+            return
+        log.warning(
+            "config.serving_remembered_plan",
+            reason=reason,
+            resources=sorted(self._memory.resources),
+            until="the config file is valid again",
+        )
+        await self._apply(self._memory)
 
     def _config_failed(self, exc: ConfigError, text: str | None) -> None:
         # The periodic content check retries a rejected config (a CPU may come online), but the same

@@ -19,7 +19,15 @@ from agent.kubeletapi.v1beta1 import (
     ListAndWatchResponse,
     PreferredAllocationRequest,
 )
-from agent.plan import HEALTHY, UNHEALTHY, DeviceView, Resource, shared_device_id, shared_entry_size
+from agent.plan import (
+    HEALTHY,
+    UNHEALTHY,
+    DeviceView,
+    Resource,
+    device_numa,
+    shared_device_id,
+    shared_entry_size,
+)
 
 _BASE36 = b"0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -136,7 +144,7 @@ def encode_resource(resource: Resource) -> EncodedListAndWatchResponse:
             DeviceView(shared_device_id(i), UNHEALTHY, None) for i in sorted(resource.shared_retained)
         )
         foreign = encode_devices(
-            DeviceView(d.id, UNHEALTHY, d.numa_node) for d in resource.exclusive.values()
+            DeviceView(d.id, UNHEALTHY, device_numa(d)) for d in resource.exclusive.values()
         )
         payload = healthy + retained + foreign
     return EncodedListAndWatchResponse(payload, resource.device_count)

@@ -128,3 +128,20 @@ async def test_preferred_allocation_passes_over_ids_it_does_not_offer(tmp_path: 
         assert sorted(answer) == ["2", "3"]
         answer = await run.emu.call_preferred(FAST, ["2", "40", "41"], ["41"], 2)
         assert set(answer) == {"2", "41"}
+
+
+async def test_restart_with_an_invalid_config_serves_the_remembered_plan(tmp_path: Path) -> None:
+    async with running_agent(tmp_path, FAST_ONLY) as run:
+        await run.emu.wait_devices(FAST)
+        (held,) = (await run.emu.allocate(FAST, 1, pod="first")).device_ids
+        await run.stop()
+        run.configmap.write('pools:\n  fast: {cpus: "2-7", pooltype: exclusive}\n  bad: {cpus: "7"}\n')
+        run.supervisor = Supervisor(run.supervisor.settings)
+        run.task = asyncio.create_task(run.supervisor.run())
+        # The kubelet keeps the resource: the last good plan is served until the config is fixed.
+        await run.emu.wait_for(lambda: run.supervisor.ready, 10, "the remembered plan to be served")
+        assert run.supervisor.last_config_error is not None
+        fast = await run.emu.wait_devices(FAST)
+        assert len(fast.devices) == 6
+        second = await run.emu.allocate(FAST, 1, pod="second")
+        assert second.envs["EXCLUSIVE_CPUS"] != held
