@@ -397,6 +397,13 @@ def test_agent_mounts_are_directories_where_its_arguments_point(variant: tuple[s
     else:
         assert dev_cpu == []
 
+    # The held-device memory lives on the host, writable, outside the kubelet's directories.
+    state = _mount_for(container, args["state-dir"])
+    assert state["mountPath"] == args["state-dir"] and not state.get("readOnly")
+    state_host = _volume(agent, state["name"])["hostPath"]
+    assert state_host["type"] == "DirectoryOrCreate"
+    assert not state_host["path"].startswith(kubelet_dir + "/device-plugins")
+
     # Every host mount but the kernel command line is a directory.
     for volume in agent["spec"]["template"]["spec"]["volumes"]:
         host = volume.get("hostPath")
