@@ -7,6 +7,8 @@ touched by the device-plugin directory cleanup and keeps serving across the emul
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,11 +55,43 @@ def container_devices(resource: str, devices: Iterable[DeviceInfo]) -> list[Any]
     return out
 
 
+RATE_LIMIT_QPS = 100
+RATE_LIMIT_BURST = 10
+"""The kubelet's PodResources limiter (podresources.DefaultQPS / DefaultBurstTokens): one token bucket for
+every call on the socket; a call without a token fails with RESOURCE_EXHAUSTED "rejected by rate limit"."""
+
+
+class TokenBucket:
+    """golang.org/x/time/rate's Limiter.Allow: `rate` tokens a second, at most `burst` saved up."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
+
+
 class _PodResourcesService:
     """grpcio servicer for v1.PodResourcesLister."""
 
     def __init__(self, books: DeviceManager) -> None:
         self._books = books
+        self._limiter = TokenBucket(RATE_LIMIT_QPS, RATE_LIMIT_BURST)
+
+    def _limit(self, context: Any) -> None:
+        if not self._limiter.allow():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rejected by rate limit")
 
     def _pod(
         self, namespace: str, name: str, containers: dict[str, dict[str, tuple[DeviceInfo, ...]]]
@@ -77,18 +111,21 @@ class _PodResourcesService:
         )
 
     def List(self, request: Any, context: Any) -> Any:  # gRPC method names
+        self._limit(context)
         pods = self._books.pods()
         return _pb.ListPodResourcesResponse(
             pod_resources=[self._pod(ns, name, containers) for (ns, name), containers in pods.items()]
         )
 
     def GetAllocatableResources(self, request: Any, context: Any) -> Any:
+        self._limit(context)
         allocatable = self._books.allocatable()
         return _pb.AllocatableResourcesResponse(
             devices=[cd for res, devs in allocatable.items() for cd in container_devices(res, devs)]
         )
 
     def Get(self, request: Any, context: Any) -> Any:
+        self._limit(context)
         containers = self._books.pods().get((request.pod_namespace, request.pod_name))
         if containers is None:
             context.abort(
