@@ -269,6 +269,8 @@ async def test_absent_socket_is_reported_once_and_the_plugin_connects_when_it_ap
 
 async def test_a_thousand_creations_while_pools_reload(tmp_path: Path) -> None:
     async with node(tmp_path) as n:
+        # A pod the kubelet knows (it holds a device in another container): read once, then remembered.
+        await n.agent.emu.allocate(SHARED, 1, pod="plain", container="sidecar")
         await n.pod("p1", "plain")
         configs = [
             POOLS,
@@ -284,7 +286,10 @@ async def test_a_thousand_creations_while_pools_reload(tmp_path: Path) -> None:
         for i in range(1000):
             created = await n.runtime.create("p1", f"c{i}", name=f"m{i}")
             # Whatever the plan of the moment, never a pooled exclusive CPU, never an empty cpuset.
-            assert created["cpus"] and not CpuSet.parse(created["cpus"]) & EXCLUSIVE
+            assert created["cpus"] and not CpuSet.parse(created["cpus"]) & EXCLUSIVE, (
+                i,
+                n.agent.supervisor.metrics.nri_adjustments.values,
+            )
         await reloading
         assert n.agent.supervisor.metrics.nri_adjustments.get(event="create", outcome="error") == 0
 
@@ -324,3 +329,17 @@ async def test_a_pods_allocation_is_remembered_and_unknown_pods_get_no_adjustmen
         assert unknown["cpus"] == "0-31" and not unknown["adjusted"]
         metrics = n.agent.supervisor.metrics
         assert metrics.nri_adjustments.get(event="create", outcome="unmapped") == 1
+
+
+async def test_a_burst_of_new_pods_outruns_the_kubelets_rate_limit_and_every_one_is_enforced(
+    tmp_path: Path,
+) -> None:
+    async with node(tmp_path) as n:
+        # The kubelet serves PodResources at 100 calls/s with a burst of 10: 40 new pods at once exceed it.
+        for i in range(40):
+            await n.agent.emu.allocate(SHARED, 1, pod=f"web{i}", container="sidecar")
+        for i in range(40):
+            await n.pod(f"p{i}", f"web{i}")
+        created = await asyncio.gather(*(n.runtime.create(f"p{i}", f"c{i}") for i in range(40)))
+        assert all(CpuSet.parse(c["cpus"]) == OTHERS for c in created)
+        assert n.agent.supervisor.metrics.nri_adjustments.get(event="create", outcome="unmapped") == 0

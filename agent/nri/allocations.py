@@ -6,8 +6,10 @@ record of which device IDs it handed to which container does.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 from grpclib import GRPCError
@@ -26,6 +28,15 @@ PodKey = tuple[str, str]
 
 class AllocationsUnknown(Exception):
     """The kubelet could not say what a container holds; the message says why."""
+
+
+class _RateLimited(Exception):
+    """The kubelet's PodResources rate limit refused a call: worth another try shortly."""
+
+
+T = TypeVar("T")
+RATE_LIMIT_RETRY_START_S = 0.01
+RATE_LIMIT_RETRY_MAX_S = 0.1
 
 
 class AllocationSource(Protocol):
@@ -61,6 +72,27 @@ class PodResourcesAllocations:
             self._channel = None
 
     async def of_pod(self, namespace: str, pod: str) -> dict[str, Devices] | None:
+        return await self._retrying(lambda: self._of_pod_once(namespace, pod))
+
+    async def of_all(self) -> dict[PodKey, dict[str, Devices]]:
+        return await self._retrying(self._of_all_once)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call`, again after a short wait while the kubelet's PodResources rate limit (100 calls/s, burst
+        10) refuses it, until `timeout_s` has passed: a burst of new pods must not leave some unmapped."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        delay = RATE_LIMIT_RETRY_START_S
+        while True:
+            try:
+                return await call()
+            except _RateLimited as exc:
+                if loop.time() + delay > deadline:
+                    raise AllocationsUnknown(f"{exc} (still after {self.timeout_s} s of retries)") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RATE_LIMIT_RETRY_MAX_S)
+
+    async def _of_pod_once(self, namespace: str, pod: str) -> dict[str, Devices] | None:
         if self._get_available:
             if self._channel is None:
                 self._channel = Channel(path=str(self.socket))
@@ -72,6 +104,8 @@ class PodResourcesAllocations:
                 if exc.status is None:
                     # A transport failure (a kubelet restart): dial afresh next time.
                     self.close()
+                if exc.status == "RESOURCE_EXHAUSTED":
+                    raise _RateLimited(str(exc)) from exc
                 if exc.status == "UNIMPLEMENTED" or (exc.status is not None and "disabled" in str(exc)):
                     self._get_available = False
                     log.info("podresources.get_unavailable", reason=str(exc), using="List")
@@ -87,16 +121,19 @@ class PodResourcesAllocations:
                         item.device_ids
                     )
                 return {name: {r: tuple(ids) for r, ids in d.items()} for name, d in per_container.items()}
-        return (await self.of_all()).get((namespace, pod))
+        return (await self._of_all_once()).get((namespace, pod))
 
-    async def of_all(self) -> dict[PodKey, dict[str, Devices]]:
+    async def _of_all_once(self) -> dict[PodKey, dict[str, Devices]]:
         channel = Channel(path=str(self.socket))
         try:
             reply = await PodResourcesListerStub(channel).list(
                 ListPodResourcesRequest(), timeout=self.timeout_s
             )
         except GRPCError as exc:
-            raise AllocationsUnknown(f"{self.socket}: List failed: {exc.status.name} {exc.message}") from exc
+            message = f"{self.socket}: List failed: {exc.status.name} {exc.message}"
+            if exc.status.name == "RESOURCE_EXHAUSTED":
+                raise _RateLimited(message) from exc
+            raise AllocationsUnknown(message) from exc
         except (OSError, TimeoutError) as exc:
             raise AllocationsUnknown(f"{self.socket}: cannot connect: {exc!r}") from exc
         finally:
