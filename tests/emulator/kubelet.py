@@ -216,9 +216,12 @@ class KubeletEmulator:
     async def restart(self, downtime: float = 0.0) -> None:
         """Like a kubelet restart: stop serving, drop plugin connections and device lists (allocations
         survive, as from the checkpoint), delete every socket in the plugin dir, serve kubelet.sock again.
-        Plugins must register again. PodResources keeps serving throughout."""
+        Plugins must register again. PodResources is down meanwhile (the kubelet serves it), its socket
+        file stays (it lives outside the plugin dir)."""
         async with self._lifecycle:
             await asyncio.to_thread(self._unserve)
+            if self._pod_resources is not None:
+                await asyncio.to_thread(self._pod_resources.stop)
             if downtime > 0:
                 await asyncio.sleep(downtime)
             await asyncio.to_thread(self._serve)
