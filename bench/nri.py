@@ -88,6 +88,9 @@ async def nri_figures(workdir: Path, sizes: NriSizes) -> list[Figure]:
                 await emu.allocate("cpupool.io/shared", 1, pod=f"q{i}", container="sidecar")
                 if i % 10 == 0:
                     await emu.allocate("cpupool.io/shared", 10, pod=f"q{i}", container=f"n{i}")
+                # 20 new pods a second, well under the kubelet's PodResources limit (100 calls/s), which a
+                # faster loop would measure instead of the plugin.
+                await asyncio.sleep(0.05)
                 await runtime.run_pod(f"q{i}", f"q{i}")
                 creates.append(await _create_remove(runtime, f"q{i}", f"n{i}"))
                 emu.release(f"q{i}")
