@@ -1,7 +1,8 @@
 """PodResources API v1 (`v1.PodResourcesLister`) served from the emulator's books.
 
 In the real kubelet this socket lives in its own directory (/var/lib/kubelet/pod-resources), so it is not
-touched by the device-plugin directory cleanup and keeps serving across the emulator's restart().
+touched by the device-plugin directory cleanup; the kubelet process serves it, so it is down while the
+emulator restarts. Calls go through the kubelet's rate limiter.
 """
 
 from __future__ import annotations
