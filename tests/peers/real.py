@@ -298,6 +298,9 @@ class KubeletPeer:
         self.starts += 1
         with contextlib.suppress(PeerError):  # killed on purpose already (kill_on_log)
             await self.refresh()
+        # Pods the state file brought back (another driver may have admitted them) keep their UIDs.
+        for pod in self._state.get("pods") or ():
+            self._uids.setdefault((pod["namespace"], pod["name"]), pod["uid"])
         log.info("kubelet_peer.started", pid=proc.pid, plugin_dir=str(self.plugin_dir))
 
     async def stop(self, *, graceful: bool = False) -> None:
