@@ -43,6 +43,7 @@ from tests.emulator.model import (
     EmulatorError,
     ListAndWatchRecord,
     Mount,
+    NodeStatus,
     NotRegisteredError,
     PluginOptions,
     RegistrationRecord,
@@ -106,19 +107,6 @@ class PeerResource:
     """m.endpointStore[name]: every connected endpoint for the name."""
     clients: tuple[str, ...]
     """Socket names of the registration server's clients for the name (streams it still watches)."""
-
-
-@dataclass(frozen=True)
-class NodeStatus:
-    """Extended resources in node status after one GetCapacity, as the kubelet's node-status setter keeps
-    them: removed resources stay at 0; allocatable from the device manager's healthy counts."""
-
-    capacity: Mapping[str, int]
-    allocatable: Mapping[str, int]
-    removed: tuple[str, ...]
-    """What this GetCapacity reported deleted (endpoint stopped for more than the 5-minute grace period)."""
-    device_capacity: Mapping[str, int]
-    device_allocatable: Mapping[str, int]
 
 
 @dataclass(frozen=True)
