@@ -475,6 +475,12 @@ class ResourceServer:
             await asyncio.sleep(0.005)
         return True
 
+    async def relocate(self, path: Path) -> None:
+        """Serve on another socket path (the kubelet refuses the old one until it restarts)."""
+        await self.close()
+        self.path = path
+        await self.start()
+
     def socket_present(self) -> bool:
         """False when our socket file is gone or replaced (a starting kubelet deletes every socket)."""
         try:
@@ -506,7 +512,13 @@ class RegistrationError(RuntimeError):
     pass
 
 
-async def register(plugin_dir: Path, resource: Resource, timeout_s: float = 10.0) -> None:
+# The kubelet (v1.37) keeps an endpoint per socket path and refuses a Register for a path it still holds.
+ALREADY_CONNECTED = "already connected"
+
+
+async def register(
+    plugin_dir: Path, resource: Resource, timeout_s: float = 10.0, endpoint: str | None = None
+) -> None:
     """Send one Register for `resource`; the kubelet calls GetDevicePluginOptions on us before it answers."""
     kubelet = plugin_dir / KUBELET_SOCKET
     if not kubelet.exists():
@@ -515,7 +527,7 @@ async def register(plugin_dir: Path, resource: Resource, timeout_s: float = 10.0
     try:
         request = RegisterRequest(
             version=API_VERSION,
-            endpoint=resource.socket_name,
+            endpoint=endpoint or resource.socket_name,
             resource_name=resource.name,
             options=DevicePluginOptions(get_preferred_allocation_available=resource.exclusive_pool),
         )

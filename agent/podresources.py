@@ -7,6 +7,7 @@ from pathlib import Path
 
 from grpclib import GRPCError
 from grpclib.client import Channel, UnaryUnaryMethod
+from grpclib.exceptions import ProtocolError, StreamTerminatedError
 
 from agent.kubeletapi.v1 import GetPodResourcesRequest, ListPodResourcesRequest, PodResourcesListerStub
 
@@ -110,7 +111,7 @@ async def list_raw(socket: Path, timeout_s: float = 5.0) -> bytes:
         return await method(ListPodResourcesRequest(), timeout=timeout_s)
     except GRPCError as exc:
         raise PodResourcesError(f"{socket}: List failed: {exc.status.name} {exc.message}") from exc
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, StreamTerminatedError, ProtocolError) as exc:
         raise PodResourcesError(f"{socket}: cannot connect: {exc!r}") from exc
     finally:
         channel.close()

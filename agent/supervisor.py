@@ -21,6 +21,7 @@ import structlog
 from agent.config import ConfigError, PoolConfig, ValidatedConfig, default_config, parse_config, validate
 from agent.cpuset import CpuSet
 from agent.deviceplugin import (
+    ALREADY_CONNECTED,
     KUBELET_SOCKET,
     RegistrationError,
     ResourceServer,
@@ -56,6 +57,8 @@ HOTPLUG_POLL_S = 5.0
 # registering again (it disconnects whatever client is current when an old stream ends).
 REREGISTER_WAIT_S = 2.0
 REREGISTER_SETTLE_S = 0.1
+# While the kubelet's record cannot be read, ask again this often.
+UNKNOWN_RECHECK_S = 1.0
 # Plans built while Allocates arrive are built again with them; after this many tries, on the loop.
 PLAN_RETRIES = 3
 
@@ -129,6 +132,7 @@ class Supervisor:
         self._answered: dict[str, set[str]] = {}
         self._answered_before: dict[str, set[str]] = {}
         self._allocations = 0
+        self._relocations = 0
         self._online: str | None = None
         self.held_known = False
         # Called after every applied plan (the NRI plugin pushes the cpusets that change).
@@ -523,17 +527,17 @@ class Supervisor:
         log.warning("listandwatch.lost", resource=name, action="registering again until the kubelet answers")
         self._start_registration(name)
 
-    def _start_registration(self, name: str, *, replace_stream: bool = False) -> None:
+    def _start_registration(self, name: str, *, replace_stream: bool = False, settle: bool = False) -> None:
         state = self.states[name]
         if state.registration is not None and not state.registration.done():
             state.registration.cancel()
         state.registered = False
         self.metrics.registered.set(0, resource=name)
         state.registration = asyncio.create_task(
-            self._register_loop(name, replace_stream=replace_stream), name=f"register:{name}"
+            self._register_loop(name, replace_stream=replace_stream, settle=settle), name=f"register:{name}"
         )
 
-    async def _register_loop(self, name: str, *, replace_stream: bool = False) -> None:
+    async def _register_loop(self, name: str, *, replace_stream: bool = False, settle: bool = False) -> None:
         if replace_stream:
             state = self.states.get(name)
             if state is not None:
@@ -548,9 +552,12 @@ class Supervisor:
                         waited_s=REREGISTER_WAIT_S,
                         action="registering anyway",
                     )
-                # The kubelet closes the client's connection first and only then marks the old endpoint
-                # disconnected: a registration that overtook that step would be the one marked.
-                await asyncio.sleep(REREGISTER_SETTLE_S)
+            settle = True
+        if settle:
+            # The kubelet closes the client's connection first and only then marks the old endpoint
+            # disconnected: a registration that overtook that step would be the one marked (v1.34-1.36),
+            # or be refused and leave the path unusable until the kubelet restarts (v1.37).
+            await asyncio.sleep(REREGISTER_SETTLE_S)
         delay = REGISTER_BACKOFF_START_S
         attempt = 0
         while True:
@@ -560,9 +567,14 @@ class Supervisor:
             attempt += 1
             started = time.monotonic()
             try:
-                await register(self.settings.plugin_dir, state.server.servicer.resource)
+                await register(
+                    self.settings.plugin_dir, state.server.servicer.resource, endpoint=state.server.path.name
+                )
             except RegistrationError as exc:
                 self.metrics.registrations.inc(resource=name, result="error")
+                if ALREADY_CONNECTED in str(exc):
+                    await self._relocate(name, str(exc))
+                    continue
                 log.warning(
                     "register.retry", resource=name, attempt=attempt, reason=str(exc), retry_in_s=delay
                 )
@@ -580,6 +592,21 @@ class Supervisor:
                 ms=round((time.monotonic() - started) * 1000, 1),
             )
             return
+
+    async def _relocate(self, name: str, reason: str) -> None:
+        """The kubelet holds a stale endpoint for our socket path and will refuse it until it restarts:
+        serve the resource on a path of its own instead."""
+        state = self.states.get(name)
+        if state is None:
+            return
+        self._relocations += 1
+        stem = Path(state.server.servicer.resource.socket_name).stem
+        path = self.settings.plugin_dir / f"{stem}-r{self._relocations}.sock"
+        log.warning("register.relocating", resource=name, reason=reason, socket=str(path))
+        try:
+            await state.server.relocate(path)
+        except (OSError, RuntimeError) as exc:
+            log.error("server.start_failed", resource=name, socket=str(path), reason=str(exc))
 
     # --- kubelet restarts
 
@@ -610,14 +637,20 @@ class Supervisor:
             if state is None:
                 continue
             await _cancel(state.registration)
+            # A stream open now is with the new kubelet (a registration overtook the restart's event): it
+            # must see this stream end before the same path registers again.
+            connected = state.server.servicer.stream_count > 0
             await state.server.close()
+            if restarted:
+                # A new kubelet holds no endpoint: a relocated resource goes back to its own socket.
+                state.server.path = self.settings.plugin_dir / state.server.servicer.resource.socket_name
             try:
                 await state.server.start()
             except (OSError, RuntimeError) as exc:
                 log.error("server.start_failed", resource=name, reason=str(exc), retry="on the next event")
                 await self._stop_resource(name)
                 continue
-            self._start_registration(name)
+            self._start_registration(name, settle=connected)
         await self._start_missing()
 
     async def _start_missing(self) -> None:
@@ -693,7 +726,14 @@ class Supervisor:
 
     async def _recheck_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.recheck_interval_s)
+            # Without the kubelet's record (down while it restarts) every served ID counts as held: ask
+            # again soon, so that freed devices come back within seconds.
+            unknown = self.plan is not None and not self.plan.held_known
+            await asyncio.sleep(
+                min(self.settings.recheck_interval_s, UNKNOWN_RECHECK_S)
+                if unknown
+                else self.settings.recheck_interval_s
+            )
             if self.plan is not None and self.plan.pending:
                 self.notify("recheck")
 

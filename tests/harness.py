@@ -113,6 +113,7 @@ async def running_agent(
         pod_resources_socket=pod_resources,
         pin_self=False,
         recheck_interval_s=recheck_interval_s,
+        state_dir=tmp_path / "state",
     )
     emu: KubeletEmulator | KubeletPeer
     if peer == "kubelet":

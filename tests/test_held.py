@@ -228,3 +228,11 @@ def test_listing_with_withheld_ids_encodes_like_the_device_list(
         unhealthy=frozenset(foreign),
     )
     assert_encodes_as_listed(resource)
+
+
+def test_a_cpu_never_seen_online_is_listed_without_a_numa_node() -> None:
+    # Found by the state machine: a pool naming an offline CPU the agent never saw could not be encoded.
+    plan = plan_of(EXCL, topology=offline(TOPO, "4"))
+    a = plan.resources["cpupool.io/a"]
+    assert {d.id: (d.health, d.numa_node) for d in a.devices()}["4"] == (UNHEALTHY, None)
+    assert_encodes_as_listed(a)

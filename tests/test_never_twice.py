@@ -145,3 +145,22 @@ async def test_restart_with_an_invalid_config_serves_the_remembered_plan(tmp_pat
         assert len(fast.devices) == 6
         second = await run.emu.allocate(FAST, 1, pod="second")
         assert second.envs["EXCLUSIVE_CPUS"] != held
+
+
+async def test_a_socket_path_the_kubelet_refuses_is_left_for_a_new_one(tmp_path: Path) -> None:
+    """Found by the state machine: a kubelet v1.37 that was sent a Register for a socket path it still holds
+    refuses that path until it restarts. The agent serves the resource on a new socket instead."""
+    async with running_agent(tmp_path, FAST_ONLY) as run:
+        await run.emu.wait_devices(FAST)
+        # A second Register while the first client still streams (what a registration racing a kubelet
+        # restart does): the kubelet refuses it and keeps refusing that path.
+        run.supervisor._start_registration(FAST)
+        await run.emu.wait_for(
+            lambda: any(r.endpoint.endswith("-r1.sock") and r.accepted for r in run.emu.registrations),
+            10,
+            "a registration on a new socket",
+        )
+        fast = await run.emu.wait_devices(FAST, lambda s: s.stream_open and s.allocatable == 6)
+        assert fast.endpoint is not None and fast.endpoint.endswith("-r1.sock")
+        allocation = await run.emu.allocate(FAST, 1, pod="after")
+        assert allocation.envs["EXCLUSIVE_CPUS"]
