@@ -30,6 +30,7 @@ except PeerUnavailable as exc:
 FAST, MULTI, SHARED = "cpupool.io/fast", "cpupool.io/multi", "cpupool.io/shared"
 # dual32 with the harness pools: exclusive fast 2-7,18-23 and multi 8-11,24-27; shared 12-13.
 EXCLUSIVE = CpuSet.parse("2-11,18-27")
+EXCLUSIVE_FAST = CpuSet.parse("2-7,18-23")
 ONLINE = CpuSet(range(32))
 OTHERS = ONLINE - EXCLUSIVE
 
@@ -223,11 +224,16 @@ pools:
 """
         )
         pushed = await n.runtime.wait_event("updates", after=mark)
-        assert {u["id"] for u in pushed["updates"]} == {"c1", "c2"}
+        assert {u["id"] for u in pushed["updates"]} == {"c2"}
         cpusets = await n.runtime.cpusets()
-        assert CpuSet.parse(cpusets["c1"]) == CpuSet.parse("8-9,12-13")
-        # CPUs that left the exclusive pools are given back to everyone else.
+        # The running shared container keeps what its devices meant when they were handed out...
+        assert CpuSet.parse(cpusets["c1"]) == CpuSet.parse("12-13")
+        # ...and CPUs that left the exclusive pools are given back to everyone else.
         assert CpuSet.parse(cpusets["c2"]) == ONLINE - CpuSet.parse("2-7,18-23")
+        # A shared container created now gets the grown pool.
+        await n.agent.emu.allocate(SHARED, 100, pod="web2")
+        await n.pod("p3", "web2")
+        assert CpuSet.parse((await n.runtime.create("p3", "c3"))["cpus"]) == CpuSet.parse("8-9,12-13")
 
 
 async def test_runtime_restarts_twenty_times(tmp_path: Path) -> None:
@@ -343,3 +349,23 @@ async def test_a_burst_of_new_pods_outruns_the_kubelets_rate_limit_and_every_one
         created = await asyncio.gather(*(n.runtime.create(f"p{i}", f"c{i}") for i in range(40)))
         assert all(CpuSet.parse(c["cpus"]) == OTHERS for c in created)
         assert n.agent.supervisor.metrics.nri_adjustments.get(event="create", outcome="unmapped") == 0
+
+
+async def test_a_held_cpu_a_reload_took_from_its_pool_stays_off_limits(tmp_path: Path) -> None:
+    async with node(tmp_path) as n:
+        fast = await n.agent.emu.allocate(FAST, 1, pod="db")
+        held = int(fast.device_ids[0])
+        await n.pod("p1", "db")
+        await n.runtime.create("p1", "c1")
+        generation = n.agent.supervisor.config_generation
+        n.agent.configmap.write(
+            POOLS.replace('"2-7,18-23"', f'"{(EXCLUSIVE_FAST - CpuSet([held])).format()}"')
+        )
+        await n.agent.emu.wait_for(
+            lambda: n.agent.supervisor.config_generation > generation, what="the new config"
+        )
+        await n.pod("p2", "plain")
+        plain = await n.runtime.create("p2", "c2")
+        # The pod still runs on the CPU it holds; nobody else gets it until that pod is gone.
+        assert held not in CpuSet.parse(plain["cpus"])
+        assert CpuSet.parse((await n.runtime.cpusets())["c1"]) == CpuSet([held])

@@ -24,9 +24,15 @@ class SupervisorPoolView:
             return self._cached[1], self._cached[2]
         exclusive, shared = CpuSet(), CpuSet()
         if plan is not None:
-            # A resource's `cpus` include CPUs still held by pods after a reload took them from the config.
-            exclusive = CpuSet().union(*(r.cpus for r in plan.resources.values() if r.exclusive_pool))
-            shared = CpuSet().union(*(r.cpus for r in plan.resources.values() if not r.exclusive_pool))
+            resources = list(plan.resources.values())
+            # Every exclusive pool's CPUs, and every exclusive-kind device the plan keeps for a holder: a
+            # reload may move a held CPU to another pool (or drop its pool), and it stays reserved until
+            # the pod that holds it is gone.
+            exclusive = CpuSet().union(
+                *(r.cpus for r in resources if r.exclusive_pool),
+                *(d.cpus for r in resources for d in r.exclusive.values()),
+            )
+            shared = CpuSet().union(*(r.cpus for r in resources if not r.exclusive_pool))
         self._cached = (plan, exclusive, shared)
         return exclusive, shared
 
@@ -58,10 +64,10 @@ class SupervisorPoolView:
             known = [i for i in ids if resource.has_device(i)]
             if not known:
                 continue
-            if resource.exclusive_pool:
-                exclusive |= resource.cpus_of(known)
-            else:
-                shared |= resource.cpus
+            # By each ID's meaning when it was handed out: a held device keeps its CPUs through reloads.
+            grant = resource.grant(known)
+            exclusive |= grant.exclusive
+            shared |= grant.shared
         return exclusive, shared
 
     def numa_nodes(self, cpus: CpuSet) -> CpuSet:
