@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from agent.allocation import ExclusiveDevice
-from agent.config import ConfigError, HtPolicy, PoolType, Problem, ValidatedConfig
+from agent.config import DEFAULT_RESOURCE_BASE_NAME, ConfigError, HtPolicy, PoolType, Problem, ValidatedConfig
 from agent.cpuset import CpuSet
 from agent.topology import CoreKey, Topology
 
@@ -127,7 +127,7 @@ class Resource:
 
     @property
     def socket_name(self) -> str:
-        return self.socket or f"cpupool-{self.pool}.sock"
+        return self.socket or socket_for(self.name, self.pool)
 
     @property
     def exclusive_pool(self) -> bool:
@@ -489,20 +489,25 @@ def build_plan(
     )
 
 
+def socket_for(name: str, pool: str) -> str:
+    """The socket a resource is served on: one path per resource *name*, never shared by two names.
+
+    The kubelet may keep an endpoint for a path after the agent stopped serving it there (v1.37 promotes a
+    remaining endpoint when another disconnects): were a second name served on that path, Allocates meant for
+    the first would reach the second's servicer, which would hand out its own CPUs under the first's IDs."""
+    base = name.split("/", 1)[0]
+    if base == DEFAULT_RESOURCE_BASE_NAME:
+        return f"cpupool-{pool}.sock"
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return f"cpupool-{pool}-{digest}.sock"
+
+
 def _assign_sockets(resources: dict[str, Resource], before: Mapping[str, Resource]) -> None:
-    """Every resource keeps the socket it is served on; a new one takes `cpupool-<pool>.sock` unless another
-    name (a draining pool of an older base name) still holds it, then a name with a hash of its own."""
-    taken: set[str] = set()
-    order = sorted(resources, key=lambda n: (n not in before, resources[n].configured, n))
-    for name in order:
-        resource = resources[name]
+    """Every resource keeps the socket it is served on; a new one takes `socket_for` its name."""
+    for name, resource in list(resources.items()):
         old = before.get(name)
-        socket = old.socket_name if old is not None else f"cpupool-{resource.pool}.sock"
-        if socket in taken:
-            digest = hashlib.sha256(name.encode()).hexdigest()[:10]
-            socket = f"cpupool-{resource.pool}-{digest}.sock"
-        taken.add(socket)
-        if socket != resource.socket_name or not resource.socket:
+        socket = old.socket_name if old is not None else socket_for(name, resource.pool)
+        if socket != resource.socket:
             resources[name] = replace(resource, socket=socket)
 
 

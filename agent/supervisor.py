@@ -174,9 +174,12 @@ class Supervisor:
         self.settings.plugin_dir.mkdir(parents=True, exist_ok=True)
         self._kubelet_socket = self._kubelet_socket_identity()
         await self._load_memory()
+        # Watch before the first read: an edit made while the agent starts is then either read by it or
+        # reported after it (the watch is in place once the task has run its first step).
+        self._tasks = [asyncio.create_task(self._watch(), name="watch")]
+        await asyncio.sleep(0)
         await self._reload(initial=True)
-        self._tasks = [
-            asyncio.create_task(self._watch(), name="watch"),
+        self._tasks += [
             asyncio.create_task(self._recheck_loop(), name="in-use-recheck"),
             asyncio.create_task(self._hotplug_loop(), name="hotplug"),
         ]

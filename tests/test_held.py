@@ -236,3 +236,15 @@ def test_a_cpu_never_seen_online_is_listed_without_a_numa_node() -> None:
     a = plan.resources["cpupool.io/a"]
     assert {d.id: (d.health, d.numa_node) for d in a.devices()}["4"] == (UNHEALTHY, None)
     assert_encodes_as_listed(a)
+
+
+def test_two_resource_names_never_share_a_socket() -> None:
+    # Found by the state machine: after a base-name change, a kubelet still routing Allocates for the old name
+    # to its old path reached the new name's servicer, which answered with its own CPUs.
+    old = plan_of(EXCL)
+    new = plan_of(EXCL.replace("pools:", "resourceBaseName: other.io\npools:"), previous=old, held={})
+    assert new.resources["other.io/a"].socket_name not in {r.socket_name for r in old.resources.values()}
+    back = plan_of(EXCL, previous=new, held={"other.io/a": frozenset({"2"})})
+    sockets = [r.socket_name for r in back.resources.values()]
+    assert len(sockets) == len(set(sockets)) == 3
+    assert back.resources["cpupool.io/a"].socket_name == "cpupool-a.sock"
