@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"sort"
+	"strconv"
 	"sync"
 	"time"
 	"unsafe"
@@ -48,19 +49,19 @@ type endpointView struct {
 	PreStartRequired   bool    `json:"pre_start_required"`
 }
 
-type deviceView struct {
-	ID             string  `json:"id"`
-	Health         string  `json:"health"`
-	ReportedHealth string  `json:"reported_health"`
-	NUMA           []int64 `json:"numa_nodes"`
-}
-
+// resourceView lists device IDs, not device objects: a shared pool has thousands of devices, and this view
+// is sent after every change.
 type resourceView struct {
-	Devices   []deviceView   `json:"devices"`
-	InUse     []string       `json:"in_use"`
-	Endpoint  *endpointView  `json:"endpoint"`
-	Endpoints []endpointView `json:"endpoints"`
-	Clients   []string       `json:"clients"`
+	Healthy   []string `json:"healthy"`
+	Unhealthy []string `json:"unhealthy"`
+	// NUMA node -> IDs of the devices the plugin placed there (devices without topology are in none).
+	NUMA map[string][]string `json:"numa"`
+	// Health as the plugin last reported it, for the devices where that is not "Healthy".
+	Reported  map[string]string `json:"reported_health"`
+	InUse     []string          `json:"in_use"`
+	Endpoint  *endpointView     `json:"endpoint"`
+	Endpoints []endpointView    `json:"endpoints"`
+	Clients   []string          `json:"clients"`
 }
 
 func endpointOf(info reflect.Value) endpointView {
@@ -110,7 +111,10 @@ func (p *peer) snapshot() (result map[string]any, err error) {
 	view := func(name string) *resourceView {
 		v := views[name]
 		if v == nil {
-			v = &resourceView{Devices: []deviceView{}, InUse: []string{}, Endpoints: []endpointView{}, Clients: []string{}}
+			v = &resourceView{
+				Healthy: []string{}, Unhealthy: []string{}, NUMA: map[string][]string{}, Reported: map[string]string{},
+				InUse: []string{}, Endpoints: []endpointView{}, Clients: []string{},
+			}
 			views[name] = v
 		}
 		return v
@@ -125,32 +129,42 @@ func (p *peer) snapshot() (result map[string]any, err error) {
 		unhealthy := field(m, "unhealthyDevices").Interface().(map[string]sets.Set[string])
 		allocated := field(m, "allocatedDevices").Interface().(map[string]sets.Set[string])
 		allDevices := reflect.ValueOf(all)
-		add := func(name, id, health string) {
-			d := deviceView{ID: id, Health: health}
-			if byID := allDevices.MapIndex(reflect.ValueOf(name)); byID.IsValid() {
-				if dev := byID.MapIndex(reflect.ValueOf(id)); dev.IsValid() {
-					pd := dev.Interface().(*pluginapi.Device)
-					d.ReportedHealth = pd.Health
-					if pd.Topology != nil {
-						d.NUMA = []int64{}
-						for _, n := range pd.Topology.Nodes {
-							d.NUMA = append(d.NUMA, n.ID)
-						}
-					}
+		add := func(name, id string, isHealthy bool) {
+			v := view(name)
+			if isHealthy {
+				v.Healthy = append(v.Healthy, id)
+			} else {
+				v.Unhealthy = append(v.Unhealthy, id)
+			}
+			byID := allDevices.MapIndex(reflect.ValueOf(name))
+			if !byID.IsValid() {
+				return
+			}
+			dev := byID.MapIndex(reflect.ValueOf(id))
+			if !dev.IsValid() {
+				return
+			}
+			pd := dev.Interface().(*pluginapi.Device)
+			if pd.Health != pluginapi.Healthy {
+				v.Reported[id] = pd.Health
+			}
+			if pd.Topology != nil {
+				for _, n := range pd.Topology.Nodes {
+					node := strconv.FormatInt(n.ID, 10)
+					v.NUMA[node] = append(v.NUMA[node], id)
 				}
 			}
-			view(name).Devices = append(view(name).Devices, d)
 		}
 		for name, ids := range healthy {
 			view(name)
 			for id := range ids {
-				add(name, id, pluginapi.Healthy)
+				add(name, id, true)
 			}
 		}
 		for name, ids := range unhealthy {
 			view(name)
 			for id := range ids {
-				add(name, id, pluginapi.Unhealthy)
+				add(name, id, false)
 			}
 		}
 		for name, ids := range allocated {
@@ -186,7 +200,8 @@ func (p *peer) snapshot() (result map[string]any, err error) {
 
 	out := map[string]any{}
 	for name, v := range views {
-		sort.Slice(v.Devices, func(i, j int) bool { return v.Devices[i].ID < v.Devices[j].ID })
+		sort.Strings(v.Healthy)
+		sort.Strings(v.Unhealthy)
 		sort.Slice(v.Endpoints, func(i, j int) bool { return v.Endpoints[i].Socket < v.Endpoints[j].Socket })
 		sort.Strings(v.Clients)
 		out[name] = v

@@ -61,6 +61,7 @@ _LINE_LIMIT = 256 * 1024 * 1024
 """State snapshots list every device; a 200,000-device pool makes lines of some megabytes."""
 _RECHECK_INTERVAL = 0.1
 _START_TIMEOUT = 30.0
+UNHEALTHY = "Unhealthy"
 _STDERR_LINES = 200
 
 # Log messages of the kubelet's device manager (k8s.io/kubernetes v1.37, plugin/v1beta1 and manager.go)
@@ -138,19 +139,26 @@ def _endpoint(view: Mapping[str, Any]) -> EndpointInfo:
 
 
 def _peer_resource(name: str, view: Mapping[str, Any]) -> PeerResource:
+    numa: dict[str, list[int]] = {}
+    for node, members in (view.get("numa") or {}).items():
+        for device_id in members:
+            numa.setdefault(device_id, []).append(int(node))
+    health = dict.fromkeys(view.get("healthy") or (), HEALTHY)
+    health.update(dict.fromkeys(view.get("unhealthy") or (), UNHEALTHY))
     devices = tuple(
         DeviceInfo(
-            id=d["id"],
-            health=d["health"],
-            numa_nodes=tuple(d["numa_nodes"]) if d.get("numa_nodes") is not None else None,
+            id=device_id,
+            health=health[device_id],
+            numa_nodes=tuple(sorted(numa[device_id])) if device_id in numa else None,
         )
-        for d in sorted(view.get("devices") or (), key=lambda d: _natural(d["id"]))
+        for device_id in sorted(health, key=_natural)
     )
+    reported = view.get("reported_health") or {}
     endpoint = view.get("endpoint")
     return PeerResource(
         name=name,
         devices=devices,
-        reported_health={d["id"]: d.get("reported_health", "") for d in view.get("devices") or ()},
+        reported_health={d: reported.get(d, HEALTHY) for d in health},
         in_use=frozenset(view.get("in_use") or ()),
         endpoint=_endpoint(endpoint) if endpoint else None,
         endpoints=tuple(_endpoint(e) for e in view.get("endpoints") or ()),
