@@ -573,7 +573,17 @@ class Supervisor:
                 await register(
                     self.settings.plugin_dir, state.server.servicer.resource, endpoint=state.server.path.name
                 )
-            except RegistrationError as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # A kubelet dying mid-call makes grpclib raise what it likes (StreamTerminatedError, even
+                # AttributeError from a torn-down connection), and may turn our own cancel into one of those:
+                # the loop must neither die nor outlive its cancellation.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from None
+                if not isinstance(exc, RegistrationError):
+                    exc = RegistrationError(f"Register failed: {exc!r}")
                 self.metrics.registrations.inc(resource=name, result="error")
                 if ALREADY_CONNECTED in str(exc):
                     await self._relocate(name, str(exc))

@@ -88,3 +88,21 @@ async def test_enormous_requests_get_clear_errors(tmp_path: Path) -> None:
             await run.emu.call_preferred(FAST, ["2", "3"], [], -1)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         await still_serving(run)
+
+
+async def test_grpclib_internals_of_the_graceful_close_are_where_it_looks(tmp_path: Path) -> None:
+    """ResourceServer.close() waits for in-flight calls through grpclib's Server._handlers and each handler's
+    _tasks (grpclib has no public way to list them). If a grpclib release moves them, close() would stop
+    waiting silently: this test fails loudly instead."""
+    async with running_agent(tmp_path) as run:
+        await run.emu.wait_devices(FAST)
+        state = run.supervisor.states[FAST]
+        server = state.server._server
+        assert server is not None
+        handlers = server._handlers
+        assert handlers, "grpclib.server.Server no longer keeps its connection handlers in _handlers"
+        for handler in handlers:
+            assert isinstance(handler._tasks, dict), "grpclib's Handler no longer keeps its calls in _tasks"
+        # The open ListAndWatch stream is an in-flight call.
+        assert server.in_flight()
+        assert all(hasattr(p, "connection") for p in server.open_connections())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from agent.protowire import field, varint
+
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 
 
@@ -129,20 +131,6 @@ def _int(value: int | bytes, what: str) -> int:
     return value
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    value &= (1 << 64) - 1  # negative int64 values go out as ten-byte two's complement
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | _LEN) + _varint(len(payload)) + payload
-
-
 # --- ttrpc's own messages (request.proto, proto/status.proto)
 
 
@@ -154,11 +142,11 @@ class TtrpcRequest:
     timeout_nano: int = 0
 
     def encode(self) -> bytes:
-        out = _field(1, self.service.encode()) + _field(2, self.method.encode())
+        out = field(1, self.service.encode()) + field(2, self.method.encode())
         if self.payload:
-            out += _field(3, self.payload)
+            out += field(3, self.payload)
         if self.timeout_nano:
-            out += _varint(4 << 3 | _VARINT) + _varint(self.timeout_nano)
+            out += varint(4 << 3 | _VARINT) + varint(self.timeout_nano)
         return out
 
     @classmethod
@@ -189,12 +177,12 @@ class TtrpcResponse:
     def encode(self) -> bytes:
         status = b""
         if self.code:
-            status += _varint(1 << 3 | _VARINT) + _varint(self.code)
+            status += varint(1 << 3 | _VARINT) + varint(self.code)
         if self.message:
-            status += _field(2, self.message.encode())
-        out = _field(1, status) if status else b""
+            status += field(2, self.message.encode())
+        out = field(1, status) if status else b""
         if self.payload:
-            out += _field(2, self.payload)
+            out += field(2, self.payload)
         return out
 
     @classmethod
@@ -329,20 +317,20 @@ def decode_synchronize(data: bytes) -> SyncBatch:
 
 @functools.lru_cache(maxsize=1024)
 def _linux_resources_cpu(cpus: str, mems: str) -> bytes:
-    cpu = (_field(6, cpus.encode()) if cpus else b"") + (_field(7, mems.encode()) if mems else b"")
-    return _field(2, cpu)  # LinuxResources.cpu
+    cpu = (field(6, cpus.encode()) if cpus else b"") + (field(7, mems.encode()) if mems else b"")
+    return field(2, cpu)  # LinuxResources.cpu
 
 
 def encode_adjustment(cpus: str, mems: str) -> bytes:
     """CreateContainerResponse{adjust: {linux: {resources: {cpu: {cpus, mems}}}}}."""
-    resources = _field(2, _linux_resources_cpu(cpus, mems))  # LinuxContainerAdjustment.resources
-    return _field(1, _field(6, resources))  # CreateContainerResponse.adjust, ContainerAdjustment.linux
+    resources = field(2, _linux_resources_cpu(cpus, mems))  # LinuxContainerAdjustment.resources
+    return field(1, field(6, resources))  # CreateContainerResponse.adjust, ContainerAdjustment.linux
 
 
 def encode_update(container_id: str, cpus: str, mems: str, ignore_failure: bool = True) -> bytes:
     """One ContainerUpdate setting a container's cpuset (the body, without its field key)."""
-    linux = _field(1, _linux_resources_cpu(cpus, mems))  # LinuxContainerUpdate.resources
-    out = _field(1, container_id.encode()) + _field(2, linux)
+    linux = field(1, _linux_resources_cpu(cpus, mems))  # LinuxContainerUpdate.resources
+    out = field(1, container_id.encode()) + field(2, linux)
     if ignore_failure:
         out += b"\x18\x01"  # field 3, varint 1
     return out
@@ -351,4 +339,4 @@ def encode_update(container_id: str, cpus: str, mems: str, ignore_failure: bool 
 def encode_updates(updates: list[bytes], more: bool = False) -> bytes:
     """The `repeated ContainerUpdate update = 1` of UpdateContainerResponse, SynchronizeResponse and
     UpdateContainersRequest; `more` is SynchronizeResponse.more (field 2)."""
-    return b"".join(_field(1, u) for u in updates) + (b"\x10\x01" if more else b"")
+    return b"".join(field(1, u) for u in updates) + (b"\x10\x01" if more else b"")
