@@ -388,8 +388,10 @@ class Supervisor:
             held = await asyncio.to_thread(
                 held_device_ids, raw, lambda name: name.startswith(prefix) or name in known
             )
-        except (PodResourcesError, ValueError) as exc:
-            self._held_unknown(str(exc))
+        except Exception as exc:
+            # PodResourcesError, a malformed reply (ValueError), or whatever grpclib raises while the kubelet
+            # dies mid-call: in every case the record is unknown for now, never a failed replan.
+            self._held_unknown(str(exc) if isinstance(exc, PodResourcesError) else repr(exc))
             return UNKNOWN
         if not self.held_known:
             log.info("podresources.available", resources_held=len(held))

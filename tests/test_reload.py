@@ -203,16 +203,8 @@ def failing_without_traceback() -> Iterator[None]:
         pytest.fail(str(exc), pytrace=False)
 
 
-AGENT_REGISTER_LOOP_DIES = (
-    "agent bug: the kubelet dies while a Register is in flight and comes back at once; the agent cancels its "
-    "register task as the connection drops, grpclib raises StreamTerminatedError('Connection lost') (or "
-    "AttributeError: 'Connection' object has no attribute '_transport') instead of CancelledError, "
-    "Supervisor._register_loop lets it end the task ('Task exception was never retrieved') and that "
-    "resource never registers again"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=AGENT_REGISTER_LOOP_DIES)
 async def test_kubelet_dying_during_register_does_not_stop_registration(
     tmp_path: Path, kubelet_peer_binary: Path
 ) -> None:
@@ -224,6 +216,8 @@ async def test_kubelet_dying_during_register_does_not_stop_registration(
         for _ in range(20):
             run.emu.kill_on_log(REGISTER_ARRIVED)
             await run.emu.restart()
+            # The agent registers with the new kubelet, which dies as the Register reaches it.
+            await run.emu.wait_for(lambda: not run.emu.serving, 10, "the kubelet to die during a Register")
             since = time.monotonic()
             await run.emu.restart()
             with failing_without_traceback():
@@ -239,9 +233,11 @@ async def test_fifty_restarts_with_allocations_leak_nothing(
     tmp_path: Path, peer: str, request: pytest.FixtureRequest
 ) -> None:
     if peer == "kubelet":
-        # The double restarts below race the agent's Register against the kubelet's death; when they meet,
-        # the bug that test_kubelet_dying_during_register_does_not_stop_registration shows ends the run.
-        request.applymarker(pytest.mark.xfail(strict=False, reason=f"racy here: {AGENT_REGISTER_LOOP_DIES}"))
+        # Known and not fixed: when the kubelet restarts twice within milliseconds, the agent cancels a
+        # Register that reached the second kubelet; v1.37 answers the cancelled call by dropping every
+        # client of that socket path, including the one the agent's next Register just made. The resource
+        # keeps its endpoint and devices, but the run's own checks then time out now and then.
+        request.applymarker(pytest.mark.xfail(strict=False, reason="double kubelet restart races a Register"))
     with failing_without_traceback():
         async with running_agent(tmp_path, peer=peer) as run:
             await all_registered(run, FAST, MULTI, SHARED)
@@ -266,10 +262,8 @@ async def test_fifty_restarts_with_allocations_leak_nothing(
                     result = await run.emu.allocate(FAST, 2, pod=f"p{n}")
                     assert len(result.envs["EXCLUSIVE_CPUS"].split(",")) == 2
                     await run.emu.remove_pod(f"p{n}")
-            # The real kubelet keeps its checkpoint beside the sockets.
-            sockets = sorted(
-                p.name for p in run.plugin_dir.iterdir() if p.name != "kubelet_internal_checkpoint"
-            )
+            # The real kubelet keeps its checkpoint beside the sockets (written through a temporary file).
+            sockets = sorted(p.name for p in run.plugin_dir.iterdir() if p.name.endswith(".sock"))
             assert sockets == [
                 "cpupool-fast.sock",
                 "cpupool-multi.sock",
