@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 
 from agent.allocation import ExclusiveDevice
@@ -59,7 +60,7 @@ class _Unknown:
 
 
 UNKNOWN = _Unknown()
-Held = Mapping[str, frozenset[str]] | _Unknown
+Held = Mapping[str, AbstractSet[str]] | _Unknown
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class SharedGroup:
     """Shared device IDs handed out while the pool's CPUs were `cpus` (other than what it serves now)."""
 
     cpus: CpuSet
-    ids: frozenset[str]
+    ids: AbstractSet[str]
 
 
 @dataclass(frozen=True)
@@ -372,7 +373,7 @@ class _Claims:
         return None
 
 
-def _held_ids(held: Held, name: str) -> frozenset[str] | _Unknown:
+def _held_ids(held: Held, name: str) -> AbstractSet[str] | _Unknown:
     if isinstance(held, _Unknown):
         return UNKNOWN
     return held.get(name, frozenset())
@@ -389,7 +390,7 @@ def _claims(
     claims = _Claims()
     names = set(previous) if isinstance(held, _Unknown) else set(previous) | set(held)
     for name in sorted(names):
-        ids: frozenset[str] | None = None if isinstance(held, _Unknown) else held.get(name, frozenset())
+        ids: AbstractSet[str] | None = None if isinstance(held, _Unknown) else held.get(name, frozenset())
         if ids is not None and not ids:
             continue
         old = previous.get(name) or configured(name)
@@ -407,7 +408,7 @@ def _claims(
             # Shared-kind IDs of an exclusive resource all live in groups.
             continue
         if ids is None:
-            rest = _shared_listed(old) - grouped - frozenset(old.exclusive)
+            rest: AbstractSet[str] = _shared_listed(old) - grouped - frozenset(old.exclusive)
         else:
             # IDs that are no shared ID at all are harmless here: they name no index and no CPU. Copying
             # 200,000 IDs costs milliseconds: only when something must be taken out.
@@ -595,7 +596,7 @@ def _exclusive_resource(
     )
 
 
-def _indexes_from(ids: frozenset[str], count: int, top: int | None = None) -> set[int]:
+def _indexes_from(ids: AbstractSet[str], count: int, top: int | None = None) -> set[int]:
     """Indexes of the shared IDs in `ids` at or beyond `count` (all below `top` when that is known)."""
     if top is not None and top - count < len(ids):
         # Fewer candidates than held IDs: look the candidates up.
@@ -634,7 +635,7 @@ def _shared_resource(
     for group in groups:
         merged.setdefault(group.cpus, set()).update(group.ids)
     shared_groups = tuple(SharedGroup(c, frozenset(ids)) for c, ids in sorted(merged.items()))
-    held_shared: list[frozenset[str]] = [g.ids for g in claims.shared.get(name, ())]
+    held_shared: list[AbstractSet[str]] = [g.ids for g in claims.shared.get(name, ())]
     old_top = 0
     if old is not None and not old.exclusive_pool:
         old_top = max([old.shared_count, *(i + 1 for i in old.shared_retained)])

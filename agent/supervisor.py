@@ -11,7 +11,8 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from agent.metrics import Metrics
 from agent.plan import UNKNOWN, Held, Plan, Resource, build_plan, diff_plans
 from agent.podresources import PodResourcesError, list_raw
 from agent.topology import Topology, discover
-from agent.wire import held_device_ids
+from agent.wire import held_device_ids_in_steps
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +58,8 @@ HOTPLUG_POLL_S = 5.0
 # registering again (it disconnects whatever client is current when an old stream ends).
 REREGISTER_WAIT_S = 2.0
 REREGISTER_SETTLE_S = 0.1
+# Long pure work on the loop runs in slices this long, then lets the loop answer.
+SLICE_S = 0.001
 # While the kubelet's record cannot be read, ask again this often.
 UNKNOWN_RECHECK_S = 1.0
 # Plans built while Allocates arrive are built again with them; after this many tries, on the loop.
@@ -324,7 +327,7 @@ class Supervisor:
             return
         topology = topology or self.topology
         try:
-            plan = await self._make_plan(validate(self._config, topology), topology)
+            plan = await self._make_plan(validate(self._config, topology), topology, in_thread=False)
         except ConfigError as exc:
             log.warning("replan.skipped", reason=reason, error=str(exc))
             return
@@ -345,17 +348,24 @@ class Supervisor:
         self._cpuid = await asyncio.to_thread(cpuid_cpus, self.settings.root, CpuSet(topology.cpus))
         await self._replan("online CPUs changed", topology)
 
-    async def _make_plan(self, validated: ValidatedConfig, topology: Topology) -> Plan:
-        """Build the plan off the loop from the kubelet's record; Allocates answered meanwhile count too."""
+    async def _make_plan(
+        self, validated: ValidatedConfig, topology: Topology, *, in_thread: bool = True
+    ) -> Plan:
+        """Build the plan from the kubelet's record; Allocates answered meanwhile count too.
+
+        A re-plan of the same config takes a few milliseconds even with 200,000 held IDs: it runs on the loop,
+        where nothing interleaves. A new config can take tens of milliseconds: a worker thread builds it, and
+        builds it again if Allocates were answered meanwhile."""
         previous = self.plan or self._memory
         held = await self._held(validated.config.resource_base_name)
-        for _ in range(PLAN_RETRIES):
-            seen = self._allocations
-            merged = self._with_answered(held)
-            plan = await asyncio.to_thread(build_plan, validated, topology, previous, merged)
-            if seen == self._allocations:
-                return plan
-        # Allocates keep coming: build on the loop, where none can interleave.
+        if in_thread:
+            for _ in range(PLAN_RETRIES):
+                seen = self._allocations
+                merged = self._with_answered(held)
+                plan = await asyncio.to_thread(build_plan, validated, topology, previous, merged)
+                if seen == self._allocations:
+                    return plan
+        # On the loop, where no Allocate can interleave.
         return build_plan(validated, topology, previous, self._with_answered(held))
 
     def _with_answered(self, held: Held) -> Held:
@@ -364,7 +374,9 @@ class Supervisor:
         merged = dict(held)
         for answered in (self._answered_before, self._answered):
             for name, ids in answered.items():
-                merged[name] = merged.get(name, frozenset()) | ids
+                have = merged.get(name, frozenset())
+                if not ids <= have:
+                    merged[name] = set(have) | ids
         return merged
 
     def allocated(self, name: str, ids: Sequence[str]) -> None:
@@ -385,9 +397,12 @@ class Supervisor:
             return UNKNOWN
         try:
             raw = await list_raw(socket)
-            held = await asyncio.to_thread(
-                held_device_ids, raw, lambda name: name.startswith(prefix) or name in known
+            found: dict[str, set[str]] = {}
+            steps = held_device_ids_in_steps(
+                raw, lambda name: name.startswith(prefix) or name in known, found
             )
+            await run_in_slices(steps)
+            held: dict[str, AbstractSet[str]] = dict(found)
         except Exception as exc:
             # PodResourcesError, a malformed reply (ValueError), or whatever grpclib raises while the kubelet
             # dies mid-call: in every case the record is unknown for now, never a failed replan.
@@ -772,6 +787,17 @@ class _Unreadable(Exception):
 
 def _emptied(resource: Resource) -> Resource:
     return replace(resource, exclusive={}, shared_count=0, shared_retained=frozenset(), unhealthy=frozenset())
+
+
+async def run_in_slices(steps: Iterator[None], slice_s: float = SLICE_S) -> None:
+    """Run a generator's steps on the loop, giving the loop a turn every `slice_s` seconds: long pure work
+    (decoding 200,000 held IDs) must not hold an Allocate back, and a worker thread would (the GIL hands
+    over only every few milliseconds, and then not reliably)."""
+    deadline = time.perf_counter() + slice_s
+    for _ in steps:
+        if time.perf_counter() >= deadline:
+            await asyncio.sleep(0)
+            deadline = time.perf_counter() + slice_s
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

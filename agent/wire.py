@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from agent.kubeletapi.v1beta1 import (
     AllocateRequest,
@@ -313,11 +313,14 @@ def _skip(data: bytes, pos: int, wire_type: int) -> int:
     raise ValueError(f"unsupported wire type {wire_type}")
 
 
-def held_device_ids(data: bytes, accept: Callable[[str], bool]) -> dict[str, frozenset[str]]:
-    """Device IDs per resource name in a serialized ListPodResourcesResponse, for names `accept` takes.
+def held_device_ids_in_steps(
+    data: bytes, accept: Callable[[str], bool], out: dict[str, set[str]]
+) -> Iterator[None]:
+    """Fill `out` with the device IDs per resource name of a serialized ListPodResourcesResponse, for names
+    `accept` takes, yielding after every pod: the caller decides how much to do at a time (the agent does it
+    on its event loop in slices of a few milliseconds).
 
     pod_resources = 1 -> PodResources.containers = 3 -> ContainerResources.devices = 2."""
-    out: dict[str, set[str]] = {}
     for number, pod in _fields(data):
         if number != 1 or not isinstance(pod, bytes):
             continue
@@ -327,4 +330,12 @@ def held_device_ids(data: bytes, accept: Callable[[str], bool]) -> dict[str, fro
             for number3, devices in _fields(container):
                 if number3 == 2 and isinstance(devices, bytes):
                     _device_ids(devices, accept, out)
-    return {name: frozenset(ids) for name, ids in out.items()}
+        yield
+
+
+def held_device_ids(data: bytes, accept: Callable[[str], bool]) -> dict[str, set[str]]:
+    """Device IDs per resource name in a serialized ListPodResourcesResponse, in one go."""
+    out: dict[str, set[str]] = {}
+    for _ in held_device_ids_in_steps(data, accept, out):
+        pass
+    return out
