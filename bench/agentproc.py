@@ -68,6 +68,7 @@ class AgentProcess:
             "--plugin-dir", str(plugin_dir),
             "--config", str(config),
             "--pod-resources-socket", str(pod_resources),
+            "--state-dir", str(log_path.parent / "state"),
             "--health-port", "0",
             "--no-pin-self",
             "--log-format", "json",

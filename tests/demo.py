@@ -86,6 +86,7 @@ async def demo(workdir: Path) -> int:
                     sys.executable, "-m", "agent.cli", "agent",
                     "--config", str(config), "--root", "/",
                     "--plugin-dir", str(plugin_dir), "--pod-resources-socket", str(pod_resources),
+                    "--state-dir", str(plugin_dir.parent / "state"),
                     "--health-port", str(port), "--health-host", "127.0.0.1", "--log-format", "json",
                 ],
                 stderr=log,

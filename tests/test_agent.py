@@ -188,6 +188,7 @@ async def test_cli_agent_serves_and_exits_cleanly_on_sigterm(tmp_path: Path) -> 
                 "--root", str(host_root(tmp_path)),
                 "--plugin-dir", str(plugin_dir),
                 "--pod-resources-socket", str(tmp_path / "none.sock"),
+                "--state-dir", str(tmp_path / "state"),
                 "--health-port", str(port), "--health-host", "127.0.0.1",
                 "--no-pin-self", "--log-format", "json",
             ],

@@ -59,6 +59,7 @@ async def test_agent_enforces_and_reports_cpusets(tmp_path: Path) -> None:
         proc = subprocess.Popen(  # noqa: ASYNC220 - a separate process, as in production
             [sys.executable, "-m", "agent.cli", "agent", "--config", str(config), "--root", str(root),
              "--plugin-dir", str(plugin_dir), "--pod-resources-socket", str(pod_resources),
+             "--state-dir", str(tmp_path / "state"),
              "--nri-socket", str(nri_socket), "--nri-index", "42", "--no-pin-self",
              "--health-host", "127.0.0.1", "--health-port", str(port), "--log-format", "json"],
             stderr=subprocess.PIPE, text=True,
@@ -117,7 +118,7 @@ async def test_no_nri_serves_the_device_plugin_and_says_enforcement_is_off(tmp_p
         proc = subprocess.Popen(  # noqa: ASYNC220 - a separate process, as in production
             [sys.executable, "-m", "agent.cli", "agent", "--config", str(config),
              "--root", str(host_root(tmp_path)), "--plugin-dir", str(plugin_dir),
-             "--pod-resources-socket", str(tmp_path / "pr.sock"),
+             "--pod-resources-socket", str(tmp_path / "pr.sock"), "--state-dir", str(tmp_path / "state"),
              "--no-nri", "--nri-socket", str(tmp_path / "nri.sock"), "--no-pin-self",
              "--health-host", "127.0.0.1", "--health-port", str(port), "--log-format", "json"],
             stderr=subprocess.PIPE, text=True,

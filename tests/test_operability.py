@@ -127,6 +127,7 @@ async def test_agent_pins_itself_to_housekeeping_cpus(tmp_path: Path) -> None:
         proc = subprocess.Popen(  # noqa: ASYNC220 - a separate process, as in production
             [sys.executable, "-m", "agent.cli", "agent", "--config", str(config),
              "--plugin-dir", str(plugin_dir), "--pod-resources-socket", str(tmp_path / "none.sock"),
+             "--state-dir", str(tmp_path / "state"),
              "--health-port", "0", "--log-format", "json"],
             stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
