@@ -349,6 +349,9 @@ class ResourceServicer(DevicePluginBase):
 
         grant = resource.grant(ids)
         cpus = grant.cpus
+        if not cpus:
+            # A shared pool whose every CPU is held exclusively or offline right now.
+            raise RequestError(f"{where}: {resource.name} has no CPU to give right now")
         cpu_list = cpus.comma_list()
         base = resource.name.split("/", 1)[0]
         envs = {pool_env_name(resource.pool): cpu_list}
@@ -372,7 +375,7 @@ class ResourceServicer(DevicePluginBase):
             return True
         # A shared pool's millicpus are interchangeable: one beyond the count the kubelet saw a moment ago
         # still means "the shared CPUs".
-        if resource.exclusive_pool or not resource.configured:
+        if resource.exclusive_pool or not resource.configured or not resource.cpus:
             return False
         index = shared_device_index(device_id)
         return index is not None and index < resource.shared_recent and index not in resource.shared_withheld

@@ -345,9 +345,10 @@ class _Claims:
     # CPU -> resources with a shared claim on it.
     shared_holders: dict[int, set[str]] = field(default_factory=dict)
 
-    def add_exclusive(self, name: str, device: ExclusiveDevice) -> None:
+    def add_exclusive(self, name: str, device: ExclusiveDevice, reserved: CpuSet | None = None) -> None:
+        """`reserved`: every CPU the holder keeps to itself (a singleThreaded device's idle siblings too)."""
         self.exclusive.setdefault(name, {})[device.id] = device
-        for cpu in device.cpus:
+        for cpu in reserved if reserved is not None else device.cpus:
             self.exclusive_holders.setdefault(cpu, []).append((name, device.id))
 
     def add_shared(self, name: str, group: SharedGroup) -> None:
@@ -383,8 +384,31 @@ def _shared_listed(resource: Resource) -> frozenset[str]:
     return frozenset(shared_device_id(i) for i in resource._shared_ids())
 
 
+def _reserved(old: Resource, device: ExclusiveDevice, topology: Topology) -> CpuSet:
+    """The CPUs a held device keeps from everybody else: a singleThreaded device its idle siblings too."""
+    if old.ht_policy is not HtPolicy.SINGLE:
+        return device.cpus
+    first = topology.cpus.get(device.cpus.first) if device.cpus else None
+    return device.cpus | (first.siblings if first is not None else CpuSet())
+
+
+def _unknown_exclusive(device_id: str, topology: Topology) -> ExclusiveDevice | None:
+    """A held ID of an exclusive resource that the agent has no meaning for (handed out by a plan it never
+    saved): assume the worst, the CPU of that number with every sibling."""
+    if not (device_id.isascii() and device_id.isdigit()) or len(device_id) > 6:
+        return None
+    number = int(device_id)
+    cpu = topology.cpus.get(number)
+    if cpu is None:
+        return ExclusiveDevice(device_id, CpuSet([number]), -1, CoreKey(-1, -1, number), None)
+    return ExclusiveDevice(device_id, cpu.siblings, cpu.numa_node, cpu.core, cpu.l3)
+
+
 def _claims(
-    previous: Mapping[str, Resource], held: Held, configured: Callable[[str], Resource | None]
+    previous: Mapping[str, Resource],
+    held: Held,
+    configured: Callable[[str], Resource | None],
+    topology: Topology,
 ) -> _Claims:
     """Resolve every held ID to its meaning: the previous plan's, else the new config's (no memory)."""
     claims = _Claims()
@@ -398,14 +422,22 @@ def _claims(
             continue
         for device_id, device in old.exclusive.items():
             if ids is None or device_id in ids:
-                claims.add_exclusive(name, device)
+                claims.add_exclusive(name, device, _reserved(old, device, topology))
         grouped: set[str] = set()
         for group in old.shared_groups:
             kept = group.ids if ids is None else group.ids & ids
             grouped |= kept
             claims.add_shared(name, SharedGroup(group.cpus, kept))
         if old.exclusive_pool:
-            # Shared-kind IDs of an exclusive resource all live in groups.
+            # Shared-kind IDs of an exclusive resource all live in groups; anything else held is an ID
+            # handed out by a plan the agent no longer has: held it is, with the widest meaning.
+            if ids is not None and len(ids) <= len(old.exclusive) + len(grouped) + 64:
+                for device_id in ids:
+                    if device_id in old.exclusive or device_id in grouped:
+                        continue
+                    unknown = _unknown_exclusive(device_id, topology)
+                    if unknown is not None:
+                        claims.add_exclusive(name, unknown)
             continue
         if ids is None:
             rest: AbstractSet[str] = _shared_listed(old) - grouped - frozenset(old.exclusive)
@@ -445,7 +477,7 @@ def build_plan(
         cpus = validated.cpus[spec.name]
         return _fresh_resource(name, spec.name, spec.type, spec.ht_policy, cpus, topology)
 
-    claims = _claims(before, held, fresh)
+    claims = _claims(before, held, fresh, topology)
     online = topology.online
     resources: dict[str, Resource] = {}
     problems: list[Problem] = []
@@ -454,7 +486,14 @@ def build_plan(
         cpus = validated.cpus[spec.name]
         if spec.type is PoolType.EXCLUSIVE:
             resource = _exclusive_resource(
-                name, spec.name, spec.ht_policy, cpus, topology, before.get(name), claims
+                name,
+                spec.name,
+                spec.ht_policy,
+                cpus,
+                topology,
+                before.get(name),
+                claims,
+                held_known=not isinstance(held, _Unknown),
             )
         else:
             resource = _shared_resource(name, spec.name, cpus, online, before.get(name), held, claims)
@@ -540,6 +579,8 @@ def _exclusive_resource(
     topology: Topology,
     old: Resource | None,
     claims: _Claims,
+    *,
+    held_known: bool = True,
 ) -> Resource:
     devices = exclusive_devices(cpus, policy, topology)
     offline = cpus - topology.online
@@ -566,7 +607,9 @@ def _exclusive_resource(
             reason = f"CPU {(device.cpus - topology.online).format()} is offline"
         if reason is not None:
             unhealthy.add(device.id)
-            if device.id not in own:
+            # A held device of our own may be Allocated again (re-admission); when what is held is
+            # unknown, every device counts as held, so that says nothing: refuse.
+            if device.id not in own or not held_known:
                 blocked[device.id] = reason
     # Held shared-kind IDs from when this resource was shared: listed as they were, and an exclusive
     # device with the same ID waits until they are free.
@@ -638,7 +681,7 @@ def _shared_resource(
     held_shared: list[AbstractSet[str]] = [g.ids for g in claims.shared.get(name, ())]
     old_top = 0
     if old is not None and not old.exclusive_pool:
-        old_top = max([old.shared_count, *(i + 1 for i in old.shared_retained)])
+        old_top = max([old.shared_count, old.shared_recent, *(i + 1 for i in old.shared_retained)])
     if count < old_top or isinstance(held, _Unknown):
         # Every held ID was listed by the old plan, below old_top.
         for ids in held_shared:

@@ -105,7 +105,10 @@ async def list_raw(socket: Path, timeout_s: float = 5.0) -> bytes:
     """The kubelet's List answer, serialized (with 200,000 IDs in use, decoding is the expensive part)."""
     channel = Channel(path=str(socket))
     method: UnaryUnaryMethod[ListPodResourcesRequest, bytes] = UnaryUnaryMethod(
-        channel, "/v1.PodResourcesLister/List", ListPodResourcesRequest, _RawReply  # type: ignore[arg-type]
+        channel,
+        "/v1.PodResourcesLister/List",
+        ListPodResourcesRequest,
+        _RawReply,  # type: ignore[arg-type]
     )
     try:
         return await method(ListPodResourcesRequest(), timeout=timeout_s)

@@ -58,6 +58,11 @@ HOTPLUG_POLL_S = 5.0
 # registering again (it disconnects whatever client is current when an old stream ends).
 REREGISTER_WAIT_S = 2.0
 REREGISTER_SETTLE_S = 0.1
+# A restarted kubelet lists pods in PodResources only once its pod sources have synced.
+KUBELET_SETTLE_S = 30.0
+# An Allocate answered this long before a read of the kubelet's record started is in that record if the
+# kubelet kept it (it records it as soon as our answer arrives); later ones count as held regardless.
+ANSWER_GRACE_S = 1.0
 # Long pure work on the loop runs in slices this long, then lets the loop answer.
 SLICE_S = 0.001
 # While the kubelet's record cannot be read, ask again this often.
@@ -79,6 +84,8 @@ class AgentSettings:
     # Where the meaning of every served device ID is kept across restarts (None: not kept, say so).
     state_dir: Path | None = None
     hotplug_poll_s: float = HOTPLUG_POLL_S
+    # After a kubelet restart, how long its PodResources answers are not trusted to shrink what is held.
+    kubelet_settle_s: float = KUBELET_SETTLE_S
 
 
 @dataclass
@@ -96,8 +103,8 @@ def cpuid_cpus(root: Path, cpus: CpuSet) -> CpuSet:
 
 
 def housekeeping_cpus(plan: Plan, topology: Topology) -> CpuSet:
-    exclusive = CpuSet().union(*(r.cpus for r in plan.resources.values() if r.exclusive_pool))
-    return CpuSet(topology.cpus) - exclusive
+    # Held exclusive devices count too, wherever their pool went.
+    return CpuSet(topology.cpus) - plan.exclusive_cpus()
 
 
 def pin_process(cpus: CpuSet) -> None:
@@ -130,10 +137,11 @@ class Supervisor:
         # The meanings of device IDs saved by an earlier run (used until this run has a plan of its own).
         self._memory: Plan | None = None
         self._saved: str | None = None
-        # Allocates answered since the last two PodResources reads: the kubelet records an allocation only
-        # after our answer reaches it, so a read can miss the newest ones.
-        self._answered: dict[str, set[str]] = {}
-        self._answered_before: dict[str, set[str]] = {}
+        # Allocates answered lately (resource -> ID -> when): the kubelet records an allocation only after
+        # our answer reaches it, so a read of its record can miss the newest ones.
+        self._answered: dict[str, dict[str, float]] = {}
+        self._read_started = 0.0
+        self._kubelet_restarted_at: float | None = None
         self._allocations = 0
         self._relocations = 0
         self._online: str | None = None
@@ -264,6 +272,9 @@ class Supervisor:
             config = default_config() if text is None else parse_config(text, str(self.settings.config_path))
             topology = await asyncio.to_thread(discover, self.settings.root)
             validated = validate(config, topology)
+            # Read with the topology, off the loop: Allocate and re-plans then do no file IO. Read before the
+            # plan: between a plan's last check for new Allocates and its servicers' swap, nothing may wait.
+            cpuid = await asyncio.to_thread(cpuid_cpus, self.settings.root, CpuSet(topology.cpus))
             plan = await self._make_plan(validated, topology)
         except ConfigError as exc:
             self._config_failed(exc, text)
@@ -271,8 +282,7 @@ class Supervisor:
             return
         self._config, self._config_text, self.topology = config, text, topology
         self._online = topology.online.format()
-        # Read with the topology, off the loop: Allocate and re-plans then do no file IO.
-        self._cpuid = await asyncio.to_thread(cpuid_cpus, self.settings.root, CpuSet(topology.cpus))
+        self._cpuid = cpuid
         self._rejected = None
         self.last_config_error = None
         self.config_generation += 1
@@ -369,26 +379,46 @@ class Supervisor:
         return build_plan(validated, topology, previous, self._with_answered(held))
 
     def _with_answered(self, held: Held) -> Held:
+        """`held` plus the Allocates the read may have missed: those answered less than ANSWER_GRACE_S before
+        it started, or since (the kubelet records an allocation within milliseconds of our answer)."""
         if held is UNKNOWN or not isinstance(held, dict):
             return held
+        since = self._read_started - ANSWER_GRACE_S
         merged = dict(held)
-        for answered in (self._answered_before, self._answered):
-            for name, ids in answered.items():
-                have = merged.get(name, frozenset())
-                if not ids <= have:
-                    merged[name] = set(have) | ids
+        for name, answered in list(self._answered.items()):
+            recent = {i for i, at in answered.items() if at >= since}
+            if len(recent) != len(answered):
+                self._answered[name] = {i: answered[i] for i in recent}
+            have = merged.get(name, frozenset())
+            if not recent <= have:
+                merged[name] = set(have) | recent
         return merged
 
     def allocated(self, name: str, ids: Sequence[str]) -> None:
         """An Allocate was answered: those IDs are held from now on, whatever the kubelet says yet."""
         self._allocations += 1
-        self._answered.setdefault(name, set()).update(ids)
+        now = time.monotonic()
+        answered = self._answered.setdefault(name, {})
+        for device_id in ids:
+            answered[device_id] = now
 
     async def _held(self, base: str) -> Held:
         """Device IDs held per resource name (the kubelet's record), UNKNOWN when it cannot be read."""
         socket = self.settings.pod_resources_socket
-        # The window of Allocates that a read may miss starts at the previous read.
-        self._answered_before, self._answered = self._answered, {}
+        self._read_started = time.monotonic()
+        restarted = self._kubelet_restarted_at
+        if restarted is not None and self._read_started - restarted < self.settings.kubelet_settle_s:
+            # A kubelet that just started answers List from its pod manager, which is empty until the pod
+            # sources have synced: an empty answer now would free every held device.
+            if self.held_known:
+                log.info(
+                    "podresources.settling",
+                    reason="the kubelet restarted; its pod list may still be incomplete",
+                    treating="every served device as held",
+                    for_s=self.settings.kubelet_settle_s,
+                )
+            self.held_known = False
+            return UNKNOWN
         known = set(self.plan.resources if self.plan is not None else ())
         known |= set(self._memory.resources if self._memory is not None else ())
         prefix = base + "/"
@@ -460,13 +490,13 @@ class Supervisor:
         old = self.plan
         diff = diff_plans(old, plan)
         self.plan = plan
+        # Every servicer answers from the new plan before anything here waits: an Allocate answered from the
+        # old one after the plan was built would not be in it.
         for name in diff.removed:
             state = self.states.get(name)
             if state is not None:
                 # An empty list first, so the kubelet drops the devices at once rather than on stream end.
                 state.server.servicer.update(_emptied(state.server.servicer.resource))
-                await state.server.servicer.flush()
-                await self._stop_resource(name)
         for name in diff.changed:
             state = self.states.get(name)
             new = plan.resources[name]
@@ -478,6 +508,11 @@ class Supervisor:
             if before.pool_type is not new.pool_type:
                 # The kubelet reads the options only while registering.
                 self._start_registration(name, replace_stream=True)
+        for name in diff.removed:
+            state = self.states.get(name)
+            if state is not None:
+                await state.server.servicer.flush()
+                await self._stop_resource(name)
         for name in diff.added:
             await self._start_resource(plan.resources[name])
         await self._start_missing()
@@ -631,7 +666,8 @@ class Supervisor:
             return
         self._relocations += 1
         stem = Path(state.server.servicer.resource.socket_name).stem
-        path = self.settings.plugin_dir / f"{stem}-r{self._relocations}.sock"
+        # '@' is in no pool name: this path can never be another resource's.
+        path = self.settings.plugin_dir / f"{stem}@{self._relocations}.sock"
         log.warning("register.relocating", resource=name, reason=reason, socket=str(path))
         try:
             await state.server.relocate(path)
@@ -655,6 +691,7 @@ class Supervisor:
         self._kubelet_socket = identity
         if restarted:
             self.metrics.kubelet_restarts.inc()
+            self._kubelet_restarted_at = time.monotonic()
             log.info("kubelet.restarted", action="serving on fresh sockets and registering every resource")
             await self._replan("kubelet restart")
             names = list(self.states)

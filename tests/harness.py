@@ -114,6 +114,9 @@ async def running_agent(
         pin_self=False,
         recheck_interval_s=recheck_interval_s,
         state_dir=tmp_path / "state",
+        # Our kubelets list their pods in PodResources at once after a restart; the settle time has its own
+        # test.
+        kubelet_settle_s=0.0,
     )
     emu: KubeletEmulator | KubeletPeer
     if peer == "kubelet":

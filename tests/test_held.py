@@ -248,3 +248,60 @@ def test_two_resource_names_never_share_a_socket() -> None:
     sockets = [r.socket_name for r in back.resources.values()]
     assert len(sockets) == len(set(sockets)) == 3
     assert back.resources["cpupool.io/a"].socket_name == "cpupool-a.sock"
+
+
+def test_without_the_record_a_device_held_elsewhere_is_refused_even_if_it_may_be_ours() -> None:
+    # Found in review: with the record unknown every device counts as its own holder's, which used to lift
+    # every refusal; a kubelet allocating from a list two plans old then put a shared CPU in an exclusive set.
+    p0 = plan_of("pools:\n  a: {cpus: '2-3', pooltype: exclusive}\n")
+    p1 = plan_of(
+        "pools:\n  a: {cpus: '2', pooltype: exclusive}\n  s: {cpus: '3-4', pooltype: shared}\n",
+        previous=p0,
+        held={},
+    )
+    back = "pools:\n  a: {cpus: '2-3', pooltype: exclusive}\n"
+    p2 = plan_of(back, previous=p1, held={"cpupool.io/s": frozenset({"0"})})
+    assert "3" in p2.resources["cpupool.io/a"].blocked
+    p3 = plan_of(back, previous=p2, held=UNKNOWN)
+    assert "3" in p3.resources["cpupool.io/a"].blocked
+
+
+def test_a_held_single_threaded_core_keeps_its_idle_sibling() -> None:
+    # Found in review: the held device's promise ("the sibling stays idle") was lost when the policy changed.
+    single = "pools:\n  a: {cpus: '1-3,9-11', pooltype: exclusive, hyperThreadingPolicy: singleThreaded}\n"
+    old = plan_of(single)
+    new = plan_of(
+        "pools:\n  a: {cpus: '1-3,9-11', pooltype: exclusive}\n",
+        previous=old,
+        held={"cpupool.io/a": frozenset({"1"})},
+    )
+    a = new.resources["cpupool.io/a"]
+    assert health(a)["9"] == UNHEALTHY and "9" in a.blocked
+
+
+def test_a_held_id_the_agent_has_no_meaning_for_keeps_its_cpu() -> None:
+    # Found in review: an ID answered from a plan that was never kept (the plan changed between the answer
+    # and the next read) lost its CPU, which another pool then offered.
+    p0 = plan_of("pools:\n  a: {cpus: '2-5', pooltype: exclusive}\n  b: {cpus: '6', pooltype: exclusive}\n")
+    p1 = plan_of(
+        "pools:\n  a: {cpus: '2-4', pooltype: exclusive}\n  b: {cpus: '5-6', pooltype: exclusive}\n",
+        previous=p0,
+        held={},
+    )
+    p2 = plan_of(
+        "pools:\n  a: {cpus: '2-4', pooltype: exclusive}\n  b: {cpus: '5-6', pooltype: exclusive}\n",
+        previous=p1,
+        held={"cpupool.io/a": frozenset({"5"})},
+    )
+    b = p2.resources["cpupool.io/b"]
+    assert health(b)["5"] == UNHEALTHY and "5" in b.blocked
+
+
+def test_a_millicpu_beyond_the_new_count_keeps_its_meaning() -> None:
+    # Found in review: an ID accepted from the kubelet's lagging list, then held, vanished at the next plan.
+    pools = "pools:\n  s: {cpus: '4-5', pooltype: shared}\n"
+    p0 = plan_of(pools)
+    p1 = plan_of(pools, previous=p0, held={}, topology=offline(TOPO, "4"))
+    late = shared_device_id(1844)
+    p2 = plan_of(pools, previous=p1, held={"cpupool.io/s": frozenset({late})}, topology=offline(TOPO, "4"))
+    assert p2.resources["cpupool.io/s"].has_device(late)

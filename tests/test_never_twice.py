@@ -5,6 +5,7 @@ changes, CPUs going offline, and a kubelet whose available list lags."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -156,11 +157,48 @@ async def test_a_socket_path_the_kubelet_refuses_is_left_for_a_new_one(tmp_path:
         # restart does): the kubelet refuses it and keeps refusing that path.
         run.supervisor._start_registration(FAST)
         await run.emu.wait_for(
-            lambda: any(r.endpoint.endswith("-r1.sock") and r.accepted for r in run.emu.registrations),
+            lambda: any(r.endpoint.endswith("@1.sock") and r.accepted for r in run.emu.registrations),
             10,
             "a registration on a new socket",
         )
         fast = await run.emu.wait_devices(FAST, lambda s: s.stream_open and s.allocatable == 6)
-        assert fast.endpoint is not None and fast.endpoint.endswith("-r1.sock")
+        assert fast.endpoint is not None and fast.endpoint.endswith("@1.sock")
         allocation = await run.emu.allocate(FAST, 1, pod="after")
         assert allocation.envs["EXCLUSIVE_CPUS"]
+
+
+async def test_an_allocate_the_kubelet_has_not_recorded_yet_counts_as_held(tmp_path: Path) -> None:
+    async with running_agent(tmp_path, FAST_ONLY, recheck_interval_s=0.2) as run:
+        await run.emu.wait_devices(FAST)
+        # Answered, but not (yet) in the kubelet's record: a read made now may miss it.
+        await run.emu.call_allocate(FAST, ["7"])
+        run.configmap.write(
+            'pools:\n  fast: {cpus: "2-6", pooltype: exclusive}\n  other: {cpus: "7", pooltype: exclusive}\n'
+        )
+        other = await run.emu.wait_devices("cpupool.io/other")
+        assert health(other) == {"7": "Unhealthy"}
+        # The kubelet records an allocation as soon as it has the answer: one that is still missing from its
+        # record a second later was never kept (the pod failed admission), and the CPU is free again.
+        await run.emu.wait_devices("cpupool.io/other", lambda s: health(s) == {"7": "Healthy"}, timeout=10)
+
+
+async def test_a_restarted_kubelets_record_is_trusted_only_after_it_settled(tmp_path: Path) -> None:
+    """A kubelet that just started lists no pods in PodResources until its pod sources have synced: an answer
+    read then must not free what running containers hold."""
+    async with running_agent(tmp_path, FAST_ONLY, recheck_interval_s=0.2) as run:
+        await run.stop()
+        run.supervisor = Supervisor(replace(run.supervisor.settings, kubelet_settle_s=2.0))
+        run.task = asyncio.create_task(run.supervisor.run())
+        await run.emu.wait_devices(FAST)
+        (held,) = (await run.emu.allocate(FAST, 1, pod="first")).device_ids
+        await run.emu.restart()
+        # The kubelet's record now says the pod is gone (as a kubelet still syncing its pods would).
+        await run.emu.remove_pod("first")
+        rest = ",".join(c for c in ("2", "3", "4", "5", "6", "7") if c != held)
+        run.configmap.write(
+            f'pools:\n  fast: {{cpus: "{rest}", pooltype: exclusive}}\n'
+            f'  other: {{cpus: "{held}", pooltype: exclusive}}\n'
+        )
+        other = await run.emu.wait_devices("cpupool.io/other")
+        assert health(other) == {held: "Unhealthy"}
+        await run.emu.wait_devices("cpupool.io/other", lambda s: health(s) == {held: "Healthy"}, timeout=10)

@@ -71,6 +71,7 @@ class NeverTwice(RuleBasedStateMachine):
             pin_self=False,
             recheck_interval_s=0.2,
             state_dir=self.base / "state",
+            kubelet_settle_s=0.5,
         )
         self.kubelet: KubeletEmulator | KubeletPeer
         if self.peer_kind == "kubelet":
