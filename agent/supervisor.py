@@ -60,9 +60,9 @@ REREGISTER_WAIT_S = 2.0
 REREGISTER_SETTLE_S = 0.1
 # A restarted kubelet lists pods in PodResources only once its pod sources have synced.
 KUBELET_SETTLE_S = 30.0
-# An Allocate answered this long before a read of the kubelet's record started is in that record if the
-# kubelet kept it (it records it as soon as our answer arrives); later ones count as held regardless.
-ANSWER_GRACE_S = 1.0
+# An Allocate the kubelet's record never showed counts as held this long (see Supervisor._with_answered).
+ANSWER_HOLD_S = 600.0
+ANSWER_CONFIRM_S = 5.0
 # Long pure work on the loop runs in slices this long, then lets the loop answer.
 SLICE_S = 0.001
 # While the kubelet's record cannot be read, ask again this often.
@@ -86,6 +86,8 @@ class AgentSettings:
     hotplug_poll_s: float = HOTPLUG_POLL_S
     # After a kubelet restart, how long its PodResources answers are not trusted to shrink what is held.
     kubelet_settle_s: float = KUBELET_SETTLE_S
+    # How long after a burst of Allocates the record is read to confirm them.
+    answer_confirm_s: float = ANSWER_CONFIRM_S
 
 
 @dataclass
@@ -140,8 +142,8 @@ class Supervisor:
         # Allocates answered lately (resource -> ID -> when): the kubelet records an allocation only after
         # our answer reaches it, so a read of its record can miss the newest ones.
         self._answered: dict[str, dict[str, float]] = {}
-        self._read_started = 0.0
         self._kubelet_restarted_at: float | None = None
+        self._confirm: asyncio.TimerHandle | None = None
         self._allocations = 0
         self._relocations = 0
         self._online: str | None = None
@@ -205,6 +207,9 @@ class Supervisor:
         self._wake.set()
 
     async def _shutdown(self) -> None:
+        if self._confirm is not None:
+            self._confirm.cancel()
+            self._confirm = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -379,35 +384,49 @@ class Supervisor:
         return build_plan(validated, topology, previous, self._with_answered(held))
 
     def _with_answered(self, held: Held) -> Held:
-        """`held` plus the Allocates the read may have missed: those answered less than ANSWER_GRACE_S before
-        it started, or since (the kubelet records an allocation within milliseconds of our answer)."""
+        """`held` plus the Allocates the record does not show. An ID the record shows is the record's from
+        then on. One it never showed is held for ANSWER_HOLD_S after the answer: the kubelet records an
+        allocation within milliseconds, but PodResources never lists the devices of a plain init container,
+        which may run for minutes."""
         if held is UNKNOWN or not isinstance(held, dict):
             return held
-        since = self._read_started - ANSWER_GRACE_S
+        expired = time.monotonic() - ANSWER_HOLD_S
         merged = dict(held)
         for name, answered in list(self._answered.items()):
-            recent = {i for i, at in answered.items() if at >= since}
-            if len(recent) != len(answered):
-                self._answered[name] = {i: answered[i] for i in recent}
             have = merged.get(name, frozenset())
-            if not recent <= have:
-                merged[name] = set(have) | recent
+            missing = {i for i, at in answered.items() if at >= expired and i not in have}
+            if len(missing) != len(answered):
+                if missing:
+                    self._answered[name] = {i: answered[i] for i in missing}
+                else:
+                    del self._answered[name]
+            if missing:
+                merged[name] = set(have) | missing
         return merged
 
     def allocated(self, name: str, ids: Sequence[str]) -> None:
         """An Allocate was answered: those IDs are held from now on, whatever the kubelet says yet."""
         self._allocations += 1
+        if self._confirm is None and not self._stopping.is_set():
+            # One read of the record a little later, for a whole burst of Allocates: what it shows is the
+            # record's from then on, so a short-lived pod's CPUs are not kept for ANSWER_HOLD_S.
+            self._confirm = asyncio.get_running_loop().call_later(
+                self.settings.answer_confirm_s, self._confirm_answers
+            )
         now = time.monotonic()
         answered = self._answered.setdefault(name, {})
         for device_id in ids:
             answered[device_id] = now
 
+    def _confirm_answers(self) -> None:
+        self._confirm = None
+        self.notify("recheck")
+
     async def _held(self, base: str) -> Held:
         """Device IDs held per resource name (the kubelet's record), UNKNOWN when it cannot be read."""
         socket = self.settings.pod_resources_socket
-        self._read_started = time.monotonic()
         restarted = self._kubelet_restarted_at
-        if restarted is not None and self._read_started - restarted < self.settings.kubelet_settle_s:
+        if restarted is not None and time.monotonic() - restarted < self.settings.kubelet_settle_s:
             # A kubelet that just started answers List from its pod manager, which is empty until the pod
             # sources have synced: an empty answer now would free every held device.
             if self.held_known:

@@ -60,7 +60,8 @@ async def idle_figure(node: Node, seconds: float) -> Figure:
 
 
 async def reload_figure(node: Node, edits: int) -> Figure:
-    """ConfigMap swap -> the changed pool's new list on the kubelet's stream."""
+    """ConfigMap swap -> the changed pool's new list on the kubelet's stream (counted by its healthy devices:
+    the benchmark's own Allocates, which no kubelet recorded, keep their CPUs listed, Unhealthy)."""
     rng = random.Random(4)
     samples, starts = [], []
     for i in range(edits):
@@ -72,7 +73,7 @@ async def reload_figure(node: Node, edits: int) -> Figure:
 
         def arrived(since: float = started, count: int = expected) -> bool:
             return any(
-                r.resource == DEDICATED and r.at >= since and r.device_count == count
+                r.resource == DEDICATED and r.at >= since and r.healthy_count == count
                 for r in node.emu.list_and_watch_messages[-5:]
             )
 
@@ -80,7 +81,7 @@ async def reload_figure(node: Node, edits: int) -> Figure:
         record = next(
             r
             for r in reversed(node.emu.list_and_watch_messages)
-            if r.resource == DEDICATED and r.device_count == expected
+            if r.resource == DEDICATED and r.healthy_count == expected
         )
         samples.append(record.at - started)
         # Edits a human makes are seconds apart; a short random gap keeps them from merging into one event.

@@ -117,6 +117,7 @@ async def running_agent(
         # Our kubelets list their pods in PodResources at once after a restart; the settle time has its own
         # test.
         kubelet_settle_s=0.0,
+        answer_confirm_s=0.1,
     )
     emu: KubeletEmulator | KubeletPeer
     if peer == "kubelet":

@@ -72,6 +72,7 @@ class NeverTwice(RuleBasedStateMachine):
             recheck_interval_s=0.2,
             state_dir=self.base / "state",
             kubelet_settle_s=0.5,
+            answer_confirm_s=0.1,
         )
         self.kubelet: KubeletEmulator | KubeletPeer
         if self.peer_kind == "kubelet":
