@@ -43,7 +43,7 @@ from agent.kubeletapi.v1beta1 import (
     RegistrationStub,
 )
 from agent.metrics import Metrics
-from agent.plan import HEALTHY, Resource, shared_device_index
+from agent.plan import Resource, shared_device_index
 from agent.wire import (
     AllocateRequestDecoder,
     EncodedListAndWatchResponse,
@@ -268,8 +268,7 @@ class ResourceServicer(DevicePluginBase):
             raise RequestError(f"cannot choose {size} of {len(available)} available IDs")
         # The kubelet's available list lags behind ListAndWatch (a reload just changed the devices): IDs
         # we do not know, or no longer offer, are left for last rather than failing a satisfiable pod.
-        offered = set(self._offered())
-        unknown = [i for i in available if i not in offered]
+        unknown = [i for i in available if not resource.offers(i)]
         if unknown:
             log.info(
                 "preferred_allocation.unknown_ids",
@@ -277,40 +276,33 @@ class ResourceServicer(DevicePluginBase):
                 ids=_quote(unknown),
                 effect="answered from the rest",
             )
-        known = [i for i in available if i in offered]
+        known = [i for i in available if resource.offers(i)]
         must = list(dict.fromkeys(must_include))
-        missing = [i for i in must if i not in set(available)]
+        listed = set(available)
+        missing = [i for i in must if i not in listed]
         if missing:
             raise RequestError(f"must_include IDs not in available_deviceIDs: {_quote(missing)}")
         if len(must) > size:
             raise RequestError(f"{len(must)} must_include IDs do not fit an allocation of size {size}")
-        must_known = [i for i in must if i in offered]
-        must_other = [i for i in must if i not in offered]
+        must_known = [i for i in must if resource.offers(i)]
+        must_other = [i for i in must if not resource.offers(i)]
         want = size - len(must_other)
         if resource.exclusive_pool:
-            devices = {i: resource.exclusive[i] for i in known if i in resource.exclusive}
-            usable = [i for i in known if i in devices]
-            if want <= len(usable):
+            if want <= len(known):
+                devices = {i: resource.exclusive[i] for i in known}
                 try:
-                    return must_other + preferred_allocation(devices, usable, must_known, want)
+                    return must_other + preferred_allocation(devices, known, must_known, want)
                 except AllocationError as exc:
                     log.warning("preferred_allocation.fallback", resource=resource.name, reason=str(exc))
-            chosen = list(dict.fromkeys(must + usable + unknown))
+            chosen = list(dict.fromkeys(must + known + unknown))
             return chosen[:size]
         # Millicpus of one shared pool are interchangeable: the lowest indexes keep the list readable.
         taken = set(must)
         rest = sorted(
             (i for i in available if i not in taken),
-            key=lambda i: (i not in offered, shared_device_index(i) is None, len(i), i),
+            key=lambda i: (not resource.offers(i), shared_device_index(i) is None, len(i), i),
         )
         return must + rest[: size - len(must)]
-
-    def _offered(self) -> list[str]:
-        """IDs listed Healthy now (what the kubelet may hand out)."""
-        resource = self._resource
-        if resource.exclusive_pool:
-            return [i for i in resource.exclusive if i not in resource.unhealthy]
-        return [d.id for d in resource.devices() if d.health == HEALTHY]
 
     async def allocate(self, message: AllocateRequest) -> AllocateResponse:
         started = time.perf_counter()

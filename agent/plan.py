@@ -154,6 +154,15 @@ class Resource:
             return True
         return not self.exclusive_pool and index < self.shared_count and index not in self.shared_withheld
 
+    def offers(self, device_id: str) -> bool:
+        """True when `device_id` is listed Healthy: the kubelet may hand it out."""
+        if device_id in self.exclusive:
+            return self.exclusive_pool and device_id not in self.unhealthy
+        if self.exclusive_pool:
+            return False
+        index = shared_device_index(device_id)
+        return index is not None and index < self.shared_count and index not in self.shared_withheld
+
     def devices(self) -> list[DeviceView]:
         views = [
             DeviceView(d.id, UNHEALTHY if d.id in self.unhealthy else HEALTHY, device_numa(d))
@@ -372,12 +381,6 @@ class _Claims:
             if sharers:
                 return f"CPU {cpu} is held by shared containers of {', '.join(sorted(sharers))}"
         return None
-
-
-def _held_ids(held: Held, name: str) -> AbstractSet[str] | _Unknown:
-    if isinstance(held, _Unknown):
-        return UNKNOWN
-    return held.get(name, frozenset())
 
 
 def _shared_listed(resource: Resource) -> frozenset[str]:
@@ -639,18 +642,23 @@ def _exclusive_resource(
     )
 
 
+def _indexes(ids: Iterable[str]) -> set[int]:
+    """The millicpu indexes of those IDs that are shared IDs."""
+    return {i for i in (shared_device_index(d) for d in ids) if i is not None}
+
+
 def _indexes_from(ids: AbstractSet[str], count: int, top: int | None = None) -> set[int]:
     """Indexes of the shared IDs in `ids` at or beyond `count` (all below `top` when that is known)."""
     if top is not None and top - count < len(ids):
         # Fewer candidates than held IDs: look the candidates up.
         return {i for i in range(max(count, 0), top) if shared_device_id(i) in ids}
     if count <= 0:
-        return {i for i in (shared_device_index(d) for d in ids) if i is not None}
+        return _indexes(ids)
     # Base 36 without leading zeros orders by (length, text).
     last = shared_device_id(count - 1)
     width = len(last)
     beyond = [d for d in ids if len(d) > width or (len(d) == width and d > last)]
-    return {i for i in (shared_device_index(d) for d in beyond) if i is not None}
+    return _indexes(beyond)
 
 
 def _shared_resource(
@@ -665,18 +673,12 @@ def _shared_resource(
     # Shared CPUs that exclusive devices still hold (or offline ones): shared containers must not get them.
     serving = (cpus & online) - claims.exclusive_cpus
     count = len(serving) * MILLICPUS_PER_CPU
-    groups: list[SharedGroup] = []
     retained: set[int] = set()
-    for group in claims.shared.get(name, ()):
-        if group.cpus == serving:
-            # Handed out with what the pool serves again now: no longer different.
-            if old is not None and group.cpus == old.cpus:
-                pass
-            continue
-        groups.append(group)
     merged: dict[CpuSet, set[str]] = {}
-    for group in groups:
-        merged.setdefault(group.cpus, set()).update(group.ids)
+    for group in claims.shared.get(name, ()):
+        # Handed out with what the pool serves now: no different from a new millicpu.
+        if group.cpus != serving:
+            merged.setdefault(group.cpus, set()).update(group.ids)
     shared_groups = tuple(SharedGroup(c, frozenset(ids)) for c, ids in sorted(merged.items()))
     held_shared: list[AbstractSet[str]] = [g.ids for g in claims.shared.get(name, ())]
     old_top = 0
@@ -688,17 +690,18 @@ def _shared_resource(
             retained |= _indexes_from(ids, count, old_top)
     else:
         # Only IDs listed beyond the old count can be beyond the new one.
-        if old is not None:
-            held_ids = _held_ids(held, name)
+        if old is not None and not isinstance(held, _Unknown):
+            held_ids = held.get(name, frozenset())
             for index in old.shared_retained:
-                if index >= count and (isinstance(held_ids, _Unknown) or shared_device_id(index) in held_ids):
+                if index >= count and shared_device_id(index) in held_ids:
                     retained.add(index)
         for group in shared_groups:
             retained |= _indexes_from(group.ids, count)
     # Exclusive-kind devices from when this resource was exclusive: listed Unhealthy with their meaning.
     foreign = dict(sorted(claims.exclusive.get(name, {}).items(), key=lambda item: int(item[0])))
-    withheld = frozenset(i for i in (shared_device_index(d) for d in foreign) if i is not None and i < count)
-    retained -= {i for i in (shared_device_index(d) for d in foreign) if i is not None}
+    foreign_indexes = _indexes(foreign)
+    withheld = frozenset(i for i in foreign_indexes if i < count)
+    retained -= foreign_indexes
     return Resource(
         name,
         pool,
@@ -724,14 +727,11 @@ def _draining_resource(old: Resource, claims: _Claims) -> Resource | None:
     if not exclusive and not groups:
         return None
     retained: set[int] = set()
-    kept: list[SharedGroup] = []
     for group in groups:
-        retained |= {i for i in (shared_device_index(d) for d in group.ids) if i is not None}
-        kept.append(group)
-    retained -= {i for i in (shared_device_index(d) for d in exclusive) if i is not None}
-    shared_cpus = old.cpus if not old.exclusive_pool else CpuSet()
-    # Every held shared ID keeps its meaning through a group (the drained pool serves nothing new).
-    groups_out = tuple(g for g in kept if g.cpus != shared_cpus or old.exclusive_pool)
+        retained |= _indexes(group.ids)
+    retained -= _indexes(exclusive)
+    # A shared ID outside every group means the resource's own CPUs, which it keeps while it drains.
+    groups_out = tuple(g for g in groups if old.exclusive_pool or g.cpus != old.cpus)
     return replace(
         old,
         exclusive=exclusive,

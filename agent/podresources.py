@@ -49,15 +49,6 @@ async def list_assignments(socket: Path, timeout_s: float = 5.0) -> list[Assignm
     ]
 
 
-def in_use_by_resource(assignments: list[Assignment], prefix: str) -> dict[str, frozenset[str]]:
-    """Device IDs in use per resource name, for resources under `prefix` (``<resourceBaseName>/``)."""
-    found: dict[str, set[str]] = {}
-    for item in assignments:
-        if item.resource.startswith(prefix):
-            found.setdefault(item.resource, set()).update(item.device_ids)
-    return {name: frozenset(ids) for name, ids in found.items()}
-
-
 async def get_assignments(
     socket: Path, namespace: str, pod: str, timeout_s: float = 5.0, channel: Channel | None = None
 ) -> list[Assignment]:

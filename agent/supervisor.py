@@ -11,8 +11,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -388,8 +387,8 @@ class Supervisor:
         then on. One it never showed is held for ANSWER_HOLD_S after the answer: the kubelet records an
         allocation within milliseconds, but PodResources never lists the devices of a plain init container,
         which may run for minutes."""
-        if held is UNKNOWN or not isinstance(held, dict):
-            return held
+        if not isinstance(held, Mapping):
+            return held  # UNKNOWN already counts every served ID as held
         expired = time.monotonic() - ANSWER_HOLD_S
         merged = dict(held)
         for name, answered in list(self._answered.items()):
@@ -451,18 +450,17 @@ class Supervisor:
                 raw, lambda name: name.startswith(prefix) or name in known, found
             )
             await run_in_slices(steps)
-            held: dict[str, AbstractSet[str]] = dict(found)
         except Exception as exc:
             # PodResourcesError, a malformed reply (ValueError), or whatever grpclib raises while the kubelet
             # dies mid-call: in every case the record is unknown for now, never a failed replan.
             self._held_unknown(str(exc) if isinstance(exc, PodResourcesError) else repr(exc))
             return UNKNOWN
         if not self.held_known:
-            log.info("podresources.available", resources_held=len(held))
+            log.info("podresources.available", resources_held=len(found))
         self.held_known = True
         for name in self.states:
-            self.metrics.devices_in_use.set(len(held.get(name, ())), resource=name)
-        return held
+            self.metrics.devices_in_use.set(len(found.get(name, ())), resource=name)
+        return found
 
     def _held_unknown(self, reason: str) -> None:
         if self.held_known or self.plan is None:
