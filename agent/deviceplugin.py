@@ -21,6 +21,8 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Server
 
 from agent.allocation import AllocationError, preferred_allocation
+from agent.claim import ClaimKey
+from agent.claim import annotation_key as claim_annotation_key
 from agent.config import pool_env_name
 from agent.cpuset import CpuSet
 from agent.kubeletapi.v1beta1 import (
@@ -134,8 +136,11 @@ class ResourceServicer(DevicePluginBase):
         metrics: Metrics,
         on_streams_closed: Callable[[str], None] | None = None,
         on_allocated: Callable[[str, Sequence[str]], None] | None = None,
+        claims: ClaimKey | None = None,
     ) -> None:
         self._resource = resource
+        # Signs what each Allocate gave, for the NRI plugin (agent/claim.py); None: no claims.
+        self._claims = claims
         # Told of every Allocate answered: the supervisor counts those IDs as held until the kubelet's
         # own record (PodResources) has caught up.
         self._on_allocated = on_allocated
@@ -357,9 +362,12 @@ class ResourceServicer(DevicePluginBase):
         if grant.shared:
             envs["SHARED_CPUS"] = grant.shared.comma_list()
         log.info("allocate", resource=resource.name, devices=len(ids), cpus=cpus.format())
-        return ContainerAllocateResponse(
-            envs=envs, annotations={f"{base}/cpus-{resource.pool}": cpu_list}, devices=devices
-        )
+        annotations = {f"{base}/cpus-{resource.pool}": cpu_list}
+        claim = self._claims.issue(resource.name, ids) if self._claims is not None else None
+        if claim is not None:
+            # The kubelet copies it into this container's CRI annotations, where the NRI plugin reads it.
+            annotations[claim_annotation_key(resource.name)] = claim
+        return ContainerAllocateResponse(envs=envs, annotations=annotations, devices=devices)
 
     def _knows(self, device_id: str) -> bool:
         resource = self._resource

@@ -168,3 +168,39 @@ def save(state_dir: Path, text: str) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+CLAIM_KEY_FILE = "claim.key"
+CLAIM_KEY_BYTES = 32
+
+
+def claim_key(state_dir: Path) -> bytes:
+    """The secret that signs Allocate claims (agent.claim), made once and kept 0600 in `state_dir`: the
+    claims of containers created after an agent restart must still verify. Two agents racing to make it
+    both end up with the one that was linked into place first."""
+    path = state_dir / CLAIM_KEY_FILE
+    try:
+        secret = path.read_bytes()
+    except FileNotFoundError:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_dir / f".{CLAIM_KEY_FILE}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, os.urandom(CLAIM_KEY_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        secret = path.read_bytes()
+    except OSError as exc:
+        raise LedgerError(f"{path}: {exc.strerror or exc}") from exc
+    if len(secret) != CLAIM_KEY_BYTES:
+        raise LedgerError(f"{path}: {len(secret)} bytes, a claim key has {CLAIM_KEY_BYTES}; remove the file")
+    if path.stat().st_mode & 0o077:
+        raise LedgerError(f"{path}: readable by others (mode {path.stat().st_mode & 0o777:o}); chmod 600")
+    return secret

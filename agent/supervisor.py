@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from agent.claim import ClaimKey
 from agent.config import ConfigError, PoolConfig, ValidatedConfig, default_config, parse_config, validate
 from agent.cpuset import CpuSet
 from agent.deviceplugin import (
@@ -30,6 +31,7 @@ from agent.deviceplugin import (
 )
 from agent.dirwatch import watch_directories
 from agent.ledger import LedgerError
+from agent.ledger import claim_key as ledger_claim_key
 from agent.ledger import dumps as ledger_dumps
 from agent.ledger import load as ledger_load
 from agent.ledger import save as ledger_save
@@ -103,6 +105,18 @@ def cpuid_cpus(root: Path, cpus: CpuSet) -> CpuSet:
     return CpuSet(cpu for cpu in cpus if (root / "dev" / "cpu" / str(cpu) / "cpuid").exists())
 
 
+def load_claim_key(state_dir: Path | None) -> ClaimKey:
+    """The key in `state_dir` (made there on first use); without one, a key for this process only: claims
+    it signed do not verify after a restart, and those containers take the PodResources path."""
+    if state_dir is None:
+        return ClaimKey.ephemeral()
+    try:
+        return ClaimKey(ledger_claim_key(state_dir))
+    except LedgerError as exc:
+        log.error("claims.key_unusable", reason=str(exc), effect="a key for this run only")
+        return ClaimKey.ephemeral()
+
+
 def housekeeping_cpus(plan: Plan, topology: Topology) -> CpuSet:
     # Held exclusive devices count too, wherever their pool went.
     return CpuSet(topology.cpus) - plan.exclusive_cpus()
@@ -149,6 +163,8 @@ class Supervisor:
         self.held_known = False
         # Called after every applied plan (the NRI plugin pushes the cpusets that change).
         self.plan_listeners: list[Callable[[], None]] = []
+        # Signs every Allocate's claim; the NRI plugin verifies them with the same key.
+        self.claims = load_claim_key(settings.state_dir)
 
     # --- public view, for the health endpoints and tests
 
@@ -560,7 +576,12 @@ class Supervisor:
 
     async def _start_resource(self, resource: Resource) -> None:
         servicer = ResourceServicer(
-            resource, self._cpuid, self.metrics, self._streams_closed, on_allocated=self.allocated
+            resource,
+            self._cpuid,
+            self.metrics,
+            self._streams_closed,
+            on_allocated=self.allocated,
+            claims=self.claims,
         )
         server = ResourceServer(servicer, self.settings.plugin_dir / resource.socket_name)
         try:
