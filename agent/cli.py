@@ -14,12 +14,21 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.config import ConfigError, Problem, parse_config_partial, validate_partial
+from agent.config import (
+    ConfigError,
+    Problem,
+    Selection,
+    parse_config_partial,
+    read_config_dir,
+    select_config,
+    validate_partial,
+)
 from agent.logs import setup_logging
 from agent.plan import MAX_MESSAGE_BYTES, Plan, build_plan, list_message_size
 from agent.topology import Topology, TopologyError, discover, render_table, topology_to_json
 
 if TYPE_CHECKING:
+    from agent.nodelabels import LabelSource
     from agent.nri.accounting import AccountingMonitor
     from agent.nri.plugin import NriPlugin
     from agent.supervisor import Supervisor
@@ -78,6 +87,15 @@ def _add_nri_arguments(agent: argparse.ArgumentParser) -> None:
     )
 
 
+def _labels(text: str) -> dict[str, str]:
+    from agent.nodelabels import NodeLabelsError, parse_node_labels  # noqa: PLC0415
+
+    try:
+        return parse_node_labels(text)
+    except NodeLabelsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cpupool", description="Kubernetes CPU pools as device plugin resources"
@@ -90,13 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(discover_cmd)
 
     check = sub.add_parser("check-config", help="validate a pool config against this host and print the plan")
-    check.add_argument("file", type=Path)
+    check.add_argument("file", type=Path, help="a config file, or a directory of per-node-group files")
     check.add_argument("--root", type=Path, default=Path("/"))
+    check.add_argument(
+        "--node-labels",
+        type=_labels,
+        default=None,
+        help="key=value,...: with a directory, the labels of the node whose file to choose and check",
+    )
     check.add_argument("--json", action="store_true")
     _add_common(check)
 
     agent = sub.add_parser("agent", help="run the device plugin agent")
-    agent.add_argument("--config", type=Path, default=None, help="pool config file (default: isolated CPUs)")
+    agent.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="pool config file, or a directory of per-node-group files (default: isolated CPUs)",
+    )
+    agent.add_argument(
+        "--node-labels",
+        type=_labels,
+        default=None,
+        help="key=value,...: the node's labels for choosing its file in a --config directory, instead of "
+        "reading them from the Kubernetes API",
+    )
     agent.add_argument("--root", type=Path, default=Path("/"), help="host root holding sys/ and proc/")
     agent.add_argument("--plugin-dir", type=Path, default=Path("/var/lib/kubelet/device-plugins"))
     agent.add_argument(
@@ -205,6 +241,8 @@ def plan_summary(plan: Plan) -> list[dict[str, Any]]:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     path: Path = args.file
+    if path.is_dir():
+        return cmd_check_config_dir(args)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -230,17 +268,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(json.dumps({"valid": True, "warnings": list(warnings), "resources": summary}, indent=2))
         return EXIT_OK
     print(f"{path}: valid, {len(summary)} resource(s)")
-    header = f"{'RESOURCE':<32} {'TYPE':<10} {'CPUS':<16} {'DEVICES':>8} {'LIST BYTES':>11}"
-    print(header)
-    for row in summary:
-        kind = row["pooltype"] + (f"/{row['hyperThreadingPolicy']}" if row["hyperThreadingPolicy"] else "")
-        print(
-            f"{row['resource']:<32} {kind:<10} {row['cpus']:<16} {row['devices']:>8} "
-            f"{row['list_message_bytes']:>11}"
-        )
-    print(f"(the kubelet accepts a device list of up to {MAX_MESSAGE_BYTES} bytes)")
-    for warning in warnings:
-        print(f"warning: {warning}")
+    _print_plan(plan, warnings)
     return EXIT_OK
 
 
@@ -263,12 +291,105 @@ def check_config(
     return plan, validated.warnings, problems
 
 
+def cmd_check_config_dir(args: argparse.Namespace) -> int:
+    """A config directory: every file's schema and the rules across files; the file a node with
+    --node-labels gets (the only one, when no file has a nodeSelector) also against this host, with its plan.
+
+    Files for other node groups are not checked against this host: their CPUs are another machine's."""
+    directory: Path = args.file
+    labels: dict[str, str] | None = args.node_labels
+    try:
+        configs = read_config_dir(directory)
+        topology = discover(args.root)
+    except OSError as exc:
+        print(f"cpupool check-config: cannot read {directory}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TopologyError as exc:
+        print(f"cpupool check-config: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    errors = [problem.describe(configs.source) for problem in configs.problems]
+    selection: Selection | None = None
+    if labels is not None or not configs.selective:
+        try:
+            selection = select_config(configs, labels or {})
+        except ConfigError as exc:
+            errors += [problem.describe(exc.source) for problem in exc.problems]
+    plan: Plan | None = None
+    warnings: tuple[str, ...] = ()
+    if selection is not None and selection.text is not None:
+        plan, warnings, problems = check_config(selection.text, selection.source, topology)
+        # The schema problems of the chosen file are in the directory's list already.
+        errors += [
+            p.describe(selection.source) for p in problems if p.describe(selection.source) not in errors
+        ]
+    files = sorted(configs.texts)
+    chosen = _describe_selection(selection, labels, configs.selective)
+    valid = not errors and (plan is not None or selection is None or selection.text is None)
+    if args.json:
+        body: dict[str, Any] = {
+            "valid": valid,
+            "files": files,
+            "selected": None
+            if selection is None
+            else {"file": selection.text and selection.source, "reason": selection.reason},
+            "errors": errors,
+            "warnings": list(warnings),
+        }
+        if plan is not None:
+            body["resources"] = plan_summary(plan)
+        print(json.dumps(body, indent=2))
+        return EXIT_OK if valid else EXIT_INVALID
+    print(f"{directory}: {len(files)} config file(s): {', '.join(files) or 'none'}")
+    print(chosen)
+    if not valid:
+        print(f"{directory}: invalid", file=sys.stderr)
+        for error in errors:
+            print(f"  - {error}", file=sys.stderr)
+        return EXIT_INVALID
+    if plan is not None:
+        _print_plan(plan, warnings)
+    return EXIT_OK
+
+
+def _describe_selection(selection: Selection | None, labels: dict[str, str] | None, selective: bool) -> str:
+    if selection is None:
+        if selective and labels is None:
+            return (
+                "files with a nodeSelector: pass --node-labels k=v,... to see which file a node gets and "
+                "check it against this host"
+            )
+        return "no file chosen (two files match these labels)"
+    shown = ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items())) or "no labels"
+    if selection.text is None:
+        return f"a node with {shown} gets no file: {selection.reason}; it serves the kernel's isolated CPUs"
+    return f"a node with {shown} gets {selection.source} ({selection.reason})"
+
+
+def _print_plan(plan: Plan, warnings: tuple[str, ...]) -> None:
+    summary = plan_summary(plan)
+    header = f"{'RESOURCE':<32} {'TYPE':<10} {'CPUS':<16} {'DEVICES':>8} {'LIST BYTES':>11}"
+    print(header)
+    for row in summary:
+        kind = row["pooltype"] + (f"/{row['hyperThreadingPolicy']}" if row["hyperThreadingPolicy"] else "")
+        print(
+            f"{row['resource']:<32} {kind:<10} {row['cpus']:<16} {row['devices']:>8} "
+            f"{row['list_message_bytes']:>11}"
+        )
+    print(f"(the kubelet accepts a device list of up to {MAX_MESSAGE_BYTES} bytes)")
+    for warning in warnings:
+        print(f"warning: {warning}")
+
+
 def config_path_problem(path: Path) -> str | None:
     """Why the agent cannot start on the config file at `path`, or None when it can read it.
 
     The built-in isolated-CPU pool is for an agent started without --config; a named file that is missing
     (a typo, a volume that is not mounted) must not quietly turn into it."""
     try:
+        if path.is_dir():
+            # A directory of per-node-group files: it must be listable; its files are checked as read.
+            os.listdir(path)
+            return None
         with path.open("rb"):
             return None
     except FileNotFoundError:
@@ -300,6 +421,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     )
     supervisor = Supervisor(settings)
     extra: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    supervisor.node_labels = _label_source(args, supervisor, extra)
     nri, accounting = _enforcement(args, supervisor, extra)
     if args.health_port:
         extra.append(
@@ -319,6 +441,23 @@ def cmd_agent(args: argparse.Namespace) -> int:
         log.error("agent.topology_unreadable", reason=str(exc))
         return EXIT_USAGE
     return EXIT_OK
+
+
+def _label_source(
+    args: argparse.Namespace, supervisor: Supervisor, extra: list[Callable[[], Coroutine[Any, Any, None]]]
+) -> LabelSource | None:
+    """--node-labels, or else (with a config directory) the Node object, watched through the API.
+
+    The watch starts, and loads its client, only when a file of the directory has a nodeSelector."""
+    from agent.nodelabels import NodeLabelWatch, StaticLabels, node_name_from_env  # noqa: PLC0415
+
+    if args.node_labels is not None:
+        return StaticLabels(args.node_labels)
+    if args.config is None or not args.config.is_dir():
+        return None
+    watch = NodeLabelWatch(node_name_from_env(), lambda: supervisor.notify("config"))
+    extra.append(watch.run)
+    return watch
 
 
 def _enforcement(
@@ -344,7 +483,15 @@ def _enforcement(
     settings = NriSettings(socket=args.nri_socket, index=args.nri_index, policy=Policy(args.nri_policy))
     allocations = PodResourcesAllocations(args.pod_resources_socket)
     # Connect once the first plan is served: a container created before that would meet an empty plan.
-    plugin = NriPlugin(settings, view, allocations, supervisor.metrics, start_after=supervisor.started)
+    plugin = NriPlugin(
+        settings,
+        view,
+        allocations,
+        supervisor.metrics,
+        start_after=supervisor.started,
+        # Verifies the claims the supervisor's Allocates sign: a new pod's cpuset without a kubelet call.
+        claims=supervisor.claims,
+    )
     supervisor.plan_listeners.append(plugin.plan_changed)
     extra.append(plugin.run)
     return plugin, accounting

@@ -1,7 +1,9 @@
-"""The pool config file (``poolconfig.yaml``): schema, parsing and validation against the host topology.
+"""The pool config (``poolconfig.yaml``, or a directory of per-node-group files): schema, parsing, selection
+by node labels, and validation against the host topology.
 
-Parsing (`parse_config`) needs no topology, so the webhook can use it; `validate` checks a parsed config
-against a `Topology` and returns the pools' CPUs.
+Parsing (`parse_config`, `read_config_dir`) needs no topology, so the webhook can use it; `select_config`
+picks the file a node with given labels gets; `validate` checks a parsed config against a `Topology` and
+returns the pools' CPUs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ DEFAULT_RESOURCE_BASE_NAME = "cpupool.io"
 DEFAULT_POOL_NAME = "isolcpus"
 ISOLATED = "isolated"
 
-_TOP_KEYS = frozenset({"resourceBaseName", "pools"})
+_TOP_KEYS = frozenset({"resourceBaseName", "pools", "nodeSelector"})
+# In a config directory: the fallback file, and the per-node-group files `poolconfig-<name>.yaml`.
+FALLBACK_FILE = "poolconfig.yaml"
+_GROUP_FILE = re.compile(r"^poolconfig-(?P<name>.+)\.yaml$")
 _POOL_KEYS = frozenset({"cpus", "pooltype", "hyperThreadingPolicy"})
 
 # Kubernetes' qualified-name rules (k8s.io/apimachinery validation): a name part of at most 63 characters,
@@ -46,12 +51,16 @@ class HtPolicy(StrEnum):
 
 @dataclass(frozen=True)
 class Problem:
-    """One fault in a config: which pool (None for the file as a whole) and what is wrong."""
+    """One fault in a config: which pool (None for the file as a whole) and what is wrong.
+
+    `file` names the file when the problem is reported for a whole directory of them."""
 
     pool: str | None
     message: str
+    file: str | None = None
 
     def describe(self, source: str) -> str:
+        source = self.file or source
         where = f"{source}: pool {self.pool!r}" if self.pool is not None else source
         return f"{where}: {self.message}"
 
@@ -82,6 +91,8 @@ class PoolConfig:
     pools: Mapping[str, PoolSpec]
     # Where the config came from (a path, or a description of the default).
     source: str
+    # label -> value, all of which a node must carry to get this config (per-node-group files only).
+    node_selector: Mapping[str, str] | None = None
 
     def resource_name(self, pool: str) -> str:
         return f"{self.resource_base_name}/{pool}"
@@ -178,7 +189,7 @@ def parse_config_partial(text: str, source: str) -> tuple[PoolConfig | None, lis
 
     unknown = sorted(str(k) for k in data if k not in _TOP_KEYS)
     if unknown:
-        allowed = "allowed: pools, resourceBaseName"
+        allowed = "allowed: nodeSelector, pools, resourceBaseName"
         problems.append(Problem(None, f"unknown key(s) {', '.join(unknown)}; {allowed}"))
 
     base = data.get("resourceBaseName", DEFAULT_RESOURCE_BASE_NAME)
@@ -186,6 +197,8 @@ def parse_config_partial(text: str, source: str) -> tuple[PoolConfig | None, lis
         problems.append(Problem(None, f"resourceBaseName must be a string, got {base!r}"))
         base = DEFAULT_RESOURCE_BASE_NAME
     problems += [Problem(None, message) for message in base_name_problems(base)]
+
+    selector = _parse_selector(data.get("nodeSelector"), problems) if "nodeSelector" in data else None
 
     raw_pools = data.get("pools")
     if raw_pools is None:
@@ -221,7 +234,32 @@ def parse_config_partial(text: str, source: str) -> tuple[PoolConfig | None, lis
     if len(shared) > 1:
         found = f"found {len(shared)}: {', '.join(shared)}"
         problems.append(Problem(None, f"at most one shared pool is allowed, {found}"))
-    return PoolConfig(base, pools, source), problems
+    return PoolConfig(base, pools, source, selector), problems
+
+
+def _parse_selector(raw: Any, problems: list[Problem]) -> dict[str, str]:
+    """`nodeSelector: {label: value, ...}`: every pair must be on a node for the file to apply to it.
+
+    A faulty selector parses as empty (never matched), not as absent: the file did name one."""
+    if not isinstance(raw, dict) or not raw:
+        why = (
+            "; an empty one would match every node, which is what poolconfig.yaml is for" if raw == {} else ""
+        )
+        problems.append(Problem(None, f"nodeSelector must map node labels to values, got {raw!r}{why}"))
+        return {}
+    selector: dict[str, str] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not key:
+            problems.append(Problem(None, f"nodeSelector: label {key!r} must be a non-empty string"))
+        elif not isinstance(value, str):
+            # Labels are strings. YAML reads `true`, `1.10` or `010` as other types, whose text is no longer
+            # what was written: refuse rather than guess.
+            problems.append(
+                Problem(None, f"nodeSelector: the value of {key!r} must be a string, got {value!r}; quote it")
+            )
+        else:
+            selector[key] = value
+    return selector
 
 
 def _env_name_collisions(names: list[str]) -> list[Problem]:
@@ -454,3 +492,196 @@ def validate_partial(config: PoolConfig, topology: Topology) -> tuple[ValidatedC
         offline={name: offline[name] for name in good},
     )
     return validated, problems
+
+
+# --- a directory of per-node-group configs ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigDir:
+    """Every config file of a directory, parsed, with every problem found in or across them.
+
+    Keys of `configs` and `texts` are file names; `configs` holds the files that parsed (with their good
+    pools), `texts` every file read. `problems` name their file."""
+
+    source: str
+    configs: Mapping[str, PoolConfig]
+    texts: Mapping[str, str]
+    problems: tuple[Problem, ...] = ()
+
+    @property
+    def selective(self) -> bool:
+        """True when some file has a nodeSelector: only then does the choice depend on node labels."""
+        return any(name != FALLBACK_FILE for name in self.texts)
+
+    def raise_for_problems(self) -> None:
+        if self.problems:
+            raise ConfigError(self.source, list(self.problems))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The config a node gets: a file of the directory, or none (the built-in isolated-CPU pool)."""
+
+    config: PoolConfig | None
+    # The chosen file's text (None with no file): a reload compares it with what is served.
+    text: str | None
+    # Why this file (or none), for logs and check-config.
+    reason: str
+
+    @property
+    def source(self) -> str:
+        return self.config.source if self.config is not None else default_config().source
+
+
+def config_file_names(directory: Path) -> list[str]:
+    """The config files of a directory, sorted: poolconfig.yaml and poolconfig-<name>.yaml.
+
+    A ConfigMap volume also holds `..data` and `..<timestamp>` entries: names starting with a dot are not
+    configs."""
+    names = []
+    for entry in directory.iterdir():
+        name = entry.name
+        if name.startswith("."):
+            continue
+        if name == FALLBACK_FILE or _GROUP_FILE.match(name):
+            names.append(name)
+    return sorted(names)
+
+
+def read_config_dir(directory: Path) -> ConfigDir:
+    """Read and parse every config file of `directory`, and check the rules that span files.
+
+    Raises OSError when the directory itself cannot be listed; a file that cannot be read is a problem."""
+    source = str(directory)
+    configs: dict[str, PoolConfig] = {}
+    texts: dict[str, str] = {}
+    problems: list[Problem] = []
+    for name in config_file_names(directory):
+        path = str(directory / name)
+        try:
+            text = (directory / name).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(None, f"cannot read the file: {exc}", path))
+            continue
+        texts[name] = text
+        config, file_problems = parse_config_partial(text, path)
+        problems += [replace(p, file=path) for p in file_problems]
+        if config is None:
+            continue
+        if name == FALLBACK_FILE and config.node_selector is not None:
+            message = (
+                f"the fallback {FALLBACK_FILE} takes no nodeSelector (it serves the nodes no other file "
+                "matches); move the pools to a poolconfig-<name>.yaml"
+            )
+            problems.append(Problem(None, message, path))
+        elif name != FALLBACK_FILE and config.node_selector is None:
+            message = (
+                f"has no nodeSelector, so it would apply to no node; add one, or name it {FALLBACK_FILE}"
+            )
+            problems.append(Problem(None, message, path))
+        configs[name] = config
+    problems += _cross_file_problems(directory, configs)
+    return ConfigDir(source, configs, texts, tuple(problems))
+
+
+def _cross_file_problems(directory: Path, configs: Mapping[str, PoolConfig]) -> list[Problem]:
+    """Rules between files: the webhook, which does not know the node a pod will land on, relies on them."""
+    problems: list[Problem] = []
+    bases = {config.resource_base_name: name for name, config in configs.items()}
+    if len(bases) > 1:
+        listed = ", ".join(f"{name} has {base!r}" for base, name in sorted(bases.items()))
+        problems.append(
+            Problem(
+                None,
+                f"every file must use one resourceBaseName ({listed}): the webhook matches a pod's requests "
+                "by resource name before the pod has a node",
+                str(directory),
+            )
+        )
+    first: dict[str, tuple[str, PoolSpec]] = {}
+    for name, config in sorted(configs.items()):
+        for pool, spec in config.pools.items():
+            if pool not in first:
+                first[pool] = (name, spec)
+                continue
+            other, earlier = first[pool]
+            if (earlier.type, earlier.ht_policy) != (spec.type, spec.ht_policy):
+                problems.append(
+                    Problem(
+                        pool,
+                        f"is {_kind(spec)} here but {_kind(earlier)} in {other}: a pool name keeps one "
+                        "pool type (and hyperThreadingPolicy) in every file, since the webhook decides a "
+                        "pod's CPU limit before the pod has a node",
+                        str(directory / name),
+                    )
+                )
+    return problems
+
+
+def _kind(spec: PoolSpec) -> str:
+    return f"{spec.type}" + (f" ({spec.ht_policy})" if spec.ht_policy is not None else "")
+
+
+def selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Every label of the selector is on the node with exactly that value."""
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def select_config(configs: ConfigDir, labels: Mapping[str, str]) -> Selection:
+    """The config a node with `labels` gets.
+
+    The one poolconfig-<name>.yaml whose nodeSelector pairs all match; if none matches, poolconfig.yaml; if
+    there is none, no config (the built-in isolated-CPU pool). Two matching files are an error naming both:
+    which one was meant cannot be guessed, and taking either could hand out CPUs meant for something else."""
+    matching = [
+        name
+        for name, config in sorted(configs.configs.items())
+        # An empty selector only comes from a faulty one (reported): it matches nothing.
+        if config.node_selector and selector_matches(config.node_selector, labels)
+    ]
+    if len(matching) > 1:
+        files = " and ".join(str(Path(configs.source) / name) for name in matching)
+        selectors = "; ".join(f"{name}: {_selector_text(configs.configs[name])}" for name in matching)
+        raise ConfigError(
+            configs.source,
+            [
+                Problem(
+                    None,
+                    f"{files} both match this node ({selectors}); exactly one file may match a node: narrow "
+                    "a nodeSelector or relabel the node",
+                )
+            ],
+        )
+    if matching:
+        name = matching[0]
+        config = configs.configs[name]
+        return Selection(config, configs.texts[name], f"its nodeSelector {_selector_text(config)} matches")
+    fallback = configs.configs.get(FALLBACK_FILE)
+    if fallback is not None:
+        reason = "no poolconfig-<name>.yaml matches the node" if configs.selective else "the only file"
+        return Selection(fallback, configs.texts[FALLBACK_FILE], f"{FALLBACK_FILE}: {reason}")
+    return Selection(None, None, f"no file matches the node's labels and there is no {FALLBACK_FILE}")
+
+
+def _selector_text(config: PoolConfig) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((config.node_selector or {}).items()))
+
+
+def merged_pools(configs: ConfigDir) -> dict[str, PoolSpec]:
+    """Every pool of every file, for the webhook, which does not know the node.
+
+    Pool types agree across files (a checked rule). A shared pool's size may differ between node groups: the
+    webhook counts the largest, so no node's containers get a CPU limit below their pool; with `isolated`
+    in any file the size is only known on the node."""
+    merged: dict[str, PoolSpec] = {}
+    for _, config in sorted(configs.configs.items()):
+        for pool, spec in config.pools.items():
+            known = merged.get(pool)
+            if known is None or (
+                spec.type is PoolType.SHARED
+                and known.cpus is not None
+                and (spec.cpus is None or len(spec.cpus) > len(known.cpus))
+            ):
+                merged[pool] = spec
+    return merged

@@ -1,0 +1,287 @@
+"""The node's labels, for choosing its pool config in a config directory (see `agent.config.select_config`).
+
+Two sources: labels given on the command line (`--node-labels k=v,...`), fixed for the agent's life; or the
+agent's own Node object in the Kubernetes API, read and then watched, so that a relabel reaches the agent
+within the watch's latency. The API client (lightkube) is imported only once labels are actually asked for:
+an agent whose config needs no labels never loads it (it costs about 6 MiB of RSS and 60-90 ms of import).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+if TYPE_CHECKING:
+    from lightkube import AsyncClient
+
+log = structlog.get_logger(__name__)
+
+# The environment variable the chart fills from `spec.nodeName` (downward API).
+NODE_NAME_ENV = "NODE_NAME"
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 30.0
+# One watch request lasts this long on the server; then the agent watches again from the last
+# resourceVersion it saw. A client-side limit slightly above it catches a connection that died silently
+# (lightkube sets no read timeout on watches).
+WATCH_SERVER_TIMEOUT_S = 240
+WATCH_CLIENT_GRACE_S = 30.0
+
+# Label keys: an optional DNS-subdomain prefix and a name part (k8s.io/apimachinery's qualified name).
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+
+
+class LabelSource(Protocol):
+    """Where the supervisor gets the node's labels from."""
+
+    def labels(self) -> Mapping[str, str] | None:
+        """The labels now; None while they are not known (`unknown_reason` says why).
+
+        Asking is also what starts an API source: it loads its client on the first call."""
+
+    @property
+    def unknown_reason(self) -> str: ...
+
+
+class NodeLabelsError(ValueError):
+    """A `--node-labels` text that is not `key=value,...`; says which part is wrong."""
+
+
+def parse_node_labels(text: str) -> dict[str, str]:
+    """`key=value,key2=value2` (kubectl's form) into a mapping. An empty text is no labels."""
+    labels: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise NodeLabelsError(f"--node-labels: {part!r} is not key=value")
+        prefix, slash, name = key.rpartition("/")
+        if len(name) > 63 or not name or not _LABEL_NAME.match(name) or (slash and not prefix):
+            raise NodeLabelsError(f"--node-labels: {key!r} is not a valid label key")
+        if key in labels:
+            raise NodeLabelsError(f"--node-labels: {key!r} is given twice")
+        labels[key] = value.strip()
+    return labels
+
+
+class StaticLabels:
+    """Labels given on the command line: the API is never asked."""
+
+    def __init__(self, labels: Mapping[str, str]) -> None:
+        self._labels = dict(labels)
+
+    def labels(self) -> Mapping[str, str]:
+        return self._labels
+
+    @property
+    def unknown_reason(self) -> str:
+        return ""
+
+
+class NodeLabelWatch:
+    """The labels of this node's Node object, followed live through a watch.
+
+    `run` is the one task (owned by whoever runs the agent's helpers); it waits until `labels()` is first
+    called, then gets the Node, watches it from that resourceVersion, and calls `on_change` whenever the
+    labels differ from the last ones seen. Without API access it logs why, keeps the last labels it had,
+    and tries again with backoff."""
+
+    def __init__(
+        self,
+        node_name: str | None,
+        on_change: Callable[[], None],
+        *,
+        client_factory: Callable[[], AsyncClient] | None = None,
+        backoff_start_s: float = BACKOFF_START_S,
+        backoff_max_s: float = BACKOFF_MAX_S,
+    ) -> None:
+        self.node_name = node_name
+        self._on_change = on_change
+        self._client_factory = client_factory
+        self._backoff_start_s = backoff_start_s
+        self._backoff_max_s = backoff_max_s
+        self._labels: dict[str, str] | None = None
+        self._wanted = asyncio.Event()
+        self._reason = "the Kubernetes API has not been asked yet"
+        # For tests and /healthz-style reports: how many times the labels were (re)read and changed.
+        self.changes = 0
+        self.connected = asyncio.Event()
+
+    def labels(self) -> Mapping[str, str] | None:
+        self._wanted.set()
+        return self._labels
+
+    @property
+    def unknown_reason(self) -> str:
+        return self._reason
+
+    async def run(self) -> None:
+        """Follow the Node's labels until cancelled (starts only once they are asked for)."""
+        await self._wanted.wait()
+        if not self.node_name:
+            self._reason = (
+                f"{NODE_NAME_ENV} is not set, so the agent does not know its Node (the chart sets it from "
+                "spec.nodeName); pass --node-labels instead"
+            )
+            log.error("nodelabels.no_node_name", reason=self._reason)
+            return
+        log.info("nodelabels.starting", node=self.node_name, source="kubernetes api")
+        backoff = self._backoff_start_s
+        client: AsyncClient | None = None
+        try:
+            while True:
+                try:
+                    if client is None:
+                        client = self._make_client()
+                    await self._follow(client)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # every failure of the API path means "retry later"
+                    self._failed(exc, backoff)
+                    if _client_unusable(exc) and client is not None:
+                        await _close(client)
+                        client = None
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self._backoff_max_s)
+                    continue
+                backoff = self._backoff_start_s
+        finally:
+            if client is not None:
+                await _close(client)
+
+    def _make_client(self) -> AsyncClient:
+        if self._client_factory is not None:
+            return self._client_factory()
+        from lightkube import AsyncClient  # noqa: PLC0415 - loaded only when labels are needed
+        from lightkube.config.kubeconfig import KubeConfig  # noqa: PLC0415
+
+        # In the cluster: the pod's service account (token, CA, KUBERNETES_SERVICE_HOST); outside it,
+        # KUBECONFIG or ~/.kube/config, as kubectl would.
+        return AsyncClient(config=KubeConfig.from_env(), trust_env=False)
+
+    async def _follow(self, client: AsyncClient) -> None:
+        """One get, then watches from its resourceVersion until one fails (returns only by raising)."""
+        from lightkube.core.exceptions import ApiError  # noqa: PLC0415
+        from lightkube.resources.core_v1 import Node  # noqa: PLC0415
+
+        assert self.node_name is not None
+        node = await client.get(Node, self.node_name)
+        version = node.metadata.resourceVersion if node.metadata is not None else None
+        self._seen(node, "get")
+        self.connected.set()
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async with asyncio.timeout(WATCH_SERVER_TIMEOUT_S + WATCH_CLIENT_GRACE_S) as deadline:
+                    async for kind, obj in client.watch(
+                        Node,
+                        fields={"metadata.name": self.node_name},
+                        resource_version=version,
+                        server_timeout=WATCH_SERVER_TIMEOUT_S,
+                    ):
+                        deadline.reschedule(loop.time() + WATCH_SERVER_TIMEOUT_S + WATCH_CLIENT_GRACE_S)
+                        if obj.metadata is not None and obj.metadata.resourceVersion:
+                            version = obj.metadata.resourceVersion
+                        if kind == "DELETED":
+                            log.warning(
+                                "nodelabels.node_deleted",
+                                node=self.node_name,
+                                keeping=self._labels,
+                                reason="the Node object was deleted; its labels are kept until it is back",
+                            )
+                        elif kind in ("ADDED", "MODIFIED"):
+                            self._seen(obj, kind.lower())
+            except TimeoutError:
+                # A watch that said nothing for longer than the server's own timeout: the connection
+                # is gone without a word. Watch again from the last version seen.
+                log.info("nodelabels.watch_renewed", node=self.node_name, resource_version=version)
+            except ApiError as exc:
+                if exc.status.code != 410:
+                    raise
+                # The version is too old for the server's watch cache: read the Node again and go on.
+                log.info("nodelabels.watch_expired", node=self.node_name, reason=exc.status.message)
+                node = await client.get(Node, self.node_name)
+                version = node.metadata.resourceVersion if node.metadata is not None else None
+                self._seen(node, "get")
+
+    def _seen(self, node: Any, how: str) -> None:
+        labels = dict(node.metadata.labels or {}) if node.metadata is not None else {}
+        if labels == self._labels:
+            return
+        before, self._labels = self._labels, labels
+        self._reason = ""
+        self.changes += 1
+        log.info(
+            "nodelabels.changed" if before is not None else "nodelabels.known",
+            node=self.node_name,
+            via=how,
+            added={k: v for k, v in labels.items() if before is None or before.get(k) != v},
+            removed=sorted(set(before or {}) - set(labels)),
+        )
+        self._on_change()
+
+    def _failed(self, exc: BaseException, retry_in_s: float) -> None:
+        reason = describe_api_failure(exc, self.node_name or "")
+        keeping = "the labels read last" if self._labels is not None else "nothing (labels still unknown)"
+        if self._labels is None:
+            self._reason = reason
+        log.warning(
+            "nodelabels.unavailable",
+            node=self.node_name,
+            reason=reason,
+            keeping=keeping,
+            retry_in_s=retry_in_s,
+        )
+
+
+def describe_api_failure(exc: BaseException, node: str) -> str:
+    """What went wrong on the way to the Node object, in words an operator can act on."""
+    from lightkube.core.exceptions import ApiError  # noqa: PLC0415
+    from lightkube.core.exceptions import ConfigError as ClientConfigError  # noqa: PLC0415
+
+    if isinstance(exc, ApiError):
+        code = exc.status.code
+        message = exc.status.message or ""
+        if code == 401:
+            return f"the API server refused the service account token (401): {message}"
+        if code == 403:
+            return (
+                f"the service account may not read Node {node!r} (403: {message}); the agent needs get and "
+                "watch on nodes (the chart's ClusterRole)"
+            )
+        if code == 404:
+            return f"there is no Node named {node!r} (404); check {NODE_NAME_ENV}"
+        return f"the API server answered {code}: {message}"
+    if isinstance(exc, ClientConfigError | KeyError | FileNotFoundError):
+        return (
+            "no Kubernetes API access: no service account token or API address in the pod, and no kubeconfig "
+            f"({type(exc).__name__}: {exc}); mount the service account token or pass --node-labels"
+        )
+    return f"cannot reach the Kubernetes API: {type(exc).__name__}: {exc}"
+
+
+def _client_unusable(exc: BaseException) -> bool:
+    # An API answer came through a working client; anything else (no token yet, a broken connection) gets
+    # a fresh one, which also reads the service account files again.
+    from lightkube.core.exceptions import ApiError  # noqa: PLC0415
+
+    return not isinstance(exc, ApiError)
+
+
+async def _close(client: AsyncClient) -> None:
+    try:
+        await client.close()
+    except Exception as exc:  # closing a broken client must not end the watch task
+        log.debug("nodelabels.client_close_failed", reason=str(exc))
+
+
+def node_name_from_env() -> str | None:
+    return os.environ.get(NODE_NAME_ENV) or None
