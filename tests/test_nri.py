@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.cpuset import CpuSet
-from agent.nri.allocations import PodResourcesAllocations
+from agent.nri.allocations import AllocationSource, PodResourcesAllocations
 from agent.nri.plugin import NriPlugin, NriSettings
 from agent.nri.policy import Policy
 from agent.nri.view import SupervisorPoolView
@@ -57,12 +57,21 @@ async def plugin_task(plugin: NriPlugin) -> AsyncIterator[asyncio.Task[None]]:
             await task
 
 
-def make_plugin(agent: Running, socket: Path, policy: Policy = Policy.STRICT) -> NriPlugin:
+def make_plugin(
+    agent: Running,
+    socket: Path,
+    policy: Policy = Policy.STRICT,
+    claims: bool = False,
+    allocations: AllocationSource | None = None,
+) -> NriPlugin:
+    """The plugin over the agent's plan; without `claims` every new pod waits for the kubelet's record
+    (the path these tests cover; tests/test_nri_claims_runtime.py covers claims)."""
     plugin = NriPlugin(
         NriSettings(socket=socket, policy=policy),
         SupervisorPoolView(agent.supervisor),
-        PodResourcesAllocations(agent.pod_resources),
+        allocations or PodResourcesAllocations(agent.pod_resources),
         agent.supervisor.metrics,
+        claims=agent.supervisor.claims if claims else None,
     )
     agent.supervisor.plan_listeners.append(plugin.plan_changed)
     return plugin

@@ -69,7 +69,8 @@ async def test_agent_enforces_and_reports_cpusets(tmp_path: Path) -> None:
             await runtime.wait_plugin(timeout=15)
             fast = await emu.allocate(FAST, 2, pod="db")
             await runtime.run_pod("p1", "db")
-            created = await runtime.create("p1", "c1")
+            # As a kubelet does: the Allocate answer's annotations become the container's annotations.
+            created = await runtime.create("p1", "c1", annotations=fast.annotations)
             assert CpuSet.parse(created["cpus"]) == CpuSet(int(i) for i in fast.device_ids)
 
             status, report = await http_json(port, "/enforcement")

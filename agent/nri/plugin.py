@@ -13,12 +13,13 @@ import contextlib
 import functools
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
+from agent.claim import Claim, ClaimKey, read_claims
 from agent.cpuset import CpuSet
 from agent.dirwatch import watch_directories
 from agent.metrics import Metrics
@@ -76,6 +77,14 @@ ANSWER_BUDGET_S = 0.5
 # Pods whose allocation is remembered by UID (a few hundred bytes each).
 POD_CACHE_SIZE = 4096
 CALL_TIMEOUT_S = 2.0
+# A claimed container is checked against the kubelet's record after its answer: again after a failure or
+# while the kubelet does not list the pod yet (a restarted kubelet lists pods once its sources synced),
+# from the first to the last delay, doubling; then a pod still unlisted holds nothing.
+CONFIRM_RETRY_START_S = 0.25
+CONFIRM_RETRY_MAX_S = 8.0
+CONFIRM_GIVE_UP_S = 60.0
+# Claim nonces remembered with the container that first showed them (a few hundred bytes each).
+BOUND_NONCES = 65536
 BACKOFF_START_S = 0.02
 BACKOFF_MAX_S = 2.0
 
@@ -102,6 +111,14 @@ class Tracked:
     # What the plugin last enforced; None: the runtime's own cpuset stands.
     enforced: CpuSet | None = None
     mems: CpuSet | None = None
+    # The CPUs its exclusive devices stand for (the replay check compares claims against these).
+    exclusive: CpuSet | None = None
+    pod_uid: str = ""
+    # Running while its devices come from its claims (or from having none) and the kubelet's record has
+    # not confirmed them yet.
+    confirming: asyncio.Task[None] | None = None
+    # True when it showed at least one verified claim.
+    claimed: bool = False
 
 
 @dataclass
@@ -131,8 +148,19 @@ class NriPlugin:
         allocations: AllocationSource,
         metrics: Metrics | None = None,
         start_after: asyncio.Event | None = None,
+        claims: ClaimKey | None = None,
     ) -> None:
         self.settings = settings
+        # Verifies Allocate claims (agent/claim.py); None: every new pod waits for the kubelet's record.
+        self._claims = claims
+        # Until a container holding pool devices comes without a claim, a container without one holds
+        # none: the runtime passes the kubelet's container annotations on (docs/enforcement.md).
+        self._unclaimed_means_none = True
+        self._bound: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._confirms: set[asyncio.Task[None]] = set()
+        # Updates that correct a claimed container, by container ID, sent by the push loop.
+        self._corrections: dict[str, bytes] = {}
+        self._reload_pending = False
         self._start_after = start_after
         self.view = view
         self.allocations = allocations
@@ -190,6 +218,7 @@ class NriPlugin:
 
     def plan_changed(self) -> None:
         """The pools changed: push the cpusets that must change to the runtime (from the run loop)."""
+        self._reload_pending = True
         self._plan_changed.set()
 
     # --- connection lifecycle
@@ -280,6 +309,10 @@ class NriPlugin:
             for task in list(self._fetching.values()):
                 await _stop_fetch(task)
             self._fetching.clear()
+            # The next Synchronize reads every container afresh.
+            for confirm in list(self._confirms):
+                await _stop(confirm)
+            self._corrections.clear()
         self.metrics.nri_connections.inc(result=result)
         self.last_error = reason
         log.warning("nri.disconnected", reason=reason, action="dialling the runtime again")
@@ -290,24 +323,30 @@ class NriPlugin:
         while True:
             await self._plan_changed.wait()
             self._plan_changed.clear()
-            updates = self._reconcile_all()
-            if not updates:
-                continue
-            try:
-                reply = UpdateContainersResponse.parse(
-                    await conn.call(
-                        RUNTIME_SERVICE, "UpdateContainers", encode_updates(updates), CALL_TIMEOUT_S
-                    )
-                )
-            except (TtrpcError, TimeoutError) as exc:
-                self.metrics.nri_adjustments.inc(event="reload", outcome="error")
-                log.warning("nri.update_failed", containers=len(updates), reason=str(exc))
-                continue
-            failed = {u.container_id for u in reply.failed}
-            self.metrics.nri_adjustments.inc(len(updates) - len(failed), event="reload", outcome="adjusted")
-            if failed:
-                self.metrics.nri_adjustments.inc(len(failed), event="reload", outcome="error")
-            log.info("nri.pools_pushed", updated=len(updates) - len(failed), failed=sorted(failed))
+            if self._reload_pending:
+                self._reload_pending = False
+                await self._send(conn, self._reconcile_all(), "reload")
+            if self._corrections:
+                corrections, self._corrections = self._corrections, {}
+                await self._send(conn, list(corrections.values()), "claim")
+
+    async def _send(self, conn: MuxConnection, updates: list[bytes], event: str) -> None:
+        if not updates:
+            return
+        try:
+            reply = UpdateContainersResponse.parse(
+                await conn.call(RUNTIME_SERVICE, "UpdateContainers", encode_updates(updates), CALL_TIMEOUT_S)
+            )
+        except (TtrpcError, TimeoutError) as exc:
+            self.metrics.nri_adjustments.inc(event=event, outcome="error")
+            log.warning("nri.update_failed", containers=len(updates), trigger=event, reason=str(exc))
+            return
+        failed = {u.container_id for u in reply.failed}
+        self.metrics.nri_adjustments.inc(len(updates) - len(failed), event=event, outcome="adjusted")
+        if failed:
+            self.metrics.nri_adjustments.inc(len(failed), event=event, outcome="error")
+        updated = len(updates) - len(failed)
+        log.info("nri.cpusets_pushed", trigger=event, updated=updated, failed=sorted(failed))
 
     # --- request dispatch
 
@@ -373,6 +412,7 @@ class NriPlugin:
                     "nri.sync_unmapped", reason=str(exc) or "PodResources timed out", effect="no adjustment"
                 )
         self.containers = {}
+        self._corrections.clear()
         updates: list[bytes] = []
         unpooled = self.view.online_cpus() - self.view.exclusive_cpus()
         for ref in live:
@@ -401,9 +441,9 @@ class NriPlugin:
 
     async def _create(self, payload: bytes) -> bytes:
         try:
-            event = decode_container_event(payload)
+            event = decode_container_event(payload, claims=self._claims is not None)
             async with asyncio.timeout(self._budget_s):
-                tracked = await self._learn(event)
+                tracked = await self._claimed(event) or await self._learn(event)
         except Exception as exc:
             self.metrics.nri_adjustments.inc(event="create", outcome="error")
             log.warning("nri.create_unadjusted", reason=repr(exc), effect="no adjustment")
@@ -416,25 +456,188 @@ class NriPlugin:
     async def _learn(self, event: ContainerEvent) -> Tracked:
         pod, ref = event.pod, event.container
         try:
-            per_container = self._pod_devices.get(pod.uid) if pod.uid else None
-            fetching = self._fetching.get(pod.uid) if per_container is None and pod.uid else None
-            if fetching is not None:
-                # Started when the sandbox was made: usually done by now. Shielded, so that our own
-                # timeout never cancels it for another container of the pod.
-                per_container = await _shared_result(fetching)
-            if per_container is None:
-                per_container = await self.allocations.of_pod(pod.namespace, pod.name)
-                if per_container is not None:
-                    self._remember(pod.uid, per_container)
+            per_container = await self._record_of(pod)
             devices: Devices | None = (per_container or {}).get(ref.name, {})
         except AllocationsUnknown as exc:
             devices = None
             log.warning(
                 "nri.unmapped", pod=f"{pod.namespace}/{pod.name}", container=ref.name, reason=str(exc)
             )
-        tracked = Tracked(ref.id, pod.namespace, pod.name, ref.name, parse_runtime_cpus(ref.cpus), devices)
+        tracked = Tracked(
+            ref.id, pod.namespace, pod.name, ref.name, parse_runtime_cpus(ref.cpus), devices, pod_uid=pod.uid
+        )
         self.containers[ref.id] = tracked
         return tracked
+
+    async def _record_of(self, pod: PodRef) -> dict[str, Devices] | None:
+        """The kubelet's record of a pod (container name -> devices): remembered, being read since its
+        sandbox was made, or read now. None when the kubelet does not list the pod; raises
+        AllocationsUnknown."""
+        per_container = self._pod_devices.get(pod.uid) if pod.uid else None
+        fetching = self._fetching.get(pod.uid) if per_container is None and pod.uid else None
+        if fetching is not None:
+            # Started when the sandbox was made: usually done by now. Shielded, so that our own
+            # timeout never cancels it for another container of the pod.
+            per_container = await _shared_result(fetching)
+        if per_container is None:
+            per_container = await self.allocations.of_pod(pod.namespace, pod.name)
+            if per_container is not None:
+                self._remember(pod.uid, per_container)
+        return per_container
+
+    # --- claims: a new pod's devices without waiting for the kubelet
+
+    async def _claimed(self, event: ContainerEvent) -> Tracked | None:
+        """A new pod's container, decided from its claims (or from having none) and checked against the
+        kubelet's record after the answer; None when it must wait for the record instead: a pod already
+        known, an invalid claim, a claim another container showed first, or CPUs another container holds.
+        """
+        pod, ref = event.pod, event.container
+        if self._claims is None or not pod.uid:
+            return None
+        where = f"{pod.namespace}/{pod.name}"
+        found = read_claims(self._claims, ref.claims)
+        owner = (pod.uid, ref.name)
+        replayed = [c for c in found.claims if self._bound.get(c.nonce, owner) != owner]
+        if not replayed:
+            # Whichever path answers, a claim belongs to the first container that showed it.
+            self._bind(found.claims, owner)
+        if pod.uid in self._pod_devices:
+            return None  # the kubelet's record of the pod is at hand
+        if found.invalid:
+            self.metrics.nri_adjustments.inc(event="claim", outcome="invalid")
+            log.warning("nri.claim_invalid", pod=where, container=ref.name, reasons=list(found.invalid))
+            return None
+        if not found.claims and not self._unclaimed_means_none:
+            return None
+        for claim in replayed:
+            first = self._bound[claim.nonce]
+            self.metrics.nri_adjustments.inc(event="claim", outcome="replayed")
+            log.warning(
+                "nri.claim_replayed",
+                pod=where,
+                container=ref.name,
+                resource=claim.resource,
+                first_shown_by_pod_uid=first[0],
+                first_shown_by_container=first[1],
+                effect="waiting for the kubelet's record",
+            )
+            return None
+        devices = found.devices()
+        exclusive = self.view.cpus_for({n: ids for n, ids in devices.items() if self.view.owns(n)})[0]
+        if exclusive:
+            holders = [
+                t for t in self.containers.values() if t.exclusive and not t.exclusive.isdisjoint(exclusive)
+            ]
+            if holders:
+                # A replay, or a restarted container racing its predecessor: the record decides. A holder
+                # whose own claim is unconfirmed is checked first, so that the record's answer never
+                # leaves a CPU in two containers.
+                self.metrics.nri_adjustments.inc(event="claim", outcome="held_elsewhere")
+                log.info(
+                    "nri.claim_cpus_held",
+                    pod=where,
+                    container=ref.name,
+                    cpus=(exclusive & CpuSet().union(*(t.exclusive or CpuSet() for t in holders))).format(),
+                    holders=[f"{t.namespace}/{t.pod}/{t.name}" for t in holders],
+                    effect="waiting for the kubelet's record",
+                )
+                pending = {h.confirming for h in holders if h.confirming is not None}
+                if pending:
+                    # Half the budget at most: the record must still be read for this container.
+                    await asyncio.wait(pending, timeout=self._budget_s / 2)
+                return None
+        if found.claims:
+            self._unclaimed_means_none = True
+        self.metrics.nri_adjustments.inc(event="claim", outcome="claimed" if found.claims else "none")
+        tracked = Tracked(
+            ref.id,
+            pod.namespace,
+            pod.name,
+            ref.name,
+            parse_runtime_cpus(ref.cpus),
+            devices,
+            pod_uid=pod.uid,
+            claimed=bool(found.claims),
+        )
+        self.containers[ref.id] = tracked
+        task = asyncio.create_task(self._confirm(tracked, pod), name=f"nri:confirm:{ref.id}")
+        tracked.confirming = task
+        self._confirms.add(task)
+        task.add_done_callback(self._confirms.discard)
+        return tracked
+
+    def _bind(self, claims: Sequence[Claim], owner: tuple[str, str]) -> None:
+        for claim in claims:
+            self._bound[claim.nonce] = owner
+            self._bound.move_to_end(claim.nonce)
+        while len(self._bound) > BOUND_NONCES:
+            self._bound.popitem(last=False)
+
+    async def _confirm(self, tracked: Tracked, pod: PodRef) -> None:
+        """Compare a claimed container with the kubelet's record (after its answer) and correct it."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + CONFIRM_GIVE_UP_S
+        delay = CONFIRM_RETRY_START_S
+        while True:
+            if self.containers.get(tracked.id) is not tracked:
+                return  # stopped or removed meanwhile: nothing to correct
+            try:
+                per_container = await self._record_of(pod)
+            except AllocationsUnknown as exc:
+                if loop.time() + delay > give_up:
+                    # The claim stands: it verified, and nothing said otherwise.
+                    tracked.confirming = None
+                    self.metrics.nri_adjustments.inc(event="claim", outcome="unconfirmed")
+                    log.warning("nri.claim_unconfirmed", pod=f"{pod.namespace}/{pod.name}", reason=str(exc))
+                    return
+            else:
+                if per_container is not None or loop.time() + delay > give_up:
+                    break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, CONFIRM_RETRY_MAX_S)
+        tracked.confirming = None
+        self._settle(tracked, (per_container or {}).get(tracked.name, {}))
+
+    def _settle(self, tracked: Tracked, recorded: Devices) -> None:
+        """The kubelet's record of a claimed container is in: keep the answer, or queue its correction."""
+        if self.containers.get(tracked.id) is not tracked:
+            return
+        if _ours(self.view, tracked.devices or {}) == _ours(self.view, recorded):
+            self.metrics.nri_adjustments.inc(event="claim", outcome="confirmed")
+            return
+        self.metrics.nri_adjustments.inc(event="claim", outcome="corrected")
+        log.warning(
+            "nri.claim_corrected",
+            pod=f"{tracked.namespace}/{tracked.pod}",
+            container=tracked.name,
+            claimed=_ours(self.view, tracked.devices or {}),
+            kubelet=_ours(self.view, recorded),
+        )
+        if not tracked.claimed and _ours(self.view, recorded) and self._unclaimed_means_none:
+            self._unclaimed_means_none = False
+            log.warning(
+                "nri.claims_missing",
+                pod=f"{tracked.namespace}/{tracked.pod}",
+                container=tracked.name,
+                reason="a container holding pool devices came without its claim annotation: a runtime "
+                "that does not pass the kubelet's container annotations to NRI, or an Allocate answered "
+                "by an agent without claims",
+                effect="containers without a claim wait for the kubelet's record",
+            )
+        before = tracked.enforced
+        tracked.devices = dict(recorded)
+        decision = self._decide(tracked, None)
+        if decision is None:
+            return
+        cpus, mems = decision.cpus, decision.mems
+        if cpus is None and before is not None:
+            # Nothing to enforce any more, but the claim's CPUs must go: back to the kubelet's cpuset.
+            cpus = tracked.kubelet_cpus or self.view.online_cpus()
+            mems = None
+        if cpus is not None and cpus != before:
+            self._corrections[tracked.id] = _cpu_update(tracked.id, cpus, mems)
+            self._plan_changed.set()
 
     def _remember(self, uid: str, per_container: dict[str, Devices]) -> None:
         """Keep a pod's allocation by UID. The kubelet allocates devices to every container of a pod at
@@ -460,6 +663,7 @@ class NriPlugin:
         decision = decide(self.view, self.settings.policy, tracked.devices, tracked.kubelet_cpus)
         tracked.kind = decision.kind
         tracked.enforced, tracked.mems = decision.cpus, decision.mems
+        tracked.exclusive = decision.exclusive
         if event is None:
             return decision
         if decision.cpus is None:
@@ -570,6 +774,11 @@ class NriPlugin:
             if decision.cpus != before:
                 updates.append(_cpu_update(tracked.id, decision.cpus, decision.mems))
         return updates
+
+
+def _ours(view: PoolView, devices: Devices) -> dict[str, list[str]]:
+    """The devices of the agent's resources, in a form two sources can be compared in."""
+    return {name: sorted(ids) for name, ids in devices.items() if ids and view.owns(name)}
 
 
 def _failure(task: asyncio.Task[None]) -> BaseException | None:

@@ -58,6 +58,8 @@ class Decision:
     mems: CpuSet | None = None
     # Why nothing was enforced, for the log and the outcome metric.
     reason: str = ""
+    # The CPUs it holds exclusively (its exclusive devices): no claim may give them to another container.
+    exclusive: CpuSet | None = None
 
 
 @functools.lru_cache(maxsize=1024)
@@ -92,7 +94,7 @@ def decide(
         kind = Kind.EXCLUSIVE if exclusive else Kind.SHARED
         if not cpus:
             return Decision(kind, None, reason="the allocated devices map to no CPU in the current plan")
-        return Decision(kind, cpus, view.numa_nodes(cpus))
+        return Decision(kind, cpus, view.numa_nodes(cpus), exclusive=exclusive or None)
     if policy is Policy.POOLS:
         return Decision(Kind.OTHER, None, reason="policy pools leaves other containers alone")
     base = kubelet_cpus if kubelet_cpus is not None else view.online_cpus()

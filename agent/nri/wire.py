@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from agent.claim import KEY_PREFIX
 from agent.protowire import field, varint
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -221,12 +222,17 @@ class ContainerRef:
     # linux.resources.cpu.cpus / .mems as the runtime has them ("" = not set).
     cpus: str = ""
     mems: str = ""
+    # (key, value) of the annotations that look like Allocate claims (agent/claim.py); read at creation only.
+    claims: tuple[tuple[str, str], ...] = ()
 
 
 _POD_FIELDS = frozenset({1, 2, 3, 4})
 _CONTAINER_FIELDS = frozenset({1, 2, 3, 4, 11})
 _ONE, _TWO, _THREE = frozenset({1}), frozenset({2}), frozenset({3})
 _CPU_FIELDS = frozenset({6, 7})
+_KEY_VALUE = frozenset({1, 2})
+# In every claim annotation's key (`<base>/claim-<pool>`): a byte search rules most containers out.
+CLAIM_MARK = "/" + KEY_PREFIX
 
 
 def decode_pod(data: bytes) -> PodRef:
@@ -243,7 +249,22 @@ def decode_cpu(resources: bytes) -> tuple[str, str]:
     return _text(found.get(6, b""), "LinuxCPU.cpus"), _text(found.get(7, b""), "LinuxCPU.mems")
 
 
-def decode_container(data: bytes) -> ContainerRef:
+def _claim_annotations(data: bytes) -> tuple[tuple[str, str], ...]:
+    """The Container.annotations (field 6, map entries {1: key, 2: value}) whose key names a claim."""
+    out: list[tuple[str, str]] = []
+    for number, value in fields(data):
+        if number != 6:
+            continue
+        entry = select(_bytes(value, "Container.annotations"), _KEY_VALUE)
+        key = _text(entry.get(1, b""), "Container.annotations key")
+        if CLAIM_MARK in key:
+            out.append((key, _text(entry.get(2, b""), "Container.annotations value")))
+    return tuple(out)
+
+
+def decode_container(data: bytes, claims: bool = False) -> ContainerRef:
+    """The fields the plugin reads; with `claims`, also the claim annotations (a second walk, taken only
+    when the bytes hold a claim key at all)."""
     found = select(data, _CONTAINER_FIELDS)
     cpus = mems = ""
     linux = found.get(11)  # Container.linux
@@ -258,6 +279,7 @@ def decode_container(data: bytes) -> ContainerRef:
         _int(found.get(4, 0), "Container.state"),
         cpus,
         mems,
+        _claim_annotations(data) if claims and CLAIM_MARK.encode() in data else (),
     )
 
 
@@ -277,7 +299,7 @@ class ContainerEvent:
     update_cpus: str | None = None
 
 
-def decode_container_event(data: bytes) -> ContainerEvent:
+def decode_container_event(data: bytes, claims: bool = False) -> ContainerEvent:
     pod = PodRef()
     container = ContainerRef()
     update: str | None = None
@@ -285,7 +307,7 @@ def decode_container_event(data: bytes) -> ContainerEvent:
         if number == 1:
             pod = decode_pod(_bytes(value, "request.pod"))
         elif number == 2:
-            container = decode_container(_bytes(value, "request.container"))
+            container = decode_container(_bytes(value, "request.container"), claims)
         elif number == 3:
             update, _ = decode_cpu(_bytes(value, "UpdateContainerRequest.linux_resources"))
     return ContainerEvent(pod, container, update)

@@ -1,0 +1,213 @@
+"""Claims at CreateContainer, against upstream NRI's runtime side (tests/nripeer) and the kubelet emulator.
+
+A new pod's container is decided from the signed claim the agent's Allocate put in its annotations (the
+kubelet copies them into the container's CRI annotations, as the emulator's `annotations` stand for here),
+with the kubelet's PodResources record shut: what the runtime gets was decided without it. The record is
+then opened and the plugin checks the claim against it, correcting with UpdateContainers where it differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from agent.claim import annotation_key
+from agent.cpuset import CpuSet
+from agent.nri.allocations import Devices, PodResourcesAllocations
+from agent.nri.policy import Policy
+from tests.harness import running_agent
+from tests.nriruntime import NriRuntime
+from tests.test_nri import FAST, MULTI, OTHERS, SHARED, Node, cpus_of, make_plugin, plugin_task
+
+CLAIM = annotation_key(FAST)
+
+
+class ShutRecord(PodResourcesAllocations):
+    """The kubelet's PodResources `Get`, held shut until `gate` is set; `answered` lists the pods it
+    answered for, so a test can tell what was decided without it."""
+
+    def __init__(self, socket: Path) -> None:
+        super().__init__(socket)
+        self.gate = asyncio.Event()
+        self.answered: list[str] = []
+
+    async def of_pod(self, namespace: str, pod: str) -> dict[str, Devices] | None:
+        await self.gate.wait()
+        found = await super().of_pod(namespace, pod)
+        self.answered.append(pod)
+        return found
+
+
+@contextlib.asynccontextmanager
+async def claims_node(
+    tmp_path: Path, policy: Policy = Policy.STRICT
+) -> AsyncIterator[tuple[Node, ShutRecord]]:
+    async with running_agent(tmp_path) as agent:
+        for name in (FAST, MULTI, SHARED):
+            await agent.emu.wait_devices(name)
+        socket = tmp_path / "nri.sock"
+        record = ShutRecord(agent.pod_resources)
+        plugin = make_plugin(agent, socket, policy, claims=True, allocations=record)
+        async with NriRuntime(socket) as runtime, plugin_task(plugin):
+            await runtime.start()
+            await runtime.wait_plugin()
+            yield Node(agent, plugin, runtime, socket), record
+
+
+def claims(n: Node, outcome: str) -> int:
+    return int(n.agent.supervisor.metrics.nri_adjustments.get(event="claim", outcome=outcome))
+
+
+async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    # The plugin's metrics have no event to wait on: a short poll, bounded.
+    async with asyncio.timeout(timeout):
+        while not check():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_a_verified_claim_sets_the_cpuset_while_the_kubelets_record_is_shut(tmp_path: Path) -> None:
+    async with claims_node(tmp_path) as (n, record):
+        fast = await n.agent.emu.allocate(FAST, 2, pod="db")
+        await n.pod("p1", "db")
+        created = await n.runtime.create("p1", "c1", annotations=fast.annotations)
+        assert CpuSet.parse(created["cpus"]) == cpus_of(fast.device_ids)
+        assert created["mems"] == "0"
+        assert record.answered == []
+        # The record agrees once it can be read: nothing is pushed.
+        mark = len(n.runtime.events)
+        record.gate.set()
+        await until(lambda: claims(n, "confirmed") == 1)
+        assert not [e for e in n.runtime.events[mark:] if e["event"] == "updates"]
+        assert (await n.runtime.cpusets())["c1"] == created["cpus"]
+
+
+async def test_a_new_pod_without_claims_is_kept_off_the_pools_while_the_record_is_shut(
+    tmp_path: Path,
+) -> None:
+    async with claims_node(tmp_path) as (n, record):
+        shared = await n.agent.emu.allocate(SHARED, 100, pod="web", container="sidecar")
+        await n.pod("p1", "web")
+        plain = await n.runtime.create("p1", "c1", name="app")
+        sidecar = await n.runtime.create("p1", "c2", name="sidecar", annotations=shared.annotations)
+        assert CpuSet.parse(plain["cpus"]) == OTHERS
+        assert CpuSet.parse(sidecar["cpus"]) == CpuSet.parse("12-13")
+        assert record.answered == []
+        record.gate.set()
+        await until(lambda: claims(n, "confirmed") == 2)
+
+
+async def test_a_forged_claim_gets_no_pool_cpus(tmp_path: Path) -> None:
+    async with claims_node(tmp_path) as (n, record):
+        record.gate.set()
+        await n.pod("p1", "mallory")
+        forged = await n.runtime.create(
+            "p1", "c1", annotations={CLAIM: "1;cpupool.io/fast;bm9uY2U;r2-7;AAAAAAAAAAAAAAAAAAAAAA"}
+        )
+        assert CpuSet.parse(forged["cpus"]) == OTHERS
+        assert claims(n, "invalid") == 1
+
+
+async def test_a_claim_the_pod_author_copied_into_pod_annotations_or_env_counts_for_nothing(
+    tmp_path: Path,
+) -> None:
+    async with claims_node(tmp_path) as (n, record):
+        record.gate.set()
+        fast = await n.agent.emu.allocate(FAST, 2, pod="db")
+        await n.pod("p1", "db")
+        owner = await n.runtime.create("p1", "c1", annotations=fast.annotations)
+        copied = fast.annotations[CLAIM]
+        await n.pod("p2", "mallory", annotations={CLAIM: copied})
+        thief = await n.runtime.create(
+            "p2", "c2", env=[f"CPUPOOL_CLAIM={copied}", f"EXCLUSIVE_CPUS={owner['cpus']}"]
+        )
+        assert CpuSet.parse(thief["cpus"]) == OTHERS
+        assert CpuSet.parse(owner["cpus"]) == cpus_of(fast.device_ids)
+
+
+async def test_a_claim_replayed_in_another_container_while_its_owner_lives_takes_the_record(
+    tmp_path: Path,
+) -> None:
+    async with claims_node(tmp_path) as (n, record):
+        record.gate.set()
+        fast = await n.agent.emu.allocate(FAST, 2, pod="db")
+        await n.pod("p1", "db")
+        owner = await n.runtime.create("p1", "c1", annotations=fast.annotations)
+        # As if a runtime passed the pod's annotations through to its containers.
+        await n.pod("p2", "mallory")
+        thief = await n.runtime.create("p2", "c2", annotations={CLAIM: fast.annotations[CLAIM]})
+        assert claims(n, "replayed") == 1
+        assert CpuSet.parse(thief["cpus"]) == OTHERS
+        cpusets = await n.runtime.cpusets()
+        assert CpuSet.parse(cpusets["c1"]) == cpus_of(fast.device_ids) == CpuSet.parse(owner["cpus"])
+        assert CpuSet.parse(cpusets["c1"]).isdisjoint(CpuSet.parse(cpusets["c2"]))
+
+
+async def test_a_leaked_claim_on_cpus_a_live_container_holds_takes_the_record(tmp_path: Path) -> None:
+    async with claims_node(tmp_path) as (n, record):
+        record.gate.set()
+        fast = await n.agent.emu.allocate(FAST, 2, pod="db")
+        await n.pod("p1", "db")
+        await n.runtime.create("p1", "c1", annotations=fast.annotations)
+        # A claim from an earlier Allocate of the same devices (another nonce: never shown before).
+        leaked = n.agent.supervisor.claims.issue(FAST, fast.device_ids)
+        assert leaked is not None
+        await n.pod("p2", "mallory")
+        thief = await n.runtime.create("p2", "c2", annotations={CLAIM: leaked})
+        assert claims(n, "held_elsewhere") == 1
+        assert CpuSet.parse(thief["cpus"]) == OTHERS
+
+
+async def test_a_claim_the_kubelets_record_contradicts_is_corrected_with_an_update(tmp_path: Path) -> None:
+    async with claims_node(tmp_path) as (n, record):
+        # Signed by the agent, but the kubelet never gave these devices to this pod.
+        stale = n.agent.supervisor.claims.issue(FAST, ["4", "5"])
+        assert stale is not None
+        await n.agent.emu.allocate(SHARED, 1, pod="batch", container="sidecar")
+        await n.pod("p1", "batch")
+        created = await n.runtime.create("p1", "c1", annotations={CLAIM: stale})
+        assert CpuSet.parse(created["cpus"]) == CpuSet([4, 5])
+        mark = len(n.runtime.events)
+        record.gate.set()
+        pushed = await n.runtime.wait_event("updates", after=mark)
+        assert claims(n, "corrected") == 1
+        assert [u["id"] for u in pushed["updates"]] == ["c1"]
+        assert CpuSet.parse((await n.runtime.cpusets())["c1"]) == OTHERS
+        assert n.plugin.enforced()[0]["kind"] == "other"
+
+
+async def test_a_restarted_container_shows_the_same_claim_and_keeps_its_cpus(tmp_path: Path) -> None:
+    async with claims_node(tmp_path) as (n, record):
+        fast = await n.agent.emu.allocate(FAST, 1, pod="db")
+        await n.pod("p1", "db")
+        first = await n.runtime.create("p1", "c1", annotations=fast.annotations)
+        await n.runtime.remove("c1")
+        again = await n.runtime.create("p1", "c2", annotations=fast.annotations)
+        assert first["cpus"] == again["cpus"] == fast.device_ids[0]
+        assert record.answered == []
+        record.gate.set()
+        # The next restart races its predecessor (still live): the record decides, with the same answer.
+        racing = await n.runtime.create("p1", "c3", annotations=fast.annotations)
+        assert racing["cpus"] == fast.device_ids[0]
+
+
+async def test_a_pool_container_without_its_claim_is_corrected_and_later_ones_wait_for_the_record(
+    tmp_path: Path,
+) -> None:
+    async with claims_node(tmp_path) as (n, record):
+        # A runtime that does not pass the kubelet's container annotations on to NRI.
+        fast = await n.agent.emu.allocate(FAST, 2, pod="db")
+        await n.pod("p1", "db")
+        created = await n.runtime.create("p1", "c1")
+        assert CpuSet.parse(created["cpus"]) == OTHERS
+        mark = len(n.runtime.events)
+        record.gate.set()
+        await n.runtime.wait_event("updates", after=mark)
+        assert CpuSet.parse((await n.runtime.cpusets())["c1"]) == cpus_of(fast.device_ids)
+        multi = await n.agent.emu.allocate(MULTI, 1, pod="cache")
+        await n.pod("p2", "cache")
+        waited = await n.runtime.create("p2", "c2")
+        # multiThreaded: the device is a core, both of its threads.
+        core = CpuSet([int(multi.device_ids[0]), int(multi.device_ids[0]) + 16])
+        assert CpuSet.parse(waited["cpus"]) == core
