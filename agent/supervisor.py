@@ -19,7 +19,16 @@ from typing import Any
 import structlog
 
 from agent.claim import ClaimKey
-from agent.config import ConfigError, PoolConfig, ValidatedConfig, default_config, parse_config, validate
+from agent.config import (
+    ConfigError,
+    PoolConfig,
+    ValidatedConfig,
+    default_config,
+    parse_config,
+    read_config_dir,
+    select_config,
+    validate,
+)
 from agent.cpuset import CpuSet
 from agent.deviceplugin import (
     ALREADY_CONNECTED,
@@ -36,6 +45,7 @@ from agent.ledger import dumps as ledger_dumps
 from agent.ledger import load as ledger_load
 from agent.ledger import save as ledger_save
 from agent.metrics import Metrics
+from agent.nodelabels import LabelSource
 from agent.plan import UNKNOWN, Held, Plan, Resource, build_plan, diff_plans
 from agent.podresources import PodResourcesError, list_raw
 from agent.topology import Topology, discover
@@ -163,6 +173,10 @@ class Supervisor:
         self.held_known = False
         # Called after every applied plan (the NRI plugin pushes the cpusets that change).
         self.plan_listeners: list[Callable[[], None]] = []
+        # The node's labels, for a config directory with per-node-group files; a label change calls
+        # notify("config"), the same path as a ConfigMap edit.
+        self.node_labels: LabelSource | None = None
+        self._selected: str | None = None
         # Signs every Allocate's claim; the NRI plugin verifies them with the same key.
         self.claims = load_claim_key(settings.state_dir)
 
@@ -270,10 +284,40 @@ class Supervisor:
         except (OSError, UnicodeDecodeError) as exc:
             raise _Unreadable(f"{path}: {exc}") from exc
 
+    async def _choose_config(self) -> tuple[str | None, str]:
+        """The config text this node gets now and where it is from (text None: the built-in default).
+
+        A file given as --config is read as it is. A directory is read whole, and its file for this node
+        chosen by the node's labels (`agent.config.select_config`). Raises _Unreadable (keep the last good
+        config) or ConfigError (a faulty directory, or two files matching the node)."""
+        path = self.settings.config_path
+        if path is None or not await asyncio.to_thread(path.is_dir):
+            return await asyncio.to_thread(self._read_config), str(path)
+        try:
+            configs = await asyncio.to_thread(read_config_dir, path)
+        except OSError as exc:
+            raise _Unreadable(f"{path}: {exc}") from exc
+        configs.raise_for_problems()
+        labels = self.node_labels.labels() if self.node_labels is not None and configs.selective else {}
+        if labels is None:
+            assert self.node_labels is not None
+            raise _Unreadable(
+                f"{path} chooses pools by node labels, which are not known: {self.node_labels.unknown_reason}"
+            )
+        selection = select_config(configs, labels)
+        if selection.source != self._selected:
+            log.info("config.selected", file=selection.source, reason=selection.reason, labels=dict(labels))
+            self._selected = selection.source
+        return selection.text, selection.source
+
     async def _reload(self, *, initial: bool = False) -> None:
         """Re-read the config; apply it if it changed and is valid, else keep the last good one."""
         try:
-            text = await asyncio.to_thread(self._read_config)
+            text, source = await self._choose_config()
+        except ConfigError as exc:
+            self._config_failed(exc, None)
+            await self._serve_memory("the config directory is invalid")
+            return
         except _Unreadable as exc:
             if self.plan is None:
                 self.last_config_error = str(exc)
@@ -289,7 +333,7 @@ class Supervisor:
                 log.info("config.error_cleared", reason="the file is back to the config being served")
             return
         try:
-            config = default_config() if text is None else parse_config(text, str(self.settings.config_path))
+            config = default_config() if text is None else parse_config(text, source)
             topology = await asyncio.to_thread(discover, self.settings.root)
             validated = validate(config, topology)
             # Read with the topology, off the loop: Allocate and re-plans then do no file IO. Read before the
@@ -770,7 +814,10 @@ class Supervisor:
 
     def _config_dir(self) -> Path | None:
         path = self.settings.config_path
-        return path.absolute().parent if path is not None else None
+        if path is None:
+            return None
+        # --config may name the ConfigMap's directory itself (per-node-group files) or one file in it.
+        return path.absolute() if path.is_dir() else path.absolute().parent
 
     def _classify(self, changed: Path) -> str | None:
         """Which flag a changed path raises, None for files the agent does not care about."""
@@ -785,7 +832,11 @@ class Supervisor:
         is_config = (
             config is not None
             and changed.parent == config_dir
-            and (changed.name == config.name or changed.name.startswith(".."))
+            and (
+                changed.name == config.name
+                or changed.name.startswith("..")
+                or config_dir == config.absolute()
+            )
         )
         if is_config:
             return "config"
