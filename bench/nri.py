@@ -195,12 +195,14 @@ async def _metrics(port: int) -> str:
 
 def _histogram_counts(text: str, method: str) -> list[tuple[float, int]]:
     """(upper bound, cumulative count) of each bucket of `method`'s answer-time histogram."""
-    prefix = f'cpupool_nri_request_duration_seconds_bucket{{method="{method}",le="'
+    # prometheus_client writes labels in name order: le first, then method.
+    prefix = 'cpupool_nri_request_duration_seconds_bucket{le="'
+    suffix = f'",method="{method}"}} '
     buckets = []
     for line in text.splitlines():
-        if line.startswith(prefix):
-            bound, _, count = line[len(prefix) :].partition('"} ')
-            buckets.append((float("inf") if bound == "+Inf" else float(bound), int(count)))
+        if line.startswith(prefix) and suffix in line:
+            bound, _, count = line[len(prefix) :].partition(suffix)
+            buckets.append((float("inf") if bound == "+Inf" else float(bound), int(float(count))))
     return buckets
 
 

@@ -9,13 +9,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import parse_config, validate
 from agent.cpuset import CpuSet
 from agent.health import serve_health
+from agent.metrics import CounterMetric, GaugeMetric, HistogramMetric, MetricLabelError, Metrics
 from agent.plan import build_plan
 from agent.supervisor import housekeeping_cpus
 from tests.emulator import KubeletEmulator
@@ -73,22 +76,29 @@ async def test_health_endpoints(tmp_path: Path) -> None:
 
             status, content_type, metrics = await http_get(port, "/metrics")
             assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
-            lines = metrics.splitlines()
-            assert 'cpupool_resource_registered{resource="cpupool.io/fast"} 1' in lines
-            assert 'cpupool_devices{health="healthy",resource="cpupool.io/fast"} 12' in lines
-            assert 'cpupool_listandwatch_streams{resource="cpupool.io/fast"} 1' in lines
-            assert 'cpupool_config_reloads_total{result="error"} 1' in lines
-            assert "cpupool_config_generation 1" in lines
-            labels = 'method="Allocate",resource="cpupool.io/fast"'
-            assert any(
-                line.startswith(f"cpupool_allocation_duration_seconds_count{{{labels}}} ") for line in lines
-            )
-            labels = 'method="GetPreferredAllocation",resource="cpupool.io/fast",result="ok"'
-            assert f"cpupool_allocations_total{{{labels}}} 1" in lines
-            assert "# TYPE cpupool_allocation_duration_seconds histogram" in lines
+            values = samples(metrics)
+            assert values["cpupool_resource_registered", (("resource", FAST),)] == 1
+            assert values["cpupool_devices", (("health", "healthy"), ("resource", FAST))] == 12
+            assert values["cpupool_listandwatch_streams", (("resource", FAST),)] == 1
+            assert values["cpupool_config_reloads_total", (("result", "error"),)] == 1
+            assert values["cpupool_config_generation", ()] == 1
+            allocate = (("method", "Allocate"), ("resource", FAST))
+            assert values["cpupool_allocation_duration_seconds_count", allocate] >= 1
+            preferred = (("method", "GetPreferredAllocation"), ("resource", FAST), ("result", "ok"))
+            assert values["cpupool_allocations_total", preferred] == 1
+            assert "# TYPE cpupool_allocation_duration_seconds histogram" in metrics.splitlines()
         finally:
             server.cancel()
             await asyncio.gather(server, return_exceptions=True)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics answer by (name, sorted labels), parsed as Prometheus would."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def thread_masks(pid: int) -> set[CpuSet]:
@@ -139,3 +149,93 @@ async def test_agent_pins_itself_to_housekeeping_cpus(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGTERM)
             _, stderr = await asyncio.to_thread(proc.communicate, timeout=15)
         assert '"event": "affinity.pinned"' in stderr
+
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def documented_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The README's metric table: name -> (type, label names)."""
+    table = {}
+    for line in README.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`cpupool_"):
+            labels = tuple(sorted(label.strip() for label in cells[2].split(",") if label.strip()))
+            table[cells[0].strip("`")] = (cells[1], labels)
+    return table
+
+
+def test_every_metric_is_documented_with_its_type_and_labels() -> None:
+    metrics = Metrics()
+    exported = {
+        series.name: (kind, series.labelnames)
+        for series, kind in (
+            (
+                value,
+                {CounterMetric: "counter", GaugeMetric: "gauge", HistogramMetric: "histogram"}[type(value)],
+            )
+            for value in vars(metrics).values()
+            if isinstance(value, CounterMetric | GaugeMetric | HistogramMetric)
+        )
+    }
+    assert exported == documented_metrics()
+
+
+def test_metrics_render_what_was_counted_and_nothing_it_was_not() -> None:
+    metrics = Metrics()
+    # A metric without labels claims nothing until it has a value (0 would say "the kubelet does not count
+    # pooled CPUs" before anyone looked).
+    assert "cpupool_kubelet_counts_pooled_cpus " not in metrics.render()
+    metrics.kubelet_counts_pooled_cpus.set(-1)
+    metrics.nri_adjustments.inc(event="create", outcome="unmapped")
+    metrics.nri_adjustments.inc(2, event="create", outcome="adjusted", kind="exclusive")
+    metrics.nri_seconds.observe(0.0004, method="CreateContainer")
+    metrics.devices.set(12, resource=FAST, health="healthy")
+    metrics.devices.set(2, resource="cpupool.io/other", health="healthy")
+    values = samples(metrics.render())
+    assert values["cpupool_kubelet_counts_pooled_cpus", ()] == -1
+    assert (
+        values["cpupool_nri_adjustments_total", (("event", "create"), ("kind", ""), ("outcome", "unmapped"))]
+        == 1
+    )
+    adjusted = (("event", "create"), ("kind", "exclusive"), ("outcome", "adjusted"))
+    assert values["cpupool_nri_adjustments_total", adjusted] == 2
+    assert (
+        values[
+            "cpupool_nri_request_duration_seconds_bucket", (("le", "0.0005"), ("method", "CreateContainer"))
+        ]
+        == 1
+    )
+    assert (
+        values[
+            "cpupool_nri_request_duration_seconds_bucket", (("le", "0.00025"), ("method", "CreateContainer"))
+        ]
+        == 0
+    )
+    assert metrics.nri_adjustments.get(event="create", outcome="unmapped") == 1
+    assert metrics.nri_seconds.count(method="CreateContainer") == 1
+    assert not any(name.endswith("_created") for name, _ in values)
+
+    # A resource no longer served takes its series along, and only its own.
+    metrics.forget_resource(FAST)
+    values = samples(metrics.render())
+    assert ("cpupool_devices", (("health", "healthy"), ("resource", FAST))) not in values
+    assert values["cpupool_devices", (("health", "healthy"), ("resource", "cpupool.io/other"))] == 2
+    metrics.devices.set(3, resource=FAST, health="healthy")
+    assert samples(metrics.render())["cpupool_devices", (("health", "healthy"), ("resource", FAST))] == 3
+
+
+def test_a_label_a_metric_does_not_have_is_refused_by_name() -> None:
+    with pytest.raises(MetricLabelError, match="cpupool_allocations_total has no label pod"):
+        Metrics().allocations.inc(resource=FAST, method="Allocate", result="ok", pod="web")
+
+
+async def test_counting_starts_no_task_and_no_thread() -> None:
+    """Nothing the agent does for a metric may wake anything up per allocation."""
+    metrics = Metrics()
+    tasks, threads = len(asyncio.all_tasks()), threading.active_count()
+    for _ in range(1000):
+        metrics.allocations.inc(resource=FAST, method="Allocate", result="ok")
+        metrics.allocation_seconds.observe(0.0002, resource=FAST, method="Allocate")
+    assert (len(asyncio.all_tasks()), threading.active_count()) == (tasks, threads)
+    assert metrics.allocations.get(resource=FAST, method="Allocate", result="ok") == 1000
