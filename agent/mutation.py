@@ -22,6 +22,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from agent.annotation import AnnotationError, ContainerSpec, PodAnnotation, annotation_key, parse_annotation
+from agent.claim import KEY_PREFIX as CLAIM_KEY_PREFIX
 from agent.config import DEFAULT_RESOURCE_BASE_NAME, HtPolicy, PoolConfig, PoolSpec, PoolType
 from agent.starter.contract import (
     ANNOTATIONS_FILE,
@@ -265,6 +266,20 @@ def _reserved_env_problems(pod: Mapping[str, Any]) -> list[str]:
                     "these, to tell a container the pool CPUs the kubelet gave it; remove them from env"
                 )
     return problems
+
+
+def _claim_annotation_problems(annotations: Mapping[str, Any], base: str) -> list[str]:
+    """Pod annotations named like an Allocate claim. CRI-O copies a pod's annotations into each of its
+    containers', where the NRI plugin reads claims: a forged one fails its signature anyway, but no pod
+    has a reason to carry one."""
+    prefix = f"{base}/{CLAIM_KEY_PREFIX}"
+    names = sorted(k for k in annotations if isinstance(k, str) and k.startswith(prefix))
+    if not names:
+        return []
+    return [
+        f"annotation {', '.join(names)}: only the kubelet sets {base}/{CLAIM_KEY_PREFIX}* annotations, on "
+        "containers, from the cpupool agent's Allocate answers; remove it from the pod"
+    ]
 
 
 def _check_entry(
@@ -593,7 +608,7 @@ def mutate_pod(pod: Mapping[str, Any], settings: MutationSettings) -> Mutation:
     annotations = _mapping(metadata.get("annotations"), "metadata.annotations")
     containers, ephemeral = _read_containers(pod, base)
 
-    problems = _reserved_env_problems(pod)
+    problems = _reserved_env_problems(pod) + _claim_annotation_problems(annotations, base)
     annotation: PodAnnotation | None = None
     text = annotations.get(settings.annotation)
     if text is not None:

@@ -9,6 +9,7 @@ import pytest
 
 from agent.claim import ClaimError, ClaimKey, annotation_key, read_claims
 from agent.ledger import CLAIM_KEY_FILE, LedgerError, claim_key
+from agent.mutation import MutationSettings, PodRejected, mutate_pod
 from agent.plan import shared_device_id
 from agent.supervisor import load_claim_key
 from tests.harness import running_agent
@@ -122,3 +123,18 @@ async def test_allocate_answers_carry_a_claim_the_agent_verifies_after_a_restart
     assert sorted(claim.device_ids) == sorted(result.device_ids)
     # The claim is an annotation only: nothing in the environment a workload could read and copy.
     assert not any(claim_text in value for value in result.envs.values())
+
+
+def test_the_webhook_refuses_a_pod_that_carries_a_claim_annotation() -> None:
+    pod = {
+        "metadata": {
+            "annotations": {"cpupool.io/claim-fast": "1;cpupool.io/fast;n;r2;AAAA", "other.io/claim-x": "y"}
+        },
+        "spec": {"containers": [{"name": "app", "image": "busybox"}]},
+    }
+    with pytest.raises(PodRejected) as refused:
+        mutate_pod(pod, MutationSettings())
+    assert refused.value.problems == [
+        "annotation cpupool.io/claim-fast: only the kubelet sets cpupool.io/claim-* annotations, on "
+        "containers, from the cpupool agent's Allocate answers; remove it from the pod"
+    ]
