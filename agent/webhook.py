@@ -1,9 +1,11 @@
 """`cpupool webhook`: the mutating admission webhook, an aiohttp HTTPS server.
 
 ``POST /mutate`` answers AdmissionReview ``admission.k8s.io/v1`` for pod CREATE with the JSONPatch of
-`agent.mutation`; ``GET /healthz`` is for probes. The certificate and key are read again whenever their
-content changes (a renewed Secret volume), without a restart: every TLS handshake picks the context loaded
-last, through the SNI callback that OpenSSL runs for each ClientHello, with or without a server name.
+`agent.mutation`; ``GET /healthz`` is for probes, ``GET /metrics`` for Prometheus. The certificate and key
+are read again whenever their content changes (a renewed Secret volume), without a restart: every TLS
+handshake picks the context loaded last, through the SNI callback that OpenSSL runs for each ClientHello, with
+or without a server name. The pool config (a file, or every file of a per-node-group directory) is followed
+the same way: an edit is in force for the next review; a bad edit keeps the last good config and says so.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from agent.config import ConfigError, load_config_file
+from agent.config import (
+    ConfigError,
+    Problem,
+    merged_pools,
+    parse_config,
+    read_config_dir,
+)
 from agent.mutation import MutationSettings, PodRejected, mutate_pod
 
 log = structlog.get_logger(__name__)
@@ -197,10 +205,153 @@ class CertificateStore:
             self.reload_if_changed()
 
 
+# --- the pool config -----------------------------------------------------------------------------
+
+
+class ConfigStore:
+    """The mutation settings of the last good pool config, reloaded when the files change.
+
+    `path` is one config file, or the agent's config directory: the webhook does not know which node a pod
+    will land on, so it takes every file's pools (`agent.config.merged_pools`; one pool type per name is a
+    rule across files). A config that cannot be read or is invalid keeps the last good one: logged, counted
+    (`reloads_error`) and shown as `last_error` until the files are good again."""
+
+    def __init__(self, path: Path | None, *, exclusive_quota: bool = True) -> None:
+        self.path = path
+        self._quota = exclusive_quota
+        self.generation = 0
+        self.reloads_ok = 0
+        self.reloads_error = 0
+        self.last_error: str | None = None
+        # Raises ConfigError: a webhook never starts on a config it cannot use.
+        self._digest, self.current = self._load()
+        self.generation = 1
+
+    def _load(self) -> tuple[bytes, MutationSettings]:
+        """The content's digest and the settings it gives. Raises ConfigError."""
+        path = self.path
+        if path is None:
+            return b"", MutationSettings(exclusive_quota=self._quota)
+        digest = hashlib.sha256()
+        if path.is_dir():
+            try:
+                configs = read_config_dir(path)
+            except OSError as exc:
+                raise ConfigError(str(path), [Problem(None, f"cannot read the directory: {exc}")]) from exc
+            for name, text in sorted(configs.texts.items()):
+                digest.update(f"{name}\0{text}\0".encode())
+            configs.raise_for_problems()
+            if not configs.configs:
+                # No file at all: pool types are unknown, as without --config.
+                return digest.digest(), MutationSettings(exclusive_quota=self._quota)
+            base = next(iter(configs.configs.values())).resource_base_name
+            pools = merged_pools(configs)
+            return digest.digest(), MutationSettings(base, pools, self._quota)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(str(path), [Problem(None, f"cannot read the file: {exc}")]) from exc
+        digest.update(text.encode())
+        config = parse_config(text, str(path))
+        return digest.digest(), MutationSettings.from_config(config, exclusive_quota=self._quota)
+
+    def reload_if_changed(self) -> bool:
+        """Load the config again if its content changed; True when new settings are in force."""
+        try:
+            digest, settings = self._load()
+        except ConfigError as exc:
+            error = str(exc)
+            if error != self.last_error:
+                self.reloads_error += 1
+                self.last_error = error
+                log.error(
+                    "webhook.config_invalid",
+                    source=exc.source,
+                    problems=[p.describe(exc.source) for p in exc.problems],
+                    keeping=f"the last good config (generation {self.generation})",
+                )
+            return False
+        if digest == self._digest:
+            if self.last_error is not None:
+                # Back to the content in force: the earlier error no longer applies.
+                self.last_error = None
+                log.info("webhook.config_error_cleared", reason="the files are back to the config in force")
+            return False
+        self._digest, self.current = digest, settings
+        self.generation += 1
+        self.reloads_ok += 1
+        self.last_error = None
+        log.info(
+            "webhook.config_reloaded",
+            source=str(self.path),
+            generation=self.generation,
+            resource_base_name=settings.resource_base_name,
+            pools=sorted(settings.pools) if settings.pools is not None else None,
+        )
+        return True
+
+    def _directory(self) -> Path | None:
+        if self.path is None:
+            return None
+        return self.path if self.path.is_dir() else self.path.parent
+
+    async def watch(self, recheck_seconds: float = CERT_RECHECK_SECONDS) -> None:
+        """Reload on changes until cancelled. Watches the directory: a ConfigMap volume swaps `..data`."""
+        directory = self._directory()
+        if directory is None:
+            return
+        from watchfiles import awatch  # noqa: PLC0415 - only the server needs it
+
+        try:
+            async for _ in awatch(
+                directory,
+                debounce=100,
+                step=20,
+                rust_timeout=int(recheck_seconds * 1000),
+                yield_on_timeout=True,
+                recursive=False,
+            ):
+                self.reload_if_changed()
+        except (OSError, RuntimeError) as exc:
+            log.warning("webhook.config_watch_failed", reason=str(exc), fallback_seconds=recheck_seconds)
+        while True:
+            await asyncio.sleep(recheck_seconds)
+            self.reload_if_changed()
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "source": str(self.path) if self.path is not None else None,
+            "generation": self.generation,
+            "reloads": self.reloads_ok,
+            "reload_errors": self.reloads_error,
+            # Set while the files on disk are refused and the last good config is in force.
+            "last_error": self.last_error,
+        }
+
+    def metrics(self) -> str:
+        valid = 0 if self.last_error is not None else 1
+        return (
+            "# HELP cpupool_webhook_config_generation Pool configs loaded since start (1: the first).\n"
+            "# TYPE cpupool_webhook_config_generation gauge\n"
+            f"cpupool_webhook_config_generation {self.generation}\n"
+            "# HELP cpupool_webhook_config_reloads_total Config changes applied (ok) or refused (error).\n"
+            "# TYPE cpupool_webhook_config_reloads_total counter\n"
+            f'cpupool_webhook_config_reloads_total{{result="ok"}} {self.reloads_ok}\n'
+            f'cpupool_webhook_config_reloads_total{{result="error"}} {self.reloads_error}\n'
+            "# HELP cpupool_webhook_config_valid 0 while the files on disk are refused (last good in force)\n"
+            "# TYPE cpupool_webhook_config_valid gauge\n"
+            f"cpupool_webhook_config_valid {valid}\n"
+        )
+
+
 # --- the server ---------------------------------------------------------------------------------
 
 
-def make_app(settings: MutationSettings, store: CertificateStore | None = None) -> web.Application:
+def make_app(
+    settings: MutationSettings | ConfigStore, store: CertificateStore | None = None
+) -> web.Application:
+    config = settings if isinstance(settings, ConfigStore) else None
+
     async def mutate(request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             return _bad(f"the body is larger than {MAX_BODY_BYTES} bytes")
@@ -208,8 +359,11 @@ def make_app(settings: MutationSettings, store: CertificateStore | None = None) 
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return _bad(f"the body is larger than {MAX_BODY_BYTES} bytes")
+        # The settings in force now: a config edit applies from the next review on.
+        current = config.current if config is not None else settings
+        assert isinstance(current, MutationSettings)
         try:
-            answer = review(body, settings)
+            answer = review(body, current)
         except BadRequest as exc:
             return _bad(str(exc))
         return web.json_response(answer)
@@ -218,11 +372,20 @@ def make_app(settings: MutationSettings, store: CertificateStore | None = None) 
         body: dict[str, Any] = {"status": "ok"}
         if store is not None:
             body["certificate_reloads"] = store.reloads
+        if config is not None:
+            body["config"] = config.report()
         return web.json_response(body)
+
+    async def metrics(_: web.Request) -> web.Response:
+        text = config.metrics() if config is not None else ""
+        return web.Response(
+            body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app.router.add_post("/mutate", mutate)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -242,23 +405,23 @@ class WebhookOptions:
 
 
 def load_settings(options: WebhookOptions) -> MutationSettings:
-    """Mutation settings from the pool config, read once. Raises ConfigError."""
-    if options.config is None:
-        return MutationSettings(exclusive_quota=options.exclusive_quota)
-    config = load_config_file(options.config)
-    return MutationSettings.from_config(config, exclusive_quota=options.exclusive_quota)
+    """Mutation settings from the pool config as it is now. Raises ConfigError."""
+    return ConfigStore(options.config, exclusive_quota=options.exclusive_quota).current
 
 
 class Webhook:
-    """The running server: owns the aiohttp runner and the certificate watcher task."""
+    """The running server: owns the aiohttp runner and the certificate and config watcher tasks."""
 
-    def __init__(self, settings: MutationSettings, store: CertificateStore, host: str, port: int) -> None:
+    def __init__(
+        self, settings: MutationSettings | ConfigStore, store: CertificateStore, host: str, port: int
+    ) -> None:
         self._settings = settings
         self._store = store
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._config_watcher: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -273,20 +436,25 @@ class Webhook:
         site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._store.server_context)
         await site.start()
         self._watcher = asyncio.create_task(self._store.watch(recheck_seconds), name="webhook-cert-watch")
+        if isinstance(self._settings, ConfigStore):
+            self._config_watcher = asyncio.create_task(
+                self._settings.watch(recheck_seconds), name="webhook-config-watch"
+            )
         log.info("webhook.listening", host=self._host, port=self.port)
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
-            self._watcher = None
+        for task in (self._watcher, self._config_watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._watcher = self._config_watcher = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
 
 
-async def serve(options: WebhookOptions, settings: MutationSettings) -> None:
+async def serve(options: WebhookOptions, settings: MutationSettings | ConfigStore) -> None:
     """Serve until SIGTERM or SIGINT."""
     store = CertificateStore(options.cert, options.key)
     webhook = Webhook(settings, store, options.host, options.port)
@@ -308,7 +476,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8443)
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument(
-        "--config", type=Path, default=None, help="pool config (pool types); without it types are unknown"
+        "--config",
+        type=Path,
+        default=None,
+        help="pool config file or directory (pool types), followed live; without it types are unknown",
     )
     parser.add_argument(
         "--no-exclusive-quota",
@@ -325,7 +496,7 @@ def options_from_args(args: argparse.Namespace) -> WebhookOptions:
 def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     try:
-        settings = load_settings(options)
+        config = ConfigStore(options.config, exclusive_quota=options.exclusive_quota)
         CertificateStore(options.cert, options.key)
     except ConfigError as exc:
         log.error("webhook.config_invalid", reason=str(exc))
@@ -333,6 +504,7 @@ def run(args: argparse.Namespace) -> int:
     except CertificateError as exc:
         log.error("webhook.certificate_invalid", reason=str(exc))
         return EXIT_USAGE
+    settings = config.current
     log.info(
         "webhook.starting",
         config=str(options.config) if options.config else None,
@@ -340,5 +512,5 @@ def run(args: argparse.Namespace) -> int:
         pools=sorted(settings.pools) if settings.pools is not None else None,
         exclusive_quota=settings.exclusive_quota,
     )
-    asyncio.run(serve(options, settings))
+    asyncio.run(serve(options, config))
     return EXIT_OK
