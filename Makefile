@@ -12,7 +12,7 @@ GEN_DIR := agent/kubeletapi
 NRI_PROTO_SRC := protos/github.com/containerd/nri/pkg/api/api.proto
 NRI_GEN_DIR := agent/nriapi
 
-.PHONY: venv helm test lint demo bench protos check-protos clean process-starter nripeer kubelet-peer e2e
+.PHONY: venv helm test lint demo bench protos check-protos clean process-starter nripeer kubelet-peer apiserver-peer e2e
 
 venv: $(STAMP)
 
@@ -39,7 +39,14 @@ kubelet-peer:
 	@if command -v go >/dev/null; then bash tests/kubeletpeer/build.sh >/dev/null; \
 	else echo "go is not installed: the tests against the real kubelet peer will be skipped"; fi
 
-test: $(STAMP) helm nripeer kubelet-peer
+# The real control plane for tests/test_apiserver*.py (kube-apiserver of k8s.io/kubernetes and etcd, one Go
+# binary from tests/apiserver), built once per machine into ${XDG_CACHE_HOME:-~/.cache}/cpupool/apiserver-<hash>/
+# (about 8 minutes cold); without `go` it is skipped and so are those tests, saying why.
+apiserver-peer:
+	@if command -v go >/dev/null; then bash tests/apiserver/build.sh >/dev/null; \
+	else echo "go is not installed: the tests against the real API server will be skipped"; fi
+
+test: $(STAMP) helm nripeer kubelet-peer apiserver-peer
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -5,5 +5,6 @@
 # runs that used many threads.
 import hypothesis  # noqa: F401
 
-# Kubelet peers (the grpcio emulator and the kubelet's own device manager) and their fixtures.
-pytest_plugins = ["tests.peers.fixtures"]
+# Kubelet peers (the grpcio emulator and the kubelet's own device manager) and their fixtures; the real
+# API server (kube-apiserver and etcd from tests/apiserver) and its fixtures.
+pytest_plugins = ["tests.peers.fixtures", "tests.peers.apiserver_fixtures"]
