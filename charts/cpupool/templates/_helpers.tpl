@@ -107,6 +107,32 @@ agent wants a cpu list.
 {{- end }}
 
 {{/*
+One node group's config file (poolconfig-<name>.yaml): its nodeSelector and pools, under the chart's
+resourceBaseName (every file must use the same one). Called with (dict "ctx" . "group" $group).
+*/}}
+{{- define "cpupool.nodeGroupConfig" -}}
+{{- $pools := dict }}
+{{- range $name, $pool := .group.pools }}
+{{- $_ := set $pools $name (merge (dict "cpus" (toString $pool.cpus)) (omit $pool "cpus")) }}
+{{- end }}
+{{- $selector := dict }}
+{{- range $key, $value := .group.nodeSelector }}
+{{- $_ := set $selector $key (toString $value) }}
+{{- end }}
+{{- dict "resourceBaseName" .ctx.Values.resourceBaseName "nodeSelector" $selector "pools" $pools | toYaml }}
+{{- end }}
+
+{{/*
+"true" when the agent reads its Node's labels from the API (node groups, or asked for): it then gets a
+service account token and read-only RBAC on nodes.
+*/}}
+{{- define "cpupool.agentReadsNodeLabels" -}}
+{{- if or .Values.agent.readNodeLabels (gt (len .Values.nodeGroups) 0) -}}
+true
+{{- end -}}
+{{- end }}
+
+{{/*
 The CEL expression of the webhook's matchCondition (see webhook-admission.yaml). Every optional field
 is guarded with has(): an expression error would apply the failure policy to unrelated pods.
 */}}
