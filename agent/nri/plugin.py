@@ -469,12 +469,14 @@ class NriPlugin:
         self.containers[ref.id] = tracked
         return tracked
 
-    async def _record_of(self, pod: PodRef) -> dict[str, Devices] | None:
+    async def _record_of(self, pod: PodRef, share: bool = False) -> dict[str, Devices] | None:
         """The kubelet's record of a pod (container name -> devices): remembered, being read since its
-        sandbox was made, or read now. None when the kubelet does not list the pod; raises
-        AllocationsUnknown."""
+        sandbox was made, or read now (with `share`, in a read the pod's other containers can join).
+        None when the kubelet does not list the pod; raises AllocationsUnknown."""
         per_container = self._pod_devices.get(pod.uid) if pod.uid else None
         fetching = self._fetching.get(pod.uid) if per_container is None and pod.uid else None
+        if fetching is None and per_container is None and share:
+            fetching = self._start_fetch(pod)
         if fetching is not None:
             # Started when the sandbox was made: usually done by now. Shielded, so that our own
             # timeout never cancels it for another container of the pod.
@@ -583,7 +585,7 @@ class NriPlugin:
             if self.containers.get(tracked.id) is not tracked:
                 return  # stopped or removed meanwhile: nothing to correct
             try:
-                per_container = await self._record_of(pod)
+                per_container = await self._record_of(pod, share=True)
             except AllocationsUnknown as exc:
                 if loop.time() + delay > give_up:
                     # The claim stands: it verified, and nothing said otherwise.
@@ -724,11 +726,24 @@ class NriPlugin:
         except WireError as exc:
             log.warning("nri.run_pod_undecodable", reason=str(exc))
             return b""
-        if pod.uid and pod.uid not in self._pod_devices and pod.uid not in self._fetching:
+        if self._claims is not None and self._unclaimed_means_none:
+            # Its containers will be answered from their claims; reading the record now would only
+            # compete with those answers for the loop. It is read after the first answer instead.
+            return b""
+        self._start_fetch(pod)
+        return b""
+
+    def _start_fetch(self, pod: PodRef) -> asyncio.Task[dict[str, Devices] | None] | None:
+        """The read of a pod's record, shared by whoever needs it until it is done; None if there is
+        nothing to read (no UID, or the record is at hand)."""
+        if not pod.uid or pod.uid in self._pod_devices:
+            return None
+        task = self._fetching.get(pod.uid)
+        if task is None:
             task = asyncio.create_task(self._fetch(pod), name=f"nri:fetch:{pod.uid}")
             self._fetching[pod.uid] = task
             task.add_done_callback(lambda done: self._fetched(pod.uid, done))
-        return b""
+        return task
 
     async def _fetch(self, pod: PodRef) -> dict[str, Devices] | None:
         """The pod's allocation, remembered; None when it cannot be had now (CreateContainer asks again)."""

@@ -220,8 +220,12 @@ def crictl(bin_dir: Path, socket: Path, *args: str) -> str:
     )
 
 
-def start_container(bin_dir: Path, socket: Path, work: Path, pod: str) -> int:
-    """A pod (host network) and one busybox container in it, started; returns the container's pid."""
+def start_container(
+    bin_dir: Path, socket: Path, work: Path, pod: str, annotations: dict[str, str] | None = None
+) -> int:
+    """A pod (host network) and one busybox container in it, started; returns the container's pid.
+    `annotations`: the container's CRI annotations, where a kubelet puts its device plugins' Allocate
+    annotations."""
     pod_config = {
         "metadata": {"name": pod, "namespace": "default", "uid": f"{pod}-uid", "attempt": 0},
         "log_directory": str(work / "logs" / pod),
@@ -233,6 +237,7 @@ def start_container(bin_dir: Path, socket: Path, work: Path, pod: str) -> int:
         "command": ["/bin/sleep", "1000000"],
         "log_path": "main.log",
         "linux": {},
+        "annotations": annotations or {},
     }
     (work / f"{pod}.json").write_text(json.dumps(pod_config))
     (work / f"{pod}-main.json").write_text(json.dumps(container))
@@ -319,6 +324,7 @@ async def main() -> int:
                 PodResourcesAllocations(pod_resources),
                 supervisor.metrics,
                 start_after=supervisor.started,
+                claims=supervisor.claims,
             )
             supervisor.plan_listeners.append(plugin.plan_changed)
             nri = asyncio.create_task(plugin.run())
@@ -331,8 +337,11 @@ async def main() -> int:
                             f"the plugin did not connect to containerd's NRI socket: {plugin.last_error}"
                         )
                     await asyncio.sleep(0.1)
-                await emu.allocate("cpupool.io/fast", 1, pod="e2e-pool", container="main")
-                pool_pid = await asyncio.to_thread(start_container, bin_dir, socket, work, "e2e-pool")
+                allocated = await emu.allocate("cpupool.io/fast", 1, pod="e2e-pool", container="main")
+                # As a kubelet does: the Allocate answer's annotations go into the container's CRI config.
+                pool_pid = await asyncio.to_thread(
+                    start_container, bin_dir, socket, work, "e2e-pool", allocated.annotations
+                )
                 plain_pid = await asyncio.to_thread(start_container, bin_dir, socket, work, "e2e-plain")
                 results = {
                     "pool container (holds cpupool.io/fast: 1)": (pool_pid, CpuSet([pooled])),
@@ -348,6 +357,20 @@ async def main() -> int:
                         f"expected {expected.format()}: {'ok' if ok else 'WRONG'}"
                     )
                 print(f"e2e: enforced: {json.dumps(plugin.enforced())}")
+                # The pool container must have been answered from its claim: containerd handed the CRI
+                # container annotations to NRI at CreateContainer (docs/enforcement.md, Claims).
+                counts = supervisor.metrics.nri_adjustments
+                started = time.monotonic()
+                # The emulator lists only pods it admitted: the plain pod's check waits for it in vain.
+                while counts.get(event="claim", outcome="confirmed") < 1 and time.monotonic() - started < 10:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)
+                outcomes = {
+                    o: counts.get(event="claim", outcome=o)
+                    for o in ("claimed", "none", "invalid", "confirmed", "corrected")
+                }
+                claims_ok = outcomes["claimed"] == 1 and outcomes["none"] == 1 and outcomes["confirmed"] == 1
+                failed |= not claims_ok
+                print(f"e2e: claims {outcomes}: {'ok' if claims_ok else 'WRONG'}")
                 return 1 if failed else 0
             finally:
                 with contextlib.suppress(E2EError, subprocess.TimeoutExpired):
