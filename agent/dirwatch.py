@@ -5,6 +5,12 @@ a change, so an idle agent costs no CPU and a change is seen within milliseconds
 used (another OS, a file system without it, the per-user watch limit reached), watchfiles does the work; its
 watcher thread wakes every WATCH_STEP_MS, the price of its portability (measured at about 0.3 % of a core at
 20 ms on a small VM, see docs/benchmarks.md).
+
+The kernel's events are read the moment they arrive (the descriptor is level-triggered: left unread, it would
+make the loop spin until the batch is taken), and a change the caller does not care about wakes no task.
+A directory where only deletions matter for now (the kubelet's device-plugins directory while kubelet.sock
+is there) is watched for deletions only, so the checkpoint the kubelet rewrites there after every allocation
+wakes nothing at all.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import os
 import struct
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -46,6 +53,8 @@ _IN_ONLYDIR = 0x01000000
 _MASK = (
     _IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
 ) | (_IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR)
+# Only entries going away, and the directory itself: a kubelet start deletes every socket first.
+_DELETIONS_MASK = _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, length of the name that follows
 
 
@@ -53,30 +62,43 @@ class WatchLost(OSError):
     """A watched directory was removed or moved away: the caller must set the watch up again."""
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # find_library runs `ldconfig -p` in a child process: once per process, not once per watch (the NRI
+    # plugin sets up a watch on every reconnection attempt).
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        raise OSError("no C library to call inotify through")
+    return ctypes.CDLL(libc_name, use_errno=True)
+
+
 class _Inotify:
     """An inotify descriptor watching some directories (not their subdirectories)."""
 
     def __init__(self, directories: Sequence[Path]) -> None:
-        libc_name = ctypes.util.find_library("c")
-        if libc_name is None:
-            raise OSError("no C library to call inotify through")
-        libc = ctypes.CDLL(libc_name, use_errno=True)
+        libc = _libc()
         fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1 failed")
         self.fd = fd
+        self._libc = libc
         self._dirs: dict[int, Path] = {}
         try:
             for directory in directories:
-                wd = libc.inotify_add_watch(fd, os.fsencode(directory), _MASK)
-                if wd < 0:
-                    errno = ctypes.get_errno()
-                    kind = WatchLost if errno in (ENOENT, ENOTDIR) else OSError
-                    raise kind(errno, f"cannot watch {directory}: {os.strerror(errno)}")
-                self._dirs[wd] = directory
+                self.watch(directory)
         except BaseException:
             os.close(fd)
             raise
+
+    def watch(self, directory: Path, *, deletions_only: bool = False) -> None:
+        """Watch `directory` (again: the kernel replaces the mask of a directory already watched)."""
+        mask = _DELETIONS_MASK if deletions_only else _MASK
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(directory), mask)
+        if wd < 0:
+            errno = ctypes.get_errno()
+            kind = WatchLost if errno in (ENOENT, ENOTDIR) else OSError
+            raise kind(errno, f"cannot watch {directory}: {os.strerror(errno)}")
+        self._dirs[wd] = directory
 
     def read(self) -> set[Path]:
         """The paths named by the pending events; every watched directory when the queue overflowed."""
@@ -113,10 +135,14 @@ async def watch_directories(
     accept: Callable[[Path], bool],
     stop: asyncio.Event,
     quiet_s: float,
+    deletions_only: Callable[[Path], bool] | None = None,
 ) -> AsyncIterator[set[Path]]:
     """Batches of changed paths in `directories` that `accept` keeps; an empty batch after `quiet_s`
     without any (callers use it for a slow content check). A directory itself in a batch means "anything
-    in it may have changed". Ends when `stop` is set; raises WatchLost when a directory goes away."""
+    in it may have changed". Ends when `stop` is set; raises WatchLost when a directory goes away.
+
+    `deletions_only(directory)`, asked before every wait, says that only entries going away matter there
+    until the next batch: such a directory is watched for deletions only (inotify; watchfiles reports all)."""
     try:
         inotify = _Inotify(directories)
     except WatchLost:
@@ -128,10 +154,31 @@ async def watch_directories(
         return
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
-    loop.add_reader(inotify.fd, ready.set)
+    pending: set[Path] = set()
+    lost: list[WatchLost] = []
+
+    def drain() -> None:
+        # Called by the loop whenever the descriptor is readable: read it empty now, so that it stops
+        # being readable, and wake the task only for a change it wants.
+        try:
+            pending.update(path for path in inotify.read() if accept(path))
+        except WatchLost as exc:
+            lost.append(exc)
+            loop.remove_reader(inotify.fd)
+        if pending or lost:
+            ready.set()
+
+    loop.add_reader(inotify.fd, drain)
     stopping = asyncio.ensure_future(stop.wait())
     try:
         while not stop.is_set():
+            if deletions_only is not None:
+                for directory in directories:
+                    # Everything first, then narrow: an entry created between the two calls is either
+                    # reported or seen by the caller's own look at the directory.
+                    inotify.watch(directory)
+                    if deletions_only(directory):
+                        inotify.watch(directory, deletions_only=True)
             waiting = asyncio.ensure_future(ready.wait())
             done, _ = await asyncio.wait(
                 {waiting, stopping}, timeout=quiet_s, return_when=asyncio.FIRST_COMPLETED
@@ -143,9 +190,13 @@ async def watch_directories(
             if stopping in done:
                 waiting.cancel()
                 return
+            # The rest of a burst arrives meanwhile; drain() gathers it.
             await asyncio.sleep(SETTLE_S)
             ready.clear()
-            batch = {path for path in inotify.read() if accept(path)}
+            if lost:
+                raise lost[0]
+            batch = set(pending)
+            pending.clear()
             if batch:
                 yield batch
     finally:

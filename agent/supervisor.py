@@ -844,6 +844,17 @@ class Supervisor:
             return "kubelet"
         return None
 
+    def _deletions_only(self, directory: Path) -> bool:
+        """While kubelet.sock is there, only a deletion in the plugin directory can start a kubelet restart
+        (the kubelet deletes every socket first): the checkpoint it rewrites after each allocation then wakes
+        nothing."""
+        plugin_dir = self.settings.plugin_dir.absolute()
+        return (
+            directory == plugin_dir
+            and directory != self._config_dir()
+            and (plugin_dir / KUBELET_SOCKET).exists()
+        )
+
     async def _watch(self) -> None:
         """Watch the plugin directory and the config's directory (never the config file: a ConfigMap
         volume swaps its `..data` symlink, which a watch on the file sees once, then never)."""
@@ -858,6 +869,7 @@ class Supervisor:
                     accept=lambda path: self._classify(path) is not None,
                     stop=self._stopping,
                     quiet_s=self.settings.config_poll_s,
+                    deletions_only=self._deletions_only,
                 ):
                     if not changes:
                         # Quiet for a while: check the config's content anyway (file systems that do not

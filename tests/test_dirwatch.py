@@ -101,3 +101,44 @@ async def test_missing_directory_is_reported_not_degraded(tmp_path: Path) -> Non
             [tmp_path / "absent"], accept=lambda p: True, stop=asyncio.Event(), quiet_s=30
         ):
             pass
+
+
+async def test_deletions_only_directory_ignores_creations_until_its_socket_goes(tmp_path: Path) -> None:
+    """The plugin directory while kubelet.sock is there: the kubelet's checkpoint rewrites (a temporary file
+    created, then renamed over the checkpoint) reach no one; a deleted socket does, and after it the
+    directory is watched whole again, so the new kubelet.sock is seen."""
+    plugins = tmp_path / "device-plugins"
+    plugins.mkdir()
+    kubelet_sock = plugins / "kubelet.sock"
+    kubelet_sock.write_text("")
+    batches: asyncio.Queue[set[Path]] = asyncio.Queue()
+    stop = asyncio.Event()
+    deletions_only_asked: list[Path] = []
+
+    def deletions_only(directory: Path) -> bool:
+        deletions_only_asked.append(directory)
+        return kubelet_sock.exists()
+
+    async def run() -> None:
+        async for batch in dirwatch.watch_directories(
+            [plugins], accept=lambda p: True, stop=stop, quiet_s=30, deletions_only=deletions_only
+        ):
+            await batches.put(batch)
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0.1)
+    try:
+        for _ in range(3):
+            tmp = plugins / ".kubelet_internal_checkpoint123"
+            tmp.write_text("{}")
+            tmp.rename(plugins / "kubelet_internal_checkpoint")
+        await asyncio.sleep(0.2)
+        assert batches.empty(), "a checkpoint rewrite was reported in a deletions-only directory"
+        kubelet_sock.unlink()
+        assert await collect(batches, kubelet_sock) == {kubelet_sock}
+        kubelet_sock.write_text("")
+        assert kubelet_sock in await collect(batches, kubelet_sock)
+        assert deletions_only_asked and set(deletions_only_asked) == {plugins}
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
