@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 
 from agent.starter.contract import ENV_EXCLUSIVE, STARTER_PATH
 from tests.peers.apiserver import ControlPlane, Doc, HelmCLI, KubeAPI, Response, free_port
-from tests.peers.incluster import LocalWebhook, ProjectedVolume
+from tests.peers.incluster import LocalWebhook, ProjectedVolume, localize_args
 
 CHART = Path(__file__).resolve().parent.parent / "charts" / "cpupool"
 RELEASE = "hook"
@@ -35,6 +36,9 @@ POOLS = {
     "common": {"cpus": "4-5", "pooltype": "shared"},
 }
 APP_IMAGE = "registry.example/app:1"
+# A generous bound on the webhook noticing a ConfigMap volume update (it reacts to file events within a
+# second): the shared machine may be slow, and the point is that no restart is needed.
+CONFIG_RELOAD_WAIT_S = 30.0
 
 
 @dataclass
@@ -42,8 +46,11 @@ class Installed:
     api: KubeAPI
     webhook: LocalWebhook
     config: ProjectedVolume
+    """The webhook's pool-config volume; `project_configmap` again is the kubelet's sync after an edit."""
+    configmap: str
     apps: str
     """A namespace the webhook serves."""
+    values: dict[str, Any]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +68,7 @@ def installed(
     api = kube_apiserver.admin
     # Port 443 (the chart's default) needs root to bind; elsewhere the Service gets a free high port.
     service_port = 443 if os.geteuid() == 0 else free_port()
-    values = {
+    values: dict[str, Any] = {
         "pools": POOLS,
         "webhook": {
             "namespaceSelector": {"matchLabels": {SCOPE_LABEL: "on"}},
@@ -71,7 +78,7 @@ def installed(
     cluster_helm.install(RELEASE, CHART, NAMESPACE, values)
     try:
         manifest = cluster_helm.manifest(RELEASE, NAMESPACE)
-        yield from _serve(api, manifest, tmp_path_factory)
+        yield from _serve(api, manifest, values, tmp_path_factory)
     finally:
         cluster_helm.uninstall(RELEASE, NAMESPACE)
 
@@ -83,7 +90,7 @@ def _one(manifest: list[Doc], kind: str) -> Doc:
 
 
 def _serve(
-    api: KubeAPI, manifest: list[Doc], tmp_path_factory: pytest.TempPathFactory
+    api: KubeAPI, manifest: list[Doc], values: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Installed]:
     """The release's webhook served from here: with what its Deployment mounts, where its
     MutatingWebhookConfiguration sends the API server."""
@@ -92,17 +99,26 @@ def _serve(
     apps = f"apps-{secrets.token_hex(3)}"
     api.create_namespace(apps, {SCOPE_LABEL: "on"})
 
-    volumes = {v["name"]: v for v in _one(manifest, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    deployment = _one(manifest, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in deployment["volumes"]}
+    (container,) = deployment["containers"]
     target = _one(manifest, "MutatingWebhookConfiguration")["webhooks"][0]["clientConfig"]["service"]
     service = api.read("v1", "Service", target["name"], target["namespace"])
     work = tmp_path_factory.mktemp("webhook")
-    tls = ProjectedVolume(work / "tls")
-    secret = tls.project_secret(api, NAMESPACE, volumes["tls"]["secret"]["secretName"])
-    config = ProjectedVolume(work / "config")
-    config.project_configmap(api, NAMESPACE, volumes["pool-config"]["configMap"]["name"])
+    # The pod's volumes, as the kubelet would lay them out, where its mounts point.
+    local: dict[str, Path] = {}
+    projected: dict[str, ProjectedVolume] = {}
+    secret: Doc = {}
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        projected[mount["name"]] = ProjectedVolume(work / mount["name"])
+        local[mount["mountPath"]] = projected[mount["name"]].path
+        if "secret" in volume:
+            secret = projected[mount["name"]].project_secret(api, NAMESPACE, volume["secret"]["secretName"])
+        else:
+            projected[mount["name"]].project_configmap(api, NAMESPACE, volume["configMap"]["name"])
     webhook = LocalWebhook(
-        tls=tls.path,
-        config=config.path,
+        localize_args(container["args"], local),
         # Where kube-proxy would take the API server's connection to the Service.
         host=service["spec"]["clusterIP"],
         port=target["port"],
@@ -111,7 +127,8 @@ def _serve(
         log=work / "webhook.log",
     )
     with webhook:
-        yield Installed(api, webhook, config, apps)
+        configmap = volumes["pool-config"]["configMap"]["name"]
+        yield Installed(api, webhook, projected["pool-config"], configmap, apps, values)
 
 
 def _pod(
@@ -209,6 +226,32 @@ def test_the_release_namespace_is_never_sent_to_the_webhook(installed: Installed
 
     assert answer.status == 201, answer.body
     assert _container(installed.api.read("v1", "Pod", "own", NAMESPACE))["command"] == ["/app"]
+
+
+def test_a_helm_upgrade_of_the_pools_reaches_the_running_webhook(
+    installed: Installed, cluster_helm: HelmCLI
+) -> None:
+    pod = _pod("batch-job", limits={"cpupool.io/batch": "1"}, command=["/job"])
+    before = installed.api.create(pod, installed.apps, dry_run=True)
+    assert before.status == 201, before.body
+    assert any("cpupool.io/batch" in w for w in before.warnings), before.warnings
+    values = {**installed.values, "pools": {**POOLS, "batch": {"cpus": "6-7", "pooltype": "exclusive"}}}
+
+    cluster_helm.upgrade(RELEASE, CHART, NAMESPACE, values)
+    # The kubelet's sync of the ConfigMap volume; the webhook process is not restarted.
+    installed.config.project_configmap(installed.api, NAMESPACE, installed.configmap)
+
+    deadline = time.monotonic() + CONFIG_RELOAD_WAIT_S
+    while (after := installed.api.create(pod, installed.apps, dry_run=True)).warnings:
+        assert time.monotonic() < deadline, f"the webhook still answers with the old pools: {after.warnings}"
+        time.sleep(0.1)
+    assert after.status == 201, after.body
+    container = _container(after.body)
+    assert container["command"] == [STARTER_PATH]
+    # An exclusive pool now, known by type: one CPU plus the starter's headroom.
+    assert container["resources"]["limits"]["cpu"] == "1100m"
+    # The upgrade kept the chart's certificate (the webhook still serves the one it started with).
+    assert installed.webhook.healthz() == 200
 
 
 def test_without_a_serving_webhook_pool_pods_are_refused_not_admitted_unpinned(installed: Installed) -> None:

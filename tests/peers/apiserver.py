@@ -345,11 +345,14 @@ class KubeAPI:
         ).body
         return body
 
-    def create(self, doc: Mapping[str, Any], namespace: str | None = None) -> Response:
-        """POST one object; the raw answer (status, stored object or Status, admission warnings)."""
+    def create(
+        self, doc: Mapping[str, Any], namespace: str | None = None, *, dry_run: bool = False
+    ) -> Response:
+        """POST one object; the raw answer (status, stored object or Status, admission warnings). A dry run
+        goes through validation and admission (webhooks included) and stores nothing."""
         meta = doc["metadata"]
         path = self.path_of(doc["apiVersion"], doc["kind"], namespace=meta.get("namespace") or namespace)
-        return self.request("POST", path, dict(doc))
+        return self.request("POST", path, dict(doc), query={"dryRun": "All"} if dry_run else None)
 
     def read(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> Doc:
         body: Doc = self.get(self.path_of(api_version, kind, name, namespace))

@@ -2,8 +2,10 @@
 
 - `ProjectedVolume`: what the kubelet does for a ConfigMap or Secret volume, from the object in the API
   server: every key a file behind the `..data` symlink, updated by swapping that symlink.
-- `LocalWebhook`: `cpupool webhook` (the real CLI, a subprocess) serving with the chart's TLS Secret and pool
-  ConfigMap, bound to the ClusterIP and port of the chart's Service, where the API server calls it.
+- `localize_args`: a container's command line from the chart, with the paths it has in the pod (its volume
+  mounts) pointed at the local directories that stand in for them.
+- `LocalWebhook`: `cpupool webhook` (the real CLI, a subprocess) run with the chart's command line, TLS Secret
+  and pool ConfigMap, bound to the ClusterIP and port of the chart's Service, where the API server calls it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -71,18 +73,42 @@ class ProjectedVolume:
         return secret
 
 
+class UnmappedPath(Exception):
+    """A container argument names a path in the pod that the test gave no local stand-in for."""
+
+
+def localize_args(args: Sequence[str], paths: Mapping[str, Path]) -> list[str]:
+    """`args` with every `--flag=/path` under a key of `paths` (a path in the pod) moved to its value (the
+    local directory). An absolute path under none of them is an error: the chart grew a path this test
+    does not provide, and running with the pod's path would touch this machine's real one."""
+    prefixes = sorted(paths, key=len, reverse=True)
+    local: list[str] = []
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if eq and value.startswith("/"):
+            prefix = next((p for p in prefixes if value == p or value.startswith(p.rstrip("/") + "/")), None)
+            if prefix is None:
+                raise UnmappedPath(
+                    f"{arg}: no local directory stands in for {value} (mapped: {sorted(paths)})"
+                )
+            local.append(f"{flag}={paths[prefix]}{value[len(prefix) :]}")
+        else:
+            local.append(arg)
+    return local
+
+
 class LocalWebhook:
     """`python -m agent.cli webhook` serving the chart's Service from this machine.
 
-    `tls` holds the chart's Secret (tls.crt, tls.key), `config` its ConfigMap; `host`/`port` are the Service's
-    ClusterIP and port, which the API server dials for a webhook's service reference. `server_name` is the
-    name the API server checks the certificate against (`<service>.<namespace>.svc`)."""
+    `args` is the chart's command line for the webhook container, localized (its TLS and config volumes are
+    projected directories here); `host`/`port` are the Service's ClusterIP and port, which the API server
+    dials for a webhook's service reference, and replace the container's port. `server_name` is the name
+    the API server checks the certificate against (`<service>.<namespace>.svc`)."""
 
     def __init__(
-        self, tls: Path, config: Path, host: str, port: int, server_name: str, ca_pem: bytes, log: Path
+        self, args: Sequence[str], host: str, port: int, server_name: str, ca_pem: bytes, log: Path
     ) -> None:
-        self.tls = tls
-        self.config = config
+        self.args = [a for a in args if not a.startswith(("--port=", "--host="))]
         self.host = host
         self.port = port
         self.server_name = server_name
@@ -100,17 +126,7 @@ class LocalWebhook:
         self.stop()
 
     def start(self) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "webhook",
-            f"--cert={self.tls / 'tls.crt'}",
-            f"--key={self.tls / 'tls.key'}",
-            f"--host={self.host}",
-            f"--port={self.port}",
-            f"--config={self.config / 'poolconfig.yaml'}",
-        ]
+        argv = [sys.executable, "-m", "agent.cli", *self.args, f"--host={self.host}", f"--port={self.port}"]
         with self.log.open("ab") as out:
             self._process = subprocess.Popen(
                 argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
