@@ -9,11 +9,12 @@ an agent whose config needs no labels never loads it (it costs about 6 MiB of RS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
 
@@ -179,14 +180,23 @@ class NodeLabelWatch:
         self.connected.set()
         loop = asyncio.get_running_loop()
         while True:
+            # Typed as an AsyncIterable, made by an async generator (lightkube's GenericAsyncClient.watch).
+            events = cast(
+                "AsyncGenerator[tuple[str, Node], None]",
+                client.watch(
+                    Node,
+                    fields={"metadata.name": self.node_name},
+                    resource_version=version,
+                    server_timeout=WATCH_SERVER_TIMEOUT_S,
+                ),
+            )
             try:
-                async with asyncio.timeout(WATCH_SERVER_TIMEOUT_S + WATCH_CLIENT_GRACE_S) as deadline:
-                    async for kind, obj in client.watch(
-                        Node,
-                        fields={"metadata.name": self.node_name},
-                        resource_version=version,
-                        server_timeout=WATCH_SERVER_TIMEOUT_S,
-                    ):
+                # aclosing: a watch left by the timeout or an error closes its HTTP stream now, not at GC.
+                async with (
+                    asyncio.timeout(WATCH_SERVER_TIMEOUT_S + WATCH_CLIENT_GRACE_S) as deadline,
+                    contextlib.aclosing(events),
+                ):
+                    async for kind, obj in events:
                         deadline.reschedule(loop.time() + WATCH_SERVER_TIMEOUT_S + WATCH_CLIENT_GRACE_S)
                         if obj.metadata is not None and obj.metadata.resourceVersion:
                             version = obj.metadata.resourceVersion
@@ -202,7 +212,7 @@ class NodeLabelWatch:
             except TimeoutError:
                 # A watch that said nothing for longer than the server's own timeout: the connection
                 # is gone without a word. Watch again from the last version seen.
-                log.info("nodelabels.watch_renewed", node=self.node_name, resource_version=version)
+                log.debug("nodelabels.watch_renewed", node=self.node_name, resource_version=version)
             except ApiError as exc:
                 if exc.status.code != 410:
                     raise

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -269,3 +270,58 @@ current-context: x
     assert [e["retry_in_s"] for e in failures[:4]] == [0.01, 0.02, 0.04, 0.04]
     assert "cannot reach the Kubernetes API" in failures[0]["reason"]
     assert watch.labels() is None and "cannot reach" in watch.unknown_reason
+
+
+class ExpiringApi:
+    """A stand-in for lightkube's AsyncClient whose first watch fails with 410 Gone (the resourceVersion is
+    older than the server's watch cache), as after a long disconnection."""
+
+    def __init__(self) -> None:
+        self.gets = 0
+        self.watched_from: list[str | None] = []
+
+    async def get(self, _kind: Any, name: str) -> Any:
+        from lightkube.models.meta_v1 import ObjectMeta  # noqa: PLC0415
+        from lightkube.resources.core_v1 import Node  # noqa: PLC0415
+
+        self.gets += 1
+        group = "edge" if self.gets == 1 else "big"
+        return Node(
+            metadata=ObjectMeta(name=name, labels={"node-group": group}, resourceVersion=str(self.gets))
+        )
+
+    def watch(self, _kind: Any, **options: Any) -> AsyncIterator[tuple[str, Any]]:
+        self.watched_from.append(options["resource_version"])
+        return self._events(len(self.watched_from))
+
+    async def _events(self, number: int) -> AsyncIterator[tuple[str, Any]]:
+        from lightkube.core.exceptions import ApiError  # noqa: PLC0415
+        from lightkube.models.meta_v1 import Status  # noqa: PLC0415
+
+        if number == 1:
+            raise ApiError(status=Status(code=410, message="too old resource version: 1 (50)"))
+        await asyncio.Event().wait()
+        yield ("MODIFIED", None)  # never reached: the test ends while the watch waits
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_an_expired_watch_reads_the_node_again_and_watches_from_there() -> None:
+    api = ExpiringApi()
+    changes: list[int] = []
+    watch = NodeLabelWatch("n1", lambda: changes.append(1), client_factory=lambda: api)
+    watch.labels()
+    task = asyncio.create_task(watch.run())
+    try:
+        for _ in range(500):
+            if len(api.watched_from) >= 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    # First from the get's version; after the 410, a new get and a watch from its version, not a retry with
+    # backoff: the labels the second get brought are in force.
+    assert api.watched_from[:2] == ["1", "2"]
+    assert watch.labels() == {"node-group": "big"} and len(changes) == 2
