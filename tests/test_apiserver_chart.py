@@ -2,9 +2,11 @@
 
 `helm install` must get every object past the real API server's validation and admission (the offline
 schemas of tests/test_chart.py do not run CEL compilation, defaulting or RBAC escalation checks), and
-`helm upgrade` must change the pools while the webhook's self-signed CA, found by the chart's `lookup`
-in the live cluster, stays. The chart's RBAC, applied as rendered, must let the agent's ServiceAccount read
-its Node and nothing it does not need. No kubelet or controller runs: objects are stored, never run.
+`helm upgrade` must change the pools (the fallback file and the node groups' files, as the agent's own
+directory reader chooses them for a node's labels) while the webhook's self-signed CA, found by the chart's
+`lookup` in the live cluster, stays. The chart's RBAC, applied as rendered, must let the agent's
+ServiceAccount read its Node and nothing it does not need. No kubelet or controller runs: objects are
+stored, never run.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from agent.config import parse_config
+from agent.config import read_config_dir, select_config
 from tests.peers.apiserver import ControlPlane, Doc, HelmCLI, KubeAPI
+from tests.peers.incluster import ProjectedVolume
 
 CHART = Path(__file__).resolve().parent.parent / "charts" / "cpupool"
 RELEASE = "install"
@@ -28,6 +31,14 @@ POOLS: dict[str, Any] = {"fast": {"cpus": "2-3", "pooltype": "exclusive"}, "isol
 # The release's webhook configuration must not reach other tests' pods in the same API server.
 WEBHOOK_SCOPE = {"webhook": {"namespaceSelector": {"matchLabels": {"cpupool.test/webhook": RELEASE}}}}
 RBAC_KINDS = ("ServiceAccount", "Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
+# With node groups the agent reads its Node's labels: the chart adds its token and RBAC.
+NODE_GROUPS: dict[str, Any] = {
+    "big": {
+        "nodeSelector": {"node-group": "big"},
+        "pools": {"fast": {"cpus": "2-7", "pooltype": "exclusive"}},
+    },
+}
+BIG = {"node-group": "big"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +51,9 @@ def cluster_helm(
 
 @pytest.fixture(scope="module")
 def release(cluster_helm: HelmCLI) -> Iterator[str]:
-    cluster_helm.install(RELEASE, CHART, NAMESPACE, {"pools": POOLS, **WEBHOOK_SCOPE})
+    cluster_helm.install(
+        RELEASE, CHART, NAMESPACE, {"pools": POOLS, "nodeGroups": NODE_GROUPS, **WEBHOOK_SCOPE}
+    )
     try:
         yield RELEASE
     finally:
@@ -57,11 +70,17 @@ def _one(docs: list[Doc], kind: str) -> Doc:
     return found[0]
 
 
-def _pool_config(api: KubeAPI, manifest: list[Doc]) -> dict[str, tuple[str, str]]:
-    """The pools of the release's ConfigMap as stored, parsed by the agent's own parser."""
-    configmap = _stored(api, _one(manifest, "ConfigMap"))
-    config = parse_config(configmap["data"]["poolconfig.yaml"], "poolconfig.yaml")
-    return {name: (spec.cpus_text, str(spec.type)) for name, spec in config.pools.items()}
+def _pools_for(
+    api: KubeAPI, manifest: list[Doc], labels: dict[str, str], volume: Path
+) -> dict[str, tuple[str, str]]:
+    """The pools a node with `labels` gets from the release's ConfigMap as stored: projected as the kubelet
+    would, then read and chosen by the agent's own directory rules."""
+    ProjectedVolume(volume).project_configmap(api, NAMESPACE, _one(manifest, "ConfigMap")["metadata"]["name"])
+    configs = read_config_dir(volume)
+    configs.raise_for_problems()
+    chosen = select_config(configs, labels).config
+    assert chosen is not None, f"no file for labels {labels}"
+    return {name: (spec.cpus_text, str(spec.type)) for name, spec in chosen.pools.items()}
 
 
 def _webhook_tls(api: KubeAPI, manifest: list[Doc]) -> tuple[dict[str, str], str]:
@@ -72,7 +91,7 @@ def _webhook_tls(api: KubeAPI, manifest: list[Doc]) -> tuple[dict[str, str], str
 
 
 def test_helm_install_stores_every_object_of_the_chart(
-    kube_apiserver: ControlPlane, cluster_helm: HelmCLI, release: str
+    kube_apiserver: ControlPlane, cluster_helm: HelmCLI, release: str, tmp_path: Path
 ) -> None:
     api = kube_apiserver.admin
     manifest = cluster_helm.manifest(release, NAMESPACE)
@@ -94,25 +113,41 @@ def test_helm_install_stores_every_object_of_the_chart(
     assert webhook["matchConditions"][0]["name"] == "cpupool-pods"
     # helm asked the live API server its version (1.37): matchConditions are honoured, so Fail.
     assert webhook["failurePolicy"] == "Fail"
-    assert _pool_config(api, manifest) == {"fast": ("2-3", "exclusive")}
+    assert _pools_for(api, manifest, {}, tmp_path / "config") == {"fast": ("2-3", "exclusive")}
+    assert _pools_for(api, manifest, BIG, tmp_path / "config") == {"fast": ("2-7", "exclusive")}
 
 
 def test_helm_upgrade_changes_the_pools_and_keeps_the_webhook_ca(
-    kube_apiserver: ControlPlane, cluster_helm: HelmCLI, release: str
+    kube_apiserver: ControlPlane, cluster_helm: HelmCLI, release: str, tmp_path: Path
 ) -> None:
     api = kube_apiserver.admin
     manifest = cluster_helm.manifest(release, NAMESPACE)
     before_secret, before_bundle = _webhook_tls(api, manifest)
     new_pools = {
-        "fast": {"cpus": "2-5", "pooltype": "exclusive", "hyperThreadingPolicy": "singleThreaded"},
+        "fast": {"cpus": "2-4", "pooltype": "exclusive"},
         "common": {"cpus": "6-7", "pooltype": "shared"},
         "isolcpus": None,
     }
+    new_groups = {
+        **NODE_GROUPS,
+        "edge": {
+            "nodeSelector": {"node-group": "edge"},
+            "pools": {"fast": {"cpus": "18-19", "pooltype": "exclusive"}},
+        },
+    }
 
-    cluster_helm.upgrade(release, CHART, NAMESPACE, {"pools": new_pools, **WEBHOOK_SCOPE})
+    cluster_helm.upgrade(
+        release, CHART, NAMESPACE, {"pools": new_pools, "nodeGroups": new_groups, **WEBHOOK_SCOPE}
+    )
 
     manifest = cluster_helm.manifest(release, NAMESPACE)
-    assert _pool_config(api, manifest) == {"fast": ("2-5", "exclusive"), "common": ("6-7", "shared")}
+    volume = tmp_path / "config"
+    assert _pools_for(api, manifest, {}, volume) == {
+        "fast": ("2-4", "exclusive"),
+        "common": ("6-7", "shared"),
+    }
+    assert _pools_for(api, manifest, BIG, volume) == {"fast": ("2-7", "exclusive")}
+    assert _pools_for(api, manifest, {"node-group": "edge"}, volume) == {"fast": ("18-19", "exclusive")}
     history = json.loads(
         cluster_helm.run("history", release, "--namespace", NAMESPACE, "--output", "json").stdout
     )
@@ -143,6 +178,8 @@ def _forbidden_requests(namespace: str, node: str, docs: list[Doc]) -> list[tupl
             f"/api/v1/namespaces/{namespace}/configmaps/{_one(docs, 'ConfigMap')['metadata']['name']}",
             None,
         ),
+        # Its own Node by name only: no list of every node (the chart grants get and watch).
+        ("GET", "/api/v1/nodes", None),
         ("GET", "/api/v1/pods", None),
         ("GET", f"/api/v1/namespaces/{namespace}/pods", None),
         ("GET", "/api/v1/namespaces", None),
@@ -161,11 +198,6 @@ def _status(client: KubeAPI, method: str, path: str, body: Any) -> int:
     return client.request(method, path, body, content_type=content_type).status
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12: the chart gives the agent's ServiceAccount no RBAC yet (the agent does not call the "
-    "API until its node-label mode lands); this passes, and the mark goes, when the chart's RBAC lands",
-)
 def test_the_agents_service_account_reads_its_node_and_nothing_else(
     kube_apiserver: ControlPlane, cluster_helm: HelmCLI
 ) -> None:
@@ -174,19 +206,31 @@ def test_the_agents_service_account_reads_its_node_and_nothing_else(
     namespace = f"cpupool-rbac-{secrets.token_hex(3)}"
     release = "rbac"
     api = kube_apiserver.admin
-    docs = cluster_helm.template(release, CHART, namespace, {"pools": POOLS})
+    docs = cluster_helm.template(release, CHART, namespace, {"pools": POOLS, "nodeGroups": NODE_GROUPS})
     rbac = [doc for doc in docs if doc["kind"] in RBAC_KINDS]
     api.create_namespace(namespace)
-    for doc in rbac:
-        api.apply(doc, namespace)
-    daemonset = _one(docs, "DaemonSet")
-    agent_account = _service_account(daemonset)
+    node = f"worker-{secrets.token_hex(3)}"
+    try:
+        for doc in rbac:
+            api.apply(doc, namespace)
+        api.create_node(node, {"cpupool.test/group": "big"})
+        _check_agent_rights(kube_apiserver, docs, namespace, node)
+    finally:
+        # Cluster-scoped objects outlive the namespace: leave the shared API server as it was.
+        for doc in rbac:
+            if doc["kind"].startswith("Cluster"):
+                api.request("DELETE", api.path_for(doc))
+        api.request("DELETE", f"/api/v1/nodes/{node}")
+
+
+def _check_agent_rights(plane: ControlPlane, docs: list[Doc], namespace: str, node: str) -> None:
+    api = plane.admin
+    rbac = [doc for doc in docs if doc["kind"] in RBAC_KINDS]
+    agent_account = _service_account(_one(docs, "DaemonSet"))
     assert any(d["kind"] == "ServiceAccount" and d["metadata"]["name"] == agent_account for d in rbac), (
         f"the agent runs as ServiceAccount {agent_account}, which the chart does not create"
     )
-    node = f"worker-{secrets.token_hex(3)}"
-    api.create_node(node, {"cpupool.test/group": "big"})
-    agent = kube_apiserver.client(api.token_for(namespace, agent_account))
+    agent = plane.client(api.token_for(namespace, agent_account))
 
     # What the agent does: read its Node's labels, then watch it for relabels.
     read = agent.request("GET", f"/api/v1/nodes/{node}")
@@ -205,8 +249,12 @@ def test_the_agents_service_account_reads_its_node_and_nothing_else(
     assert refused == {}, f"the agent's account may do more than it needs: {refused}"
     assert api.read("v1", "Node", node)["metadata"]["labels"].get("stolen") is None
 
-    # The webhook reads its config from a volume: if it has an account of its own, that one gets nothing.
+    # The webhook reads its config from a volume and never calls the API: sharing the agent's account, its
+    # pods get no token of it; with an account of its own, that one may do nothing.
+    webhook_pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
     webhook_account = _service_account(_one(docs, "Deployment"))
-    if webhook_account != agent_account:
-        webhook = kube_apiserver.client(api.token_for(namespace, webhook_account))
+    if webhook_account == agent_account:
+        assert webhook_pod.get("automountServiceAccountToken") is False
+    else:
+        webhook = plane.client(api.token_for(namespace, webhook_account))
         assert webhook.request("GET", f"/api/v1/nodes/{node}").status == 403

@@ -228,14 +228,19 @@ def test_the_release_namespace_is_never_sent_to_the_webhook(installed: Installed
     assert _container(installed.api.read("v1", "Pod", "own", NAMESPACE))["command"] == ["/app"]
 
 
-def test_a_helm_upgrade_of_the_pools_reaches_the_running_webhook(
+def test_a_helm_upgrade_adding_a_node_groups_pool_reaches_the_running_webhook(
     installed: Installed, cluster_helm: HelmCLI
 ) -> None:
     pod = _pod("batch-job", limits={"cpupool.io/batch": "1"}, command=["/job"])
     before = installed.api.create(pod, installed.apps, dry_run=True)
     assert before.status == 201, before.body
     assert any("cpupool.io/batch" in w for w in before.warnings), before.warnings
-    values = {**installed.values, "pools": {**POOLS, "batch": {"cpus": "6-7", "pooltype": "exclusive"}}}
+    # A pool of one node group only: the webhook cannot know the pod's node yet, so every file counts.
+    group = {
+        "nodeSelector": {"node-group": "batch"},
+        "pools": {"batch": {"cpus": "6-7", "pooltype": "exclusive"}},
+    }
+    values = {**installed.values, "nodeGroups": {"batch": group}}
 
     cluster_helm.upgrade(RELEASE, CHART, NAMESPACE, values)
     # The kubelet's sync of the ConfigMap volume; the webhook process is not restarted.

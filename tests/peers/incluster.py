@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import http.client
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -35,13 +36,12 @@ class ProjectedVolume:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._serial = 0
         path.mkdir(parents=True, exist_ok=True)
 
     def write(self, files: Mapping[str, bytes]) -> None:
         """Replace the volume's content at once: a new data directory, then one rename of `..data`."""
-        self._serial += 1
-        data_dir = self.path / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{self._serial:06d}"
+        # The kubelet's name: a timestamp and a random part (two writes in one second never collide).
+        data_dir = self.path / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{secrets.token_hex(5)}"
         data_dir.mkdir()
         for name, content in files.items():
             (data_dir / name).write_bytes(content)
