@@ -591,6 +591,8 @@ class ControlPlane:
         finally:
             for process in reversed(processes):
                 process.stop()
+            # etcd preallocates 64 MB of WAL; pytest keeps the last runs' directories. The logs stay.
+            shutil.rmtree(workdir / "etcd", ignore_errors=True)
 
     def _wait_ready(self, processes: list[_Process]) -> None:
         """Until /readyz says ok (etcd reached, RBAC bootstrap roles and the default ServiceCIDR in place)."""
