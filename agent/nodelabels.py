@@ -49,6 +49,10 @@ class LabelSource(Protocol):
     @property
     def unknown_reason(self) -> str: ...
 
+    async def wait_first(self, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) for the source's first answer, labels or a failure: at start the
+        labels are usually milliseconds away, and choosing without them would mean serving nothing."""
+
 
 class NodeLabelsError(ValueError):
     """A `--node-labels` text that is not `key=value,...`; says which part is wrong."""
@@ -86,6 +90,9 @@ class StaticLabels:
     def unknown_reason(self) -> str:
         return ""
 
+    async def wait_first(self, timeout_s: float) -> None:
+        return None
+
 
 class NodeLabelWatch:
     """The labels of this node's Node object, followed live through a watch.
@@ -111,7 +118,9 @@ class NodeLabelWatch:
         self._backoff_max_s = backoff_max_s
         self._labels: dict[str, str] | None = None
         self._wanted = asyncio.Event()
-        self._reason = "the Kubernetes API has not been asked yet"
+        self._reason = "the Node has not been read from the Kubernetes API yet"
+        # Set by the first answer, good or bad (see wait_first).
+        self._answered = asyncio.Event()
         # For tests and /healthz-style reports: how many times the labels were (re)read and changed.
         self.changes = 0
         self.connected = asyncio.Event()
@@ -124,6 +133,12 @@ class NodeLabelWatch:
     def unknown_reason(self) -> str:
         return self._reason
 
+    async def wait_first(self, timeout_s: float) -> None:
+        self._wanted.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._answered.wait()
+
     async def run(self) -> None:
         """Follow the Node's labels until cancelled (starts only once they are asked for)."""
         await self._wanted.wait()
@@ -133,6 +148,7 @@ class NodeLabelWatch:
                 "spec.nodeName); pass --node-labels instead"
             )
             log.error("nodelabels.no_node_name", reason=self._reason)
+            self._answered.set()
             return
         log.info("nodelabels.starting", node=self.node_name, source="kubernetes api")
         backoff = self._backoff_start_s
@@ -223,6 +239,7 @@ class NodeLabelWatch:
                 self._seen(node, "get")
 
     def _seen(self, node: Any, how: str) -> None:
+        self._answered.set()
         labels = dict(node.metadata.labels or {}) if node.metadata is not None else {}
         if labels == self._labels:
             return
@@ -239,6 +256,7 @@ class NodeLabelWatch:
         self._on_change()
 
     def _failed(self, exc: BaseException, retry_in_s: float) -> None:
+        self._answered.set()
         reason = describe_api_failure(exc, self.node_name or "")
         keeping = "the labels read last" if self._labels is not None else "nothing (labels still unknown)"
         if self._labels is None:

@@ -80,6 +80,8 @@ SLICE_S = 0.001
 UNKNOWN_RECHECK_S = 1.0
 # Plans built while Allocates arrive are built again with them; after this many tries, on the loop.
 PLAN_RETRIES = 3
+# How long the first config read waits for the node's labels (per-node-group configs) before it gives up.
+LABELS_FIRST_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -299,6 +301,11 @@ class Supervisor:
             raise _Unreadable(f"{path}: {exc}") from exc
         configs.raise_for_problems()
         labels = self.node_labels.labels() if self.node_labels is not None and configs.selective else {}
+        if labels is None:
+            assert self.node_labels is not None
+            # At start the first answer is usually milliseconds away; later this returns at once.
+            await self.node_labels.wait_first(LABELS_FIRST_WAIT_S)
+            labels = self.node_labels.labels()
         if labels is None:
             assert self.node_labels is not None
             raise _Unreadable(

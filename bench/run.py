@@ -21,6 +21,7 @@ from bench.lifecycle import idle_figure, memory_figure, reload_figure, reregistr
 from bench.listing import shared_list
 from bench.load import load_figure
 from bench.node import running_node
+from bench.nodeconfig import relabel_figure, webhook_reload_figure
 from bench.nri import QUICK as NRI_QUICK
 from bench.nri import NriSizes, nri_figures
 from bench.replan import replan_figures
@@ -141,6 +142,14 @@ async def run_all(workdir: Path, sizes: Sizes) -> list[Figure]:
         return await nri_figures(workdir / "nri", NRI_QUICK if sizes is QUICK else NriSizes())
 
     await _step("NRI plugin", nri, figures)
+
+    async def nodeconfig() -> list[Figure]:
+        return [
+            await webhook_reload_figure(workdir / "webhook-config", sizes.edits),
+            await relabel_figure(workdir / "relabel", sizes.edits),
+        ]
+
+    await _step("per-node configs: webhook config edits, node relabels", nodeconfig, figures)
     return figures
 
 

@@ -74,6 +74,10 @@ class Labels:
     def unknown_reason(self) -> str:
         return "the test has not set them yet"
 
+    async def wait_first(self, timeout_s: float) -> None:
+        # A source that has answered "unknown" already: the agent must not wait for it.
+        return None
+
     def set(self, labels: dict[str, str]) -> None:
         self.current = labels
         self.on_change()
