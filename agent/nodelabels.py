@@ -108,12 +108,14 @@ class NodeLabelWatch:
         on_change: Callable[[], None],
         *,
         client_factory: Callable[[], AsyncClient] | None = None,
+        service_account_dir: Path = SERVICE_ACCOUNT_DIR,
         backoff_start_s: float = BACKOFF_START_S,
         backoff_max_s: float = BACKOFF_MAX_S,
     ) -> None:
         self.node_name = node_name
         self._on_change = on_change
         self._client_factory = client_factory
+        self._service_account_dir = service_account_dir
         self._backoff_start_s = backoff_start_s
         self._backoff_max_s = backoff_max_s
         self._labels: dict[str, str] | None = None
@@ -182,7 +184,8 @@ class NodeLabelWatch:
 
         # In the cluster: the pod's service account (token, CA, KUBERNETES_SERVICE_HOST); outside it,
         # KUBECONFIG or ~/.kube/config, as kubectl would.
-        return AsyncClient(config=KubeConfig.from_env(), trust_env=False)
+        config = KubeConfig.from_env(service_account=self._service_account_dir)
+        return AsyncClient(config=config, trust_env=False)
 
     async def _follow(self, client: AsyncClient) -> None:
         """One get, then watches from its resourceVersion until one fails (returns only by raising)."""

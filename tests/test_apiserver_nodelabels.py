@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from agent.nodelabels import NodeLabelWatch
 from agent.supervisor import AgentSettings, Supervisor
@@ -87,7 +89,9 @@ class Agent:
 
 
 @asynccontextmanager
-async def agent_following(tmp_path: Path, node: str) -> AsyncIterator[Agent]:
+async def agent_following(
+    tmp_path: Path, node: str, service_account_dir: Path | None = None
+) -> AsyncIterator[Agent]:
     plugin_dir = tmp_path / "device-plugins"
     plugin_dir.mkdir()
     pod_resources = tmp_path / "pod-resources" / "kubelet.sock"
@@ -105,7 +109,11 @@ async def agent_following(tmp_path: Path, node: str) -> AsyncIterator[Agent]:
     )
     async with KubeletEmulator(plugin_dir, pod_resources_socket=pod_resources) as emu:
         supervisor = Supervisor(settings)
-        watch = NodeLabelWatch(node, lambda: supervisor.notify("config"))
+        watch = NodeLabelWatch(
+            node,
+            lambda: supervisor.notify("config"),
+            service_account_dir=service_account_dir or tmp_path / "no-service-account",
+        )
         supervisor.node_labels = watch
         tasks = [asyncio.create_task(supervisor.run()), asyncio.create_task(watch.run())]
         try:
@@ -165,3 +173,30 @@ async def test_without_rights_the_agent_says_why_and_keeps_waiting(
         )
         assert "get and watch on nodes" in agent.watch.unknown_reason
         assert agent.emu.resource(DEDICATED) is None
+
+
+async def test_in_a_pod_the_agent_uses_its_service_account(
+    kube_apiserver: ControlPlane,
+    agent_account: Account,
+    node: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount, and the Service's address
+    # in the environment: the in-cluster path, no kubeconfig anywhere.
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    token = yaml.safe_load(agent_account.kubeconfig.read_text())["users"][0]["user"]["token"]
+    (account / "token").write_text(token)
+    (account / "ca.crt").write_bytes(kube_apiserver.ca_pem)
+    (account / "namespace").write_text(NAMESPACE)
+    address = urllib.parse.urlsplit(kube_apiserver.url)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", address.hostname or "")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(address.port))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+    async with agent_following(tmp_path, node, account) as agent:
+        await agent.emu.wait_devices(DEDICATED, lambda s: lists(s, {"18", "19"}), timeout=30)
+        await asyncio.to_thread(kube_apiserver.admin.label_node, node, {"node-group": "big"})
+        await agent.emu.wait_devices(
+            DEDICATED, lambda s: lists(s, {"2", "3", "4", "5", "6", "7"}), timeout=10
+        )

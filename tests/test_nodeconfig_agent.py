@@ -257,7 +257,13 @@ current-context: x
     )
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    watch = NodeLabelWatch("node-1", lambda: None, backoff_start_s=0.01, backoff_max_s=0.04)
+    watch = NodeLabelWatch(
+        "node-1",
+        lambda: None,
+        service_account_dir=tmp_path / "no-service-account",
+        backoff_start_s=0.01,
+        backoff_max_s=0.04,
+    )
     watch.labels()
     with structlog.testing.capture_logs() as logs:
         task = asyncio.create_task(watch.run())
