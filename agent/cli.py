@@ -59,18 +59,23 @@ def _nri_index(text: str) -> str:
     return text
 
 
+# NRI's defaults for the command line. agent.nri.plugin has them too, but importing it (NRI's generated
+# protocol) would put a quarter of a second before the agent's first registration; a test keeps them equal.
+NRI_SOCKET = Path("/var/run/nri/nri.sock")
+NRI_INDEX = "50"
+
+
 def _add_nri_arguments(agent: argparse.ArgumentParser) -> None:
-    from agent.nri.plugin import DEFAULT_INDEX, DEFAULT_SOCKET  # noqa: PLC0415
     from agent.nri.policy import Policy  # noqa: PLC0415
 
-    agent.add_argument("--nri-socket", type=Path, default=DEFAULT_SOCKET, help="the runtime's NRI socket")
+    agent.add_argument("--nri-socket", type=Path, default=NRI_SOCKET, help="the runtime's NRI socket")
     agent.add_argument(
         "--no-nri", dest="nri", action="store_false", help="do not enforce cpusets through NRI"
     )
     agent.add_argument(
         "--nri-index",
         type=_nri_index,
-        default=DEFAULT_INDEX,
+        default=NRI_INDEX,
         help="NRI plugin index (two digits; plugins run in ascending order, default %(default)s)",
     )
     agent.add_argument(
@@ -96,7 +101,9 @@ def _labels(text: str) -> dict[str, str]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; with `command`, the options of the other commands that need imports of
+    their own (status, webhook) are left out: `cpupool agent` must not load the webhook to start."""
     parser = argparse.ArgumentParser(
         prog="cpupool", description="Kubernetes CPU pools as device plugin resources"
     )
@@ -152,18 +159,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nri_arguments(agent)
     _add_common(agent)
 
-    from agent import status  # noqa: PLC0415 - keeps `cpupool agent` start-up lean
-
     status_cmd = sub.add_parser("status", help="what the agent serves and which pods hold which CPUs")
-    status.add_arguments(status_cmd)
+    if command in (None, "status"):
+        from agent import status  # noqa: PLC0415 - keeps `cpupool agent` start-up lean
+
+        status.add_arguments(status_cmd)
     _add_common(status_cmd)
 
-    from agent import webhook  # noqa: PLC0415
-
     webhook_cmd = sub.add_parser("webhook", help="run the admission webhook that pins pool processes")
-    webhook.add_arguments(webhook_cmd)
+    if command in (None, "webhook"):
+        from agent import webhook  # noqa: PLC0415
+
+        webhook.add_arguments(webhook_cmd)
     _add_common(webhook_cmd)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command word when it comes first (`cpupool agent ...`), else None (options first, or none)."""
+    return argv[0] if argv and not argv[0].startswith("-") else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,7 +207,8 @@ def _reader_gone() -> int:
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command_of(words)).parse_args(words)
     setup_logging(args.log_level, args.log_format)
     command: str = args.command
     if command == "discover":
@@ -408,7 +423,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
             print(f"cpupool agent: {problem}", file=sys.stderr)
             log.error("agent.config_unusable", path=str(args.config), reason=problem)
             return EXIT_USAGE
-    from agent.health import serve_health  # noqa: PLC0415 - aiohttp is only needed by the agent
     from agent.supervisor import AgentSettings, Supervisor, run_until_signalled  # noqa: PLC0415
 
     settings = AgentSettings(
@@ -422,13 +436,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     supervisor = Supervisor(settings)
     extra: list[Callable[[], Coroutine[Any, Any, None]]] = []
     supervisor.node_labels = _label_source(args, supervisor, extra)
-    nri, accounting = _enforcement(args, supervisor, extra)
-    if args.health_port:
-        extra.append(
-            lambda: serve_health(
-                supervisor, args.health_host, args.health_port, nri=nri, accounting=accounting
-            )
-        )
+    extra.append(lambda: _beside_the_device_plugin(args, supervisor))
     log.info(
         "agent.starting",
         config=str(args.config) if args.config else None,
@@ -458,6 +466,56 @@ def _label_source(
     watch = NodeLabelWatch(node_name_from_env(), lambda: supervisor.notify("config"))
     extra.append(watch.run)
     return watch
+
+
+# How long enforcement and the health port wait for the kubelet to take every resource before they start
+# anyway (a kubelet that is down must not keep /healthz away), and how often they look meanwhile.
+SERVING_WAIT_S = 2.0
+SERVING_CHECK_S = 0.01
+
+
+async def _beside_the_device_plugin(args: argparse.Namespace, supervisor: Supervisor) -> None:
+    """NRI enforcement, the kubelet accounting check and the health port, started once the kubelet has
+    every resource (or SERVING_WAIT_S after the first plan): their imports (NRI's generated protocol,
+    aiohttp) took half of the agent's start-up, and the kubelet needs none of them. Owns what it starts."""
+    await supervisor.started.wait()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SERVING_WAIT_S
+    # Start-up only, and bounded: the supervisor has no event for "every resource registered and listed".
+    while not supervisor.ready and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(SERVING_CHECK_S)
+    # In a thread: an Allocate arriving meanwhile is answered between the import's GIL slices.
+    await asyncio.to_thread(_import_beside, args)
+    helpers: list[Callable[[], Coroutine[Any, Any, None]]] = []
+    nri, accounting = _enforcement(args, supervisor, helpers)
+    accounting.plan_changed()  # the plans so far were applied before it listened
+    if args.health_port:
+        from agent.health import serve_health  # noqa: PLC0415
+
+        helpers.append(
+            lambda: serve_health(
+                supervisor, args.health_host, args.health_port, nri=nri, accounting=accounting
+            )
+        )
+    tasks = [asyncio.create_task(start()) for start in helpers]
+    try:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _import_beside(args: argparse.Namespace) -> None:
+    import importlib  # noqa: PLC0415
+
+    names = ["agent.nri.accounting", "agent.nri.view"]
+    if args.nri:
+        names += ["agent.nri.allocations", "agent.nri.plugin"]
+    if args.health_port:
+        names.append("agent.health")
+    for name in names:
+        importlib.import_module(name)
 
 
 def _enforcement(

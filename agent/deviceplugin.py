@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import structlog
 from grpclib import GRPCError
 from grpclib.client import Channel
-from grpclib.const import Handler, Status
+from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import ProtocolError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
@@ -46,6 +46,7 @@ from agent.kubeletapi.v1beta1 import (
 )
 from agent.metrics import Metrics
 from agent.plan import Resource, shared_device_index
+from agent.statusapi import DESCRIBE_PATH, DescribeReply, DescribeRequest, describe
 from agent.wire import (
     AllocateRequestDecoder,
     EncodedListAndWatchResponse,
@@ -102,10 +103,18 @@ def _check_ids(ids: Sequence[object], where: str) -> None:
         raise RequestError(f"{where}: device IDs must be strings (malformed message)")
 
 
-def _guarded(path: str, func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
-    """Any failure other than a gRPC status becomes one, logged: a bad request never surfaces as a crash."""
+def _guarded(
+    path: str, func: Callable[[Any], Awaitable[None]], calls: set[asyncio.Task[Any]]
+) -> Callable[[Any], Awaitable[None]]:
+    """Any failure other than a gRPC status becomes one, logged: a bad request never surfaces as a crash.
+
+    Each call's task stays in `calls` until it has ended (its answer sent), for ResourceServer.close()."""
 
     async def handler(stream: Any) -> None:
+        task = asyncio.current_task()
+        if task is not None and task not in calls:
+            calls.add(task)
+            task.add_done_callback(calls.discard)
         try:
             await func(stream)
         except (GRPCError, asyncio.CancelledError):
@@ -151,6 +160,9 @@ class ResourceServicer(DevicePluginBase):
         self._cpuid_cpus = cpuid_cpus
         self._metrics = metrics
         self._streams: set[_Stream] = set()
+        # Every call being answered (ListAndWatch streams too), tracked by our own handler wrapper: grpclib
+        # has no public list of them.
+        self._calls: set[asyncio.Task[Any]] = set()
         self._progress = asyncio.Event()
         # end_streams() bumps the epoch: streams opened before it end, a server started after it serves anew.
         self._epoch = 0
@@ -163,6 +175,10 @@ class ResourceServicer(DevicePluginBase):
     @property
     def stream_count(self) -> int:
         return len(self._streams)
+
+    def in_flight(self) -> list[asyncio.Task[Any]]:
+        """The calls being answered now (ListAndWatch streams included until they end)."""
+        return [task for task in self._calls if not task.done()]
 
     def update(self, resource: Resource) -> bool:
         """Serve a new device list on every open stream; returns False when nothing changed."""
@@ -189,13 +205,26 @@ class ResourceServicer(DevicePluginBase):
 
     def __mapping__(self) -> dict[str, Handler]:
         mapping = {
-            path: handler._replace(func=_guarded(path, handler.func))
+            path: handler._replace(func=_guarded(path, handler.func, self._calls))
             for path, handler in super().__mapping__().items()
         }
         # The admission-path requests get dedicated decoders (see agent.wire).
         for path, decoder in _DECODERS.items():
             mapping[path] = mapping[path]._replace(request_type=decoder)
+        mapping[DESCRIBE_PATH] = Handler(
+            _guarded(DESCRIBE_PATH, self._describe, self._calls),
+            Cardinality.UNARY_UNARY,
+            DescribeRequest,
+            DescribeReply,
+        )
         return mapping
+
+    async def _describe(self, stream: Any) -> None:
+        """`cpupool status` (agent.statusapi): a summary that is neither a stream nor an allocation."""
+        request = await stream.recv_message()
+        await stream.send_message(
+            await describe(self._resource, self._listing.device_count, len(self._streams), request)
+        )
 
     async def get_device_plugin_options(self, message: Empty) -> DevicePluginOptions:
         return DevicePluginOptions(
@@ -400,6 +429,16 @@ async def _socket_answers(path: Path) -> bool:
     return True
 
 
+# The one grpclib internal the agent relies on (docs/lifecycle.md): grpclib has no public hook for the
+# connections it accepts, and one left open after close() would let the kubelet call a servicer whose plan
+# is gone. A grpclib without it stops the agent at import; tests/test_hardening.py checks it is still called.
+if not callable(getattr(Server, "_protocol_factory", None)):
+    raise ImportError(
+        "grpclib.server.Server._protocol_factory no longer exists: ResourceServer.close() could not drop "
+        "the kubelet's connections; see docs/lifecycle.md"
+    )
+
+
 class _TrackingServer(Server):
     """grpclib's Server, remembering its connections so that close() can end them.
 
@@ -416,15 +455,6 @@ class _TrackingServer(Server):
         protocol = super()._protocol_factory()
         self.protocols.add(protocol)
         return protocol
-
-    def in_flight(self) -> list[asyncio.Task[None]]:
-        """The calls being answered now (ListAndWatch streams included until they end)."""
-        return [
-            task
-            for handler in self._handlers
-            for task in getattr(handler, "_tasks", {}).values()
-            if not task.done()
-        ]
 
     def open_connections(self) -> list[H2Protocol]:
         # `connection` is set once the transport is made; Connection.is_closing() is grpclib's public test.
@@ -496,7 +526,7 @@ class ResourceServer:
         self.servicer.end_streams()
         server, self._server = self._server, None
         if server is not None:
-            in_flight = server.in_flight()
+            in_flight = self.servicer.in_flight()
             if in_flight:
                 await asyncio.wait(in_flight, timeout=grace_s)
             server.close()

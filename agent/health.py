@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
 
-from agent.nri.accounting import AccountingMonitor
-from agent.nri.plugin import NriPlugin
-from agent.supervisor import Supervisor
+if TYPE_CHECKING:
+    # Types only: with --no-nri the agent never loads NRI's protocol.
+    from agent.nri.accounting import AccountingMonitor
+    from agent.nri.plugin import NriPlugin
+    from agent.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
 

@@ -1,7 +1,8 @@
 """`cpupool status`: what the agent serves, and which pods hold which CPUs.
 
-Asks the agent's own sockets (the first ListAndWatch list, and Allocate, which is side-effect free and
-idempotent, to turn device IDs into CPUs) and the kubelet's PodResources API (who holds which IDs).
+Asks each of the agent's sockets its status method (agent.statusapi: a summary, and the CPUs of the IDs each
+holder has; it is neither a ListAndWatch stream nor an Allocate, so nothing is counted or held for it) and the
+kubelet's PodResources API (who holds which IDs).
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from grpclib import GRPCError
-from grpclib.client import Channel
+from grpclib.client import Channel, UnaryUnaryMethod
+from grpclib.exceptions import ProtocolError, StreamTerminatedError
 
-from agent.kubeletapi.v1beta1 import (
-    AllocateRequest,
-    ContainerAllocateRequest,
-    DevicePluginStub,
-    Empty,
-)
-from agent.podresources import PodResourcesError, list_assignments
+from agent.podresources import Assignment, PodResourcesError, list_raw
+from agent.protowire import LEN, fields
+from agent.statusapi import DESCRIBE_PATH, DescribeReply, DescribeRequest
 
 SOCKET_PREFIX = "cpupool-"
+# Per call; a 200,000-device pool answers in a fraction of it.
+CALL_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -44,6 +44,8 @@ class ServedResource:
     devices: int
     healthy: int
     cpus: str
+    # Open ListAndWatch streams: 1 while the kubelet watches the resource.
+    streams: int = 0
     holders: list[Holder] = field(default_factory=list)
 
 
@@ -60,78 +62,149 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def _cpus_of(stub: DevicePluginStub, ids: list[str]) -> tuple[str, str]:
-    """(resource name, CPU list) for these IDs, read from Allocate's annotation ``<base>/cpus-<pool>``."""
-    reply = await stub.allocate(
-        AllocateRequest(container_requests=[ContainerAllocateRequest(devices_ids=ids)]), timeout=5
-    )
-    for key, value in reply.container_responses[0].annotations.items():
-        base, _, rest = key.partition("/")
-        if rest.startswith("cpus-"):
-            return f"{base}/{rest.removeprefix('cpus-')}", value
-    return "", ""
-
-
-async def _describe(socket: Path) -> ServedResource | None:
+async def _ask(socket: Path, holders: list[list[str]]) -> DescribeReply:
     channel = Channel(path=str(socket))
     try:
-        stub = DevicePluginStub(channel)
-        options = await stub.get_device_plugin_options(Empty(), timeout=5)
-        devices = []
-        stream = stub.list_and_watch(Empty(), timeout=5)
-        try:
-            async for first in stream:
-                devices = list(first.devices)
-                break
-        finally:
-            # The generated client returns an async generator: close it so the stream ends now.
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        healthy = [d.id for d in devices if d.health == "Healthy"]
-        ids = [d.id for d in devices]
-        name, cpus = await _cpus_of(stub, ids) if ids else ("", "")
-        return ServedResource(
-            resource=name or socket.name,
-            socket=socket.name,
-            preferred_allocation=options.get_preferred_allocation_available,
-            devices=len(devices),
-            healthy=len(healthy),
-            cpus=cpus,
+        method: UnaryUnaryMethod[DescribeRequest, DescribeReply] = UnaryUnaryMethod(
+            channel, DESCRIBE_PATH, DescribeRequest, DescribeReply
         )
-    except (GRPCError, OSError, TimeoutError) as exc:
-        print(f"cpupool status: {socket}: {exc!r}", file=sys.stderr)
-        return None
+        return await method(DescribeRequest.of(holders), timeout=CALL_TIMEOUT_S)
     finally:
         channel.close()
 
 
+async def _describe(socket: Path) -> ServedResource | None:
+    try:
+        reply = await _ask(socket, [])
+    except (GRPCError, OSError, TimeoutError, StreamTerminatedError, ProtocolError, ValueError) as exc:
+        print(f"cpupool status: {socket}: {exc!r}", file=sys.stderr)
+        return None
+    return ServedResource(
+        resource=reply.resource,
+        socket=socket.name,
+        preferred_allocation=reply.preferred_allocation,
+        devices=reply.devices,
+        healthy=reply.healthy,
+        cpus=reply.cpus,
+        streams=reply.streams,
+    )
+
+
+def assignments(data: bytes) -> list[Assignment]:
+    """Every container's device IDs per resource, from a serialized PodResources List answer.
+
+    The generic decoder takes seconds when a pod holds 150,000 millicpus; this reads only what status shows.
+    ListPodResourcesResponse.pod_resources = 1; PodResources: name = 1, namespace = 2, containers = 3;
+    ContainerResources: name = 1, devices = 2; ContainerDevices: resource_name = 1, device_ids = 2."""
+    found = []
+    for number, pod in fields(data):
+        if number != 1 or not isinstance(pod, bytes):
+            continue
+        name = namespace = ""
+        containers = []
+        for key, value in fields(pod):
+            if isinstance(value, bytes):
+                if key == 1:
+                    name = value.decode()
+                elif key == 2:
+                    namespace = value.decode()
+                elif key == 3:
+                    containers.append(value)
+        for container in containers:
+            container_name = ""
+            by_resource: dict[bytes, list[str]] = {}
+            for key, value in fields(container):
+                if key == 1 and isinstance(value, bytes):
+                    container_name = value.decode()
+                elif key == 2 and isinstance(value, bytes):
+                    _device_entry(value, by_resource)
+            found += [
+                Assignment(namespace, name, container_name, resource.decode(), tuple(ids))
+                for resource, ids in by_resource.items()
+            ]
+    return found
+
+
+def _device_entry(entry: bytes, by_resource: dict[bytes, list[str]]) -> None:
+    """One ContainerDevices message into `by_resource`. The kubelet sends one per device (each with its NUMA
+    node), so this is the hot loop: one-byte keys and lengths are read inline, anything else by `fields`."""
+    resource = b""
+    ids: list[str] = []
+    pos, end = 0, len(entry)
+    while pos + 1 < end:
+        key, length = entry[pos], entry[pos + 1]
+        if key & 0x80 or length & 0x80 or key & 7 != LEN:
+            break
+        stop = pos + 2 + length
+        if stop > end:
+            raise ValueError("truncated ContainerDevices field")
+        if key == 0x0A:
+            resource = entry[pos + 2 : stop]
+        elif key == 0x12:
+            ids.append(entry[pos + 2 : stop].decode())
+        pos = stop
+    else:
+        if pos == end:
+            by_resource.setdefault(resource, []).extend(ids)
+            return
+    resource = b""
+    ids = []
+    for key, value in fields(entry):
+        if key == 1 and isinstance(value, bytes):
+            resource = value
+        elif key == 2 and isinstance(value, bytes):
+            ids.append(value.decode())
+    by_resource.setdefault(resource, []).extend(ids)
+
+
+async def _pod_assignments(socket: Path) -> list[Assignment]:
+    try:
+        return assignments(await list_raw(socket, timeout_s=CALL_TIMEOUT_S))
+    except ValueError as exc:
+        raise PodResourcesError(f"{socket}: List answer is malformed: {exc}") from exc
+
+
 async def collect(plugin_dir: Path, pod_resources: Path) -> tuple[list[ServedResource], str | None]:
     sockets = await asyncio.to_thread(lambda: sorted(plugin_dir.glob(f"{SOCKET_PREFIX}*.sock")))
-    found = [r for r in await asyncio.gather(*(_describe(s) for s in sockets)) if r is not None]
+    # The agent's sockets and the kubelet's record are asked at once.
+    describing = asyncio.gather(*(_describe(s) for s in sockets))
     try:
-        assignments = await list_assignments(pod_resources)
+        held: list[Assignment] | str = await _pod_assignments(pod_resources)
     except PodResourcesError as exc:
-        return found, str(exc)
+        held = str(exc)
+    finally:
+        found = [r for r in await describing if r is not None]
+    if isinstance(held, str):
+        return found, held
     by_name = {r.resource: r for r in found}
     # The kubelet reports one entry per device (each with its own NUMA topology): group them per container.
-    held: dict[tuple[str, str, str], list[str]] = {}
-    for item in assignments:
+    grouped: dict[tuple[str, str, str], list[str]] = {}
+    for item in held:
         if item.resource in by_name:
-            held.setdefault((item.resource, f"{item.namespace}/{item.pod}", item.container), []).extend(
-                item.device_ids
-            )
-    for (name, pod, container), ids in held.items():
-        resource = by_name[name]
-        channel = Channel(path=str(plugin_dir / resource.socket))
-        try:
-            _, cpus = await _cpus_of(DevicePluginStub(channel), ids)
-        except (GRPCError, OSError, TimeoutError) as exc:
-            cpus = f"? ({exc!r})"
-        finally:
-            channel.close()
-        resource.holders.append(Holder(pod, container, ids, cpus))
+            key = (item.resource, f"{item.namespace}/{item.pod}", item.container)
+            grouped.setdefault(key, []).extend(item.device_ids)
+    per_resource: dict[str, list[tuple[str, str, list[str]]]] = {}
+    for (name, pod, container), ids in grouped.items():
+        per_resource.setdefault(name, []).append((pod, container, ids))
+    await asyncio.gather(*(_resolve(plugin_dir, by_name[n], h) for n, h in per_resource.items()))
     return found, None
+
+
+async def _resolve(
+    plugin_dir: Path, resource: ServedResource, holders: list[tuple[str, str, list[str]]]
+) -> None:
+    """Ask the agent which CPUs each holder's IDs mean (one call for every holder of the resource)."""
+    try:
+        reply = await _ask(plugin_dir / resource.socket, [ids for _, _, ids in holders])
+        answers = [
+            r.cpus + (f" (+{r.unknown} IDs unknown to the agent)" if r.unknown else "") for r in reply.holders
+        ]
+        if len(answers) != len(holders):
+            raise ValueError(f"{len(answers)} answers for {len(holders)} holders")
+    except (GRPCError, OSError, TimeoutError, StreamTerminatedError, ProtocolError, ValueError) as exc:
+        answers = [f"? ({exc!r})"] * len(holders)
+    for (pod, container, ids), cpus in zip(holders, answers, strict=True):
+        resource.holders.append(Holder(pod, container, ids, cpus))
 
 
 async def fetch_enforcement(agent_url: str) -> dict[str, Any]:

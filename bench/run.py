@@ -24,6 +24,7 @@ from bench.node import running_node
 from bench.nodeconfig import relabel_figure, webhook_reload_figure
 from bench.nri import QUICK as NRI_QUICK
 from bench.nri import NriSizes, nri_figures
+from bench.realpath import REAL_QUICK, RealSizes, real_path_figures
 from bench.replan import replan_figures
 from bench.report import Figure, build_report, render, write_report
 from bench.rpc import allocate_round_trip, preferred_pure, preferred_rpc
@@ -150,6 +151,11 @@ async def run_all(workdir: Path, sizes: Sizes) -> list[Figure]:
         ]
 
     await _step("per-node configs: webhook config edits, node relabels", nodeconfig, figures)
+
+    async def real_path() -> list[Figure]:
+        return await real_path_figures(workdir / "real", REAL_QUICK if sizes is QUICK else RealSizes())
+
+    await _step("real path: the kubelet's own device manager (tests/kubeletpeer)", real_path, figures)
     return figures
 
 

@@ -230,3 +230,37 @@ def test_check_config_accepts_present_but_offline_cpus(
     data = json.loads(capsys.readouterr().out)
     assert data["valid"] is True
     assert any("CPUs 5,7 are present but offline" in warning for warning in data["warnings"])
+
+
+def test_agent_start_path_leaves_out_the_webhook_status_nri_and_http() -> None:
+    """`cpupool agent` loads what the device plugin needs before its first registration; the webhook, the
+    status client, NRI's generated protocol and aiohttp load later or never (they were half its start-up)."""
+    probe = (
+        "import sys; from agent import cli; "
+        "args = cli.build_parser(cli._command_of(['agent'])).parse_args(['agent']); "
+        "import agent.supervisor; "
+        "late = ('agent.webhook', 'agent.status', 'agent.mutation', 'agent.nri.plugin', 'agent.nriapi', "
+        "'aiohttp'); "
+        "print(sorted(m for m in late if m in sys.modules)); print(args.nri_socket, args.nri_index)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded, defaults = done.stdout.splitlines()
+    assert loaded == "[]"
+    from agent.nri.plugin import DEFAULT_INDEX, DEFAULT_SOCKET  # noqa: PLC0415
+
+    # The command line's NRI defaults are NRI's own, though the agent does not import the plugin to parse.
+    assert defaults == f"{DEFAULT_SOCKET} {DEFAULT_INDEX}"
+
+
+def test_every_command_parses_its_own_options_when_named_first() -> None:
+    from agent.cli import build_parser  # noqa: PLC0415
+
+    full = build_parser()
+    for argv in (["status", "--help"], ["webhook", "--help"]):
+        with pytest.raises(SystemExit) as exited:
+            build_parser(argv[0]).parse_args(argv)
+        assert exited.value.code == 0
+    argv = ["webhook", "--cert", "c", "--key", "k"]
+    assert build_parser("webhook").parse_args(argv) == full.parse_args(argv)

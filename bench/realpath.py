@@ -1,0 +1,339 @@
+"""The real path: `cpupool agent` in its own process, driven by the kubelet's own device manager.
+
+The kubelet is tests/kubeletpeer (k8s.io/kubernetes' devicemanager and PodResources server, in Go), driven
+over JSON lines by tests.peers.KubeletPeer and built once per machine by the same builder the tests use.
+An admission there is what a kubelet does for a container: GetPreferredAllocation and Allocate on the
+agent's socket, then the checkpoint file rewritten in the device-plugins directory the agent watches.
+
+Times:
+- Allocate is the device manager's own `Allocate` call, timed inside the peer (`allocate_s` of its reply):
+  the driver's round trip also holds JSON lines and the peer's state snapshots, which a kubelet never pays.
+- Start is from just before the agent's exec until the peer logged the last resource's first device list
+  with every device healthy ("Processed device updates"; stamped with CLOCK_MONOTONIC, this process's
+  time.monotonic()), i.e. every resource allocatable at the kubelet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.agentproc import AgentProcess
+from bench.hosts import DUAL64_CONFIG, dual64, shared_pool_config, wide200
+from bench.report import Figure, Target
+from bench.stats import summary_ms
+from tests.harness import ConfigMapDir
+from tests.peers import KubeletPeer, PeerBuildError, PeerUnavailable, find_or_build
+
+MIB = 1024
+EXCLUSIVE = "cpupool.io/dedicated"
+SHARED = "cpupool.io/shared"
+# DUAL64_CONFIG: 48 CPUs, 32 whole cores, 12 shared CPUs.
+THREE_POOLS = {EXCLUSIVE: 48, "cpupool.io/dedicated-ht": 32, SHARED: 12_000}
+BIG = "cpupool.io/big"
+BIG_POOL = {BIG: 200_000}
+WARMUP = 20
+
+
+@dataclass(frozen=True)
+class RealSizes:
+    allocations: int = 500
+    idle_s: float = 20.0
+    starts: int = 3
+
+
+REAL_QUICK = RealSizes(allocations=30, idle_s=2.0, starts=1)
+
+
+@dataclass
+class _Started:
+    spawned_at: float
+    ready_at: float
+    registered_at: dict[str, float]
+    first_log_at: float | None
+
+
+class _RealNode:
+    """A peer kubelet and the agent process on one fake host; the agent is spawned by `start_agent`."""
+
+    def __init__(self, workdir: Path, binary: Path, root: Path, config: str) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.plugin_dir = workdir / "device-plugins"
+        self.plugin_dir.mkdir(exist_ok=True)
+        self.pod_resources = workdir / "pod-resources" / "kubelet.sock"
+        self.configmap = ConfigMapDir(workdir / "config")
+        self.configmap.write(config)
+        self.root = root
+        self.kubelet = KubeletPeer(self.plugin_dir, self.pod_resources, binary=binary, rpc_timeout=60.0)
+
+    def agent(self, run: int) -> AgentProcess:
+        return AgentProcess(
+            root=self.root,
+            plugin_dir=self.plugin_dir,
+            config=self.configmap.file,
+            pod_resources=self.pod_resources,
+            log_path=self.workdir / f"agent-{run}.log",
+        )
+
+    async def start_agent(self, agent: AgentProcess, expected: dict[str, int]) -> _Started:
+        """Spawn the agent and wait until every resource has all its devices healthy at the kubelet."""
+        seen = len(self.kubelet.list_and_watch_messages)
+        spawned = time.monotonic()
+        agent.start()
+
+        def ready_at() -> float | None:
+            agent.check_alive()
+            stamps = []
+            for name, count in expected.items():
+                stamp = next(
+                    (
+                        r.at
+                        for r in self.kubelet.list_and_watch_messages[seen:]
+                        if r.resource == name and r.healthy_count == count
+                    ),
+                    None,
+                )
+                if stamp is None:
+                    return None
+                stamps.append(stamp)
+            return max(stamps)
+
+        await self.kubelet.wait_for(
+            lambda: ready_at() is not None, timeout=60, what="every resource allocatable at the kubelet"
+        )
+        ready = ready_at()
+        assert ready is not None
+        registered = {}
+        for record in self.kubelet.registrations:
+            if record.accepted and record.at >= spawned and record.resource in expected:
+                registered.setdefault(record.resource, record.at)
+        events = agent.log_events()
+        return _Started(spawned, ready, registered, events[0][0] if events else None)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def _start_values(runs: list[_Started]) -> dict[str, object]:
+    totals = [r.ready_at - r.spawned_at for r in runs]
+    last = runs[-1]
+    breakdown: dict[str, float] = {}
+    if last.first_log_at is not None:
+        breakdown["exec_to_first_log"] = _ms(last.first_log_at - last.spawned_at)
+    if last.registered_at:
+        breakdown["exec_to_last_register"] = _ms(max(last.registered_at.values()) - last.spawned_at)
+    return {
+        "max_ms": _ms(max(totals)),
+        "runs_ms": [_ms(t) for t in totals],
+        "last_run_breakdown_ms": breakdown,
+    }
+
+
+async def _allocations(
+    node: _RealNode, agent: AgentProcess, resource: str, count: int, calls: int, tag: str
+) -> tuple[list[float], float, int]:
+    """`calls` admissions of one container asking `count` of `resource`, each pod removed after; returns
+    the device manager's Allocate times, the agent's CPU seconds and its context switches over the
+    counted calls (warm-up excluded)."""
+    kubelet = node.kubelet
+    samples: list[float] = []
+    cpu = switches = 0.0
+    for i in range(WARMUP + calls):
+        if i == WARMUP:
+            cpu, switches = agent.cpu_seconds(), agent.wakeups()
+        pod = f"{tag}-{i}"
+        result = await kubelet.admit({resource: count}, pod=pod)
+        if i >= WARMUP:
+            samples.append(float(result["allocate_s"]))
+        await kubelet.remove_pod(pod)
+    return samples, agent.cpu_seconds() - cpu, int(agent.wakeups() - switches)
+
+
+async def _warm_up(node: _RealNode, expected: dict[str, int]) -> None:
+    """One start that is not counted: it compiles the bytecode a node's image ships compiled."""
+    agent = node.agent(0)
+    try:
+        await node.start_agent(agent, expected)
+    finally:
+        await agent.stop()
+
+
+async def _idle(agent: AgentProcess, seconds: float) -> tuple[float, int, float]:
+    cpu, wakeups, wall = agent.cpu_seconds(), agent.wakeups(), time.monotonic()
+    await asyncio.sleep(seconds)
+    return agent.cpu_seconds() - cpu, agent.wakeups() - wakeups, time.monotonic() - wall
+
+
+async def three_pools(workdir: Path, binary: Path, sizes: RealSizes) -> list[Figure]:
+    node = _RealNode(workdir, binary, dual64(workdir / "host"), DUAL64_CONFIG)
+    figures: list[Figure] = []
+    async with node.kubelet:
+        await _warm_up(node, THREE_POOLS)
+        runs: list[_Started] = []
+        for run in range(1, sizes.starts + 1):
+            agent = node.agent(run)
+            try:
+                runs.append(await node.start_agent(agent, THREE_POOLS))
+            finally:
+                if run < sizes.starts:
+                    await agent.stop()
+        # The last agent stays for the figures below.
+        try:
+            rss_start = agent.rss_kib()
+            await asyncio.sleep(6.0)  # the held record's confirming read after start-up, and garbage
+            idle_cpu, idle_wakeups, idle_wall = await _idle(agent, sizes.idle_s)
+            exclusive, ex_cpu, ex_sw = await _allocations(
+                node, agent, EXCLUSIVE, 1, sizes.allocations, "ex"
+            )
+            shared, sh_cpu, sh_sw = await _allocations(node, agent, SHARED, 500, sizes.allocations, "sh")
+            rss_end = agent.rss_kib()
+            peak = agent.peak_rss_kib()
+        finally:
+            status = await agent.stop()
+    n = sizes.allocations
+    figures.append(
+        Figure(
+            "real_start_three_pools",
+            "Real path: agent exec -> every resource allocatable at the kubelet (3 pools, 12,080 devices)",
+            _start_values(runs),
+            [Target("max_ms", 250.0, "ms")],
+            ["the kubelet's device manager logs the list with every device healthy; runs of a fresh agent"],
+        )
+    )
+    figures.append(
+        Figure(
+            "real_allocate_exclusive",
+            "Real path: Allocate of 1 exclusive CPU by the kubelet's device manager "
+            "(GetPreferredAllocation, Allocate, checkpoint)",
+            {
+                **summary_ms(exclusive),
+                "agent_cpu_ms_per_allocation": round(ex_cpu / n * 1000, 3),
+                "agent_context_switches_per_allocation": round(ex_sw / n, 1),
+            },
+            [Target("p50_ms", 2.0, "ms"), Target("p99_ms", 6.0, "ms")],
+            [
+                "devicemanager.Allocate timed inside the peer; each pod is removed after (another checkpoint "
+                "write); the agent's CPU and context switches cover admission and removal"
+            ],
+        )
+    )
+    figures.append(
+        Figure(
+            "real_allocate_shared",
+            "Real path: Allocate of 500 shared millicpus by the kubelet's device manager",
+            {
+                **summary_ms(shared),
+                "agent_cpu_ms_per_allocation": round(sh_cpu / n * 1000, 3),
+                "agent_context_switches_per_allocation": round(sh_sw / n, 1),
+            },
+            [Target("p50_ms", 5.0, "ms"), Target("p99_ms", 12.0, "ms")],
+        )
+    )
+    figures.append(
+        Figure(
+            "real_agent_cpu_per_allocation",
+            "Real path: agent CPU time per allocation (exclusive and shared runs together)",
+            {"cpu_ms": round((ex_cpu + sh_cpu) / (2 * n) * 1000, 3), "n": 2 * n},
+            [Target("cpu_ms", 1.0, "ms")],
+            ["utime+stime of the agent process (10 ms ticks) over every counted admission and removal"],
+        )
+    )
+    figures.append(
+        Figure(
+            "real_idle_cpu",
+            f"Real path: agent idle CPU over {sizes.idle_s:g} s against the kubelet's device manager",
+            {
+                "cpu_ms": round(idle_cpu * 1000),
+                "context_switches_per_s": round(idle_wakeups / idle_wall, 2),
+            },
+            [Target("cpu_ms", 10.0, "ms (one clock tick: none measured)")],
+        )
+    )
+    figures.append(
+        Figure(
+            "real_rss_three_pools",
+            "Real path: agent RSS, 3 pools",
+            {
+                "rss_mib_after_start": round(rss_start / MIB, 1),
+                "rss_mib": round(rss_end / MIB, 1),
+                "peak_rss_mib": round(peak / MIB, 1),
+                "exit_status": status,
+            },
+            [Target("rss_mib", 32.0, "MiB")],
+            ["rss_mib is VmRSS after the allocation runs"],
+        )
+    )
+    return figures
+
+
+async def big_pool(workdir: Path, binary: Path, sizes: RealSizes) -> list[Figure]:
+    node = _RealNode(workdir, binary, wide200(workdir / "host"), shared_pool_config("0-199"))
+    async with node.kubelet:
+        await _warm_up(node, BIG_POOL)
+        runs: list[_Started] = []
+        for run in range(1, sizes.starts + 1):
+            agent = node.agent(run)
+            try:
+                runs.append(await node.start_agent(agent, BIG_POOL))
+                await asyncio.sleep(1.0)
+                rss = agent.rss_kib()
+                peak = agent.peak_rss_kib()
+            finally:
+                await agent.stop()
+    return [
+        Figure(
+            "real_start_200k",
+            "Real path: agent exec -> 200,000-device shared pool allocatable at the kubelet",
+            _start_values(runs),
+            [Target("max_ms", 500.0, "ms")],
+        ),
+        Figure(
+            "real_rss_200k",
+            "Real path: agent RSS with the 200,000-device pool",
+            {"rss_mib": round(rss / MIB, 1), "peak_rss_mib": round(peak / MIB, 1)},
+            [Target("rss_mib", 48.0, "MiB")],
+        ),
+    ]
+
+
+async def real_path_figures(workdir: Path, sizes: RealSizes) -> list[Figure]:
+    """Every real-path figure, or one that says why there are none (no Go toolchain, failed build)."""
+    try:
+        binary = await asyncio.to_thread(find_or_build)
+    except (PeerUnavailable, PeerBuildError) as exc:
+        return [Figure("real_path", "Real path: not measured", {"reason": str(exc)})]
+    figures = await three_pools(workdir / "three", binary, sizes)
+    figures += await big_pool(workdir / "big", binary, sizes)
+    return figures
+
+
+def main() -> int:
+    """`python -m bench.realpath [--quick] [--keep]`: only these figures, printed, no report written."""
+    import argparse  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from agent.logs import setup_logging  # noqa: PLC0415
+    from bench.report import render  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m bench.realpath", description=main.__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (agent logs)")
+    args = parser.parse_args()
+    setup_logging("error", "console")
+    workdir = Path(tempfile.mkdtemp(prefix="cpupool-real-", dir="/tmp"))
+    figures = asyncio.run(real_path_figures(workdir, REAL_QUICK if args.quick else RealSizes()))
+    print(render(figures))
+    if args.keep:
+        print(f"work directory kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
