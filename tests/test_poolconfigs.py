@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agent.cli import main
+from agent.cli import _label_source, build_parser, main
 from agent.config import ConfigError, PoolType, merged_pools, read_config_dir, select_config
-from agent.nodelabels import NodeLabelsError, parse_node_labels
+from agent.nodelabels import NodeLabelsError, NodeLabelWatch, StaticLabels, parse_node_labels
+from agent.supervisor import AgentSettings, Supervisor
 from tests.harness import FIXTURES
 
 DUAL32 = str(FIXTURES / "dual32")
@@ -269,3 +271,26 @@ def test_check_config_dir_with_no_matching_file_says_so(
     write(tmp_path, {"poolconfig-big.yaml": BIG})
     assert main(["check-config", str(tmp_path), "--root", DUAL32, "--node-labels", "node-group=small"]) == 0
     assert "gets no file" in capsys.readouterr().out
+
+
+# --- where `cpupool agent` gets its labels
+
+
+def test_agent_labels_come_from_the_command_line_or_else_the_api(tmp_path: Path) -> None:
+    supervisor = Supervisor(AgentSettings(config_path=tmp_path))
+    parser = build_parser()
+
+    extra: list[Any] = []
+    args = parser.parse_args(["agent", "--config", str(tmp_path), "--node-labels", "node-group=edge"])
+    source = _label_source(args, supervisor, extra)
+    assert isinstance(source, StaticLabels) and source.labels() == {"node-group": "edge"}
+    assert not extra, "with --node-labels the API is never asked"
+
+    args = parser.parse_args(["agent", "--config", str(tmp_path)])
+    source = _label_source(args, supervisor, extra)
+    assert isinstance(source, NodeLabelWatch) and extra == [source.run]
+
+    extra = []
+    config_file = write(tmp_path, {"poolconfig.yaml": FALLBACK}) / "poolconfig.yaml"
+    args = parser.parse_args(["agent", "--config", str(config_file)])
+    assert _label_source(args, supervisor, extra) is None and not extra
