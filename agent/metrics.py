@@ -3,8 +3,8 @@
 Callers name labels by keyword (``metrics.allocations.inc(resource=..., method=..., result=...)``); a label a
 call leaves out is the empty string, which Prometheus treats as an absent label. Each labelled series is
 looked up once and then cached here, so a count on the admission path is a dict lookup and a locked add: no
-task, no I/O, no wake-up. Measured cost of the library (docs/benchmarks.md): +1.0 MiB of agent RSS and 11-17 ms
-of imports on top of what the agent already imports.
+task, no I/O, no wake-up. Measured cost of the library (docs/benchmarks.md): +1.0 MiB of agent RSS and
+11-17 ms of imports on top of what the agent already imports.
 """
 
 from __future__ import annotations
