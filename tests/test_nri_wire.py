@@ -114,3 +114,16 @@ def test_ttrpc_messages_round_trip(service: str, method: str, payload: bytes, ti
     assert TtrpcRequest.decode(request.encode()) == request
     response = TtrpcResponse(payload, code=timeout % 17, message=method)
     assert TtrpcResponse.decode(response.encode()) == response
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["a.io/x", "cpupool.io/cpus-fast", "io.kubernetes.container.hash"]), text
+    ),
+    st.dictionaries(st.sampled_from(["cpupool.io/claim-fast", "example.com/claim-gpu"]), text),
+)
+def test_claim_annotations_are_read_at_creation_only(others: dict[str, str], claims: dict[str, str]) -> None:
+    container = Container(id="c", name="main", annotations={**others, **claims}, env=["A=cpupool.io/claim-x"])
+    payload = bytes(CreateContainerRequest(pod=PodSandbox(id="p"), container=container))
+    assert dict(decode_container_event(payload, claims=True).container.claims) == claims
+    assert decode_container_event(payload).container.claims == ()

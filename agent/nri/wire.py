@@ -233,6 +233,7 @@ _CPU_FIELDS = frozenset({6, 7})
 _KEY_VALUE = frozenset({1, 2})
 # In every claim annotation's key (`<base>/claim-<pool>`): a byte search rules most containers out.
 CLAIM_MARK = "/" + KEY_PREFIX
+_CLAIM_MARK_BYTES = CLAIM_MARK.encode()
 
 
 def decode_pod(data: bytes) -> PodRef:
@@ -279,7 +280,7 @@ def decode_container(data: bytes, claims: bool = False) -> ContainerRef:
         _int(found.get(4, 0), "Container.state"),
         cpus,
         mems,
-        _claim_annotations(data) if claims and CLAIM_MARK.encode() in data else (),
+        _claim_annotations(data) if claims and _CLAIM_MARK_BYTES in data else (),
     )
 
 
