@@ -4,6 +4,7 @@ and a webhook config edit -> the new rules in force."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import secrets
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 from agent.nodelabels import NodeLabelWatch
 from agent.supervisor import AgentSettings, Supervisor
 from agent.webhook import ConfigStore
+from bench.agentproc import AgentProcess
 from bench.report import Figure, Target
 from bench.stats import summary_ms
 from tests.emulator import KubeletEmulator
@@ -150,3 +152,78 @@ async def webhook_reload_figure(workdir: Path, edits: int) -> Figure:
             "settings (polled every 1 ms); includes watchfiles' grouping of the swap's events (20 ms steps)"
         ],
     )
+
+
+THREE_POOLS = """\
+nodeSelector: {node-group: big}
+pools:
+  dedicated: {cpus: "2-7", pooltype: exclusive}
+  multi: {cpus: "8-11,24-27", pooltype: exclusive, hyperThreadingPolicy: multiThreaded}
+  shared: {cpus: "12-13", pooltype: shared}
+"""
+THREE_RESOURCES = ("cpupool.io/dedicated", "cpupool.io/multi", "cpupool.io/shared")
+
+
+async def labels_rss_figure(workdir: Path) -> Figure:
+    """RSS of the agent process serving three pools of a node group's file: labels from the API (lightkube
+    loaded, the Node watched) against labels from --node-labels (no client)."""
+    key, title = (
+        "agent_rss_node_labels",
+        "Agent RSS, 3 pools chosen by node labels: from the API vs --node-labels",
+    )
+    await asyncio.to_thread(workdir.mkdir, parents=True, exist_ok=True)
+    try:
+        binary = await asyncio.to_thread(find_or_build_apiserver)
+    except (PeerUnavailable, PeerBuildError) as exc:
+        return Figure(key, title, {}, [], [f"not measured: {exc}"])
+    values: dict[str, float] = {}
+    with ControlPlane.start(binary, workdir / "control-plane") as plane:
+        node = f"bench-{secrets.token_hex(3)}"
+        plane.admin.create_node(node, {"node-group": "big"})
+        kubeconfig = plane.kubeconfig(workdir / "kubeconfig")
+        for mode in ("api", "flag"):
+            values[f"rss_mib_{mode}"] = await _agent_rss(workdir / mode, node, kubeconfig, mode)
+    values["client_mib"] = round(values["rss_mib_api"] - values["rss_mib_flag"], 1)
+    return Figure(
+        key,
+        title,
+        values,
+        [],
+        [
+            "VmRSS of `cpupool agent` (separate process, dual32 fake host) once all three pools are "
+            "registered; api: NODE_NAME and KUBECONFIG set, the agent reads and watches its Node through "
+            "lightkube; flag: --node-labels node-group=big, the client never imported. The RSS target "
+            "itself is issue 14's (agent_rss)"
+        ],
+    )
+
+
+async def _agent_rss(workdir: Path, node: str, kubeconfig: Path, mode: str) -> float:
+    await asyncio.to_thread(workdir.mkdir, parents=True)
+    plugin_dir = workdir / "device-plugins"
+    await asyncio.to_thread(plugin_dir.mkdir)
+    pod_resources = workdir / "pod-resources.sock"
+    config = ConfigMapFiles(workdir / "config")
+    config.write({"poolconfig-big.yaml": THREE_POOLS, "poolconfig.yaml": FALLBACK})
+    agent = AgentProcess(
+        root=host_root(workdir),
+        plugin_dir=plugin_dir,
+        config=config.path,
+        pod_resources=pod_resources,
+        log_path=workdir / "agent.log",
+    )
+    agent.argv += ["--no-nri"] + (["--node-labels", "node-group=big"] if mode == "flag" else [])
+    saved = {name: os.environ.get(name) for name in ("NODE_NAME", "KUBECONFIG")}
+    os.environ.update({"NODE_NAME": node, "KUBECONFIG": str(kubeconfig)})
+    try:
+        async with KubeletEmulator(plugin_dir, pod_resources_socket=pod_resources) as emu, agent:
+            for resource in THREE_RESOURCES:
+                await emu.wait_devices(resource, timeout=60)
+            await asyncio.sleep(1.0)  # start-up settles (the watch is open, logs written)
+            return round(agent.rss_kib() / 1024, 1)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -21,7 +21,7 @@ from bench.lifecycle import idle_figure, memory_figure, reload_figure, reregistr
 from bench.listing import shared_list
 from bench.load import load_figure
 from bench.node import running_node
-from bench.nodeconfig import relabel_figure, webhook_reload_figure
+from bench.nodeconfig import labels_rss_figure, relabel_figure, webhook_reload_figure
 from bench.nri import QUICK as NRI_QUICK
 from bench.nri import NriSizes, nri_figures
 from bench.realpath import REAL_QUICK, RealSizes, real_path_figures
@@ -148,6 +148,7 @@ async def run_all(workdir: Path, sizes: Sizes) -> list[Figure]:
         return [
             await webhook_reload_figure(workdir / "webhook-config", sizes.edits),
             await relabel_figure(workdir / "relabel", sizes.edits),
+            await labels_rss_figure(workdir / "labels-rss"),
         ]
 
     await _step("per-node configs: webhook config edits, node relabels", nodeconfig, figures)
