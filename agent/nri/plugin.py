@@ -113,7 +113,6 @@ class Tracked:
     mems: CpuSet | None = None
     # The CPUs its exclusive devices stand for (the replay check compares claims against these).
     exclusive: CpuSet | None = None
-    pod_uid: str = ""
     # Running while its devices come from its claims (or from having none) and the kubelet's record has
     # not confirmed them yet.
     confirming: asyncio.Task[None] | None = None
@@ -463,9 +462,7 @@ class NriPlugin:
             log.warning(
                 "nri.unmapped", pod=f"{pod.namespace}/{pod.name}", container=ref.name, reason=str(exc)
             )
-        tracked = Tracked(
-            ref.id, pod.namespace, pod.name, ref.name, parse_runtime_cpus(ref.cpus), devices, pod_uid=pod.uid
-        )
+        tracked = Tracked(ref.id, pod.namespace, pod.name, ref.name, parse_runtime_cpus(ref.cpus), devices)
         self.containers[ref.id] = tracked
         return tracked
 
@@ -559,7 +556,6 @@ class NriPlugin:
             ref.name,
             parse_runtime_cpus(ref.cpus),
             devices,
-            pod_uid=pod.uid,
             claimed=bool(found.claims),
         )
         self.containers[ref.id] = tracked
