@@ -346,7 +346,11 @@ def cmd_check_config_dir(args: argparse.Namespace) -> int:
             "files": files,
             "selected": None
             if selection is None
-            else {"file": selection.text and selection.source, "reason": selection.reason},
+            else {
+                # None: no file for this node, so the built-in isolated-CPU pool.
+                "file": selection.source if selection.config is not None else None,
+                "reason": selection.reason,
+            },
             "errors": errors,
             "warnings": list(warnings),
         }

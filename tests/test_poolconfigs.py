@@ -259,6 +259,7 @@ def test_check_config_dir_lists_problems_of_every_file_one_line_each(
     )
     report = json.loads(capsys.readouterr().out)
     assert report["valid"] is False
+    assert report["selected"]["file"] == str(tmp_path / "poolconfig-big.yaml")
     errors = report["errors"]
     assert any("poolconfig-edge.yaml: pool 'shared': unknown pooltype 'sharred'" in e for e in errors)
     assert any("poolconfig-big.yaml: pool 'dedicated': CPUs 99 are not online" in e for e in errors)
