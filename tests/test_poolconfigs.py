@@ -4,6 +4,8 @@ poolconfig.yaml as the fallback. Which file a node gets, what is refused, and `c
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +297,15 @@ def test_agent_labels_come_from_the_command_line_or_else_the_api(tmp_path: Path)
     config_file = write(tmp_path, {"poolconfig.yaml": FALLBACK}) / "poolconfig.yaml"
     args = parser.parse_args(["agent", "--config", str(config_file)])
     assert _label_source(args, supervisor, extra) is None and not extra
+
+
+def test_the_agent_loads_no_api_client_until_labels_are_needed() -> None:
+    # lightkube costs MiBs of RSS (docs/nodeconfig.md): an agent that never reads labels never loads it.
+    code = (
+        "import sys, agent.cli, agent.supervisor, agent.nodelabels, agent.webhook; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightkube', 'httpx2', 'msgspec')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
