@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import pytest
+
 from agent.claim import annotation_key
 from agent.cpuset import CpuSet
+from agent.ledger import CLAIM_KEY_FILE
+from agent.nri import plugin as plugin_module
 from agent.nri.allocations import Devices, PodResourcesAllocations
 from agent.nri.policy import Policy
 from tests.harness import running_agent
@@ -211,3 +216,36 @@ async def test_a_pool_container_without_its_claim_is_corrected_and_later_ones_wa
         # multiThreaded: the device is a core, both of its threads.
         core = CpuSet([int(multi.device_ids[0]), int(multi.device_ids[0]) + 16])
         assert CpuSet.parse(waited["cpus"]) == core
+
+
+async def test_claims_signed_before_an_agent_restart_still_verify(tmp_path: Path) -> None:
+    (tmp_path / "before").mkdir()
+    async with running_agent(tmp_path / "before") as before:
+        await before.emu.wait_devices(FAST)
+        fast = await before.emu.allocate(FAST, 1, pod="db")
+    # The next agent on the node finds the same state directory (a hostPath): here, its key file.
+    (tmp_path / "after" / "state").mkdir(parents=True)
+    shutil.copy2(tmp_path / "before" / "state" / CLAIM_KEY_FILE, tmp_path / "after" / "state")
+    async with claims_node(tmp_path / "after") as (n, record):
+        await n.pod("p1", "db")
+        created = await n.runtime.create("p1", "c1", annotations=fast.annotations)
+        assert created["cpus"] == fast.device_ids[0]
+        assert claims(n, "claimed") == 1 and record.answered == []
+
+
+async def test_a_claim_for_a_pod_the_kubelet_never_lists_loses_its_cpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(plugin_module, "CONFIRM_GIVE_UP_S", 0.5)
+    async with claims_node(tmp_path) as (n, record):
+        record.gate.set()
+        signed = n.agent.supervisor.claims.issue(FAST, ["6"])
+        assert signed is not None
+        # A sandbox made outside Kubernetes: the kubelet does not know the pod at all.
+        await n.pod("p1", "outsider")
+        created = await n.runtime.create("p1", "c1", annotations={CLAIM: signed})
+        assert created["cpus"] == "6"
+        mark = len(n.runtime.events)
+        await n.runtime.wait_event("updates", after=mark)
+        assert CpuSet.parse((await n.runtime.cpusets())["c1"]) == OTHERS
+        assert claims(n, "corrected") == 1
