@@ -174,29 +174,34 @@ CLAIM_KEY_FILE = "claim.key"
 CLAIM_KEY_BYTES = 32
 
 
+def _make_claim_key(state_dir: Path, path: Path) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / f".{CLAIM_KEY_FILE}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, os.urandom(CLAIM_KEY_BYTES))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass  # another agent made it first: use theirs
+    finally:
+        tmp.unlink()
+
+
 def claim_key(state_dir: Path) -> bytes:
     """The secret that signs Allocate claims (agent.claim), made once and kept 0600 in `state_dir`: the
     claims of containers created after an agent restart must still verify. Two agents racing to make it
     both end up with the one that was linked into place first."""
     path = state_dir / CLAIM_KEY_FILE
     try:
-        secret = path.read_bytes()
-    except FileNotFoundError:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = state_dir / f".{CLAIM_KEY_FILE}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, os.urandom(CLAIM_KEY_BYTES))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-        secret = path.read_bytes()
+            secret = path.read_bytes()
+        except FileNotFoundError:
+            _make_claim_key(state_dir, path)
+            secret = path.read_bytes()
     except OSError as exc:
         raise LedgerError(f"{path}: {exc.strerror or exc}") from exc
     if len(secret) != CLAIM_KEY_BYTES:

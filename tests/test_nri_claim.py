@@ -138,3 +138,11 @@ def test_the_webhook_refuses_a_pod_that_carries_a_claim_annotation() -> None:
         "annotation cpupool.io/claim-fast: only the kubelet sets cpupool.io/claim-* annotations, on "
         "containers, from the cpupool agent's Allocate answers; remove it from the pod"
     ]
+
+
+def test_a_state_directory_that_cannot_be_written_leaves_the_agent_signing(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    with pytest.raises(LedgerError, match=CLAIM_KEY_FILE):
+        claim_key(blocked / "state")
+    assert load_claim_key(blocked / "state").issue("cpupool.io/fast", ["1"]) is not None
