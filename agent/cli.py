@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -440,7 +441,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     supervisor = Supervisor(settings)
     extra: list[Callable[[], Coroutine[Any, Any, None]]] = []
     supervisor.node_labels = _label_source(args, supervisor, extra)
-    extra.append(lambda: _beside_the_device_plugin(args, supervisor))
+    # The health port listens from the start (probes never meet a refused connection); aiohttp, which
+    # answers on it, loads once the kubelet has every resource, and answers what queued meanwhile.
+    health = _listen(args.health_host, args.health_port) if args.health_port else None
+    extra.append(lambda: _beside_the_device_plugin(args, supervisor, health))
     log.info(
         "agent.starting",
         config=str(args.config) if args.config else None,
@@ -478,7 +482,29 @@ SERVING_WAIT_S = 2.0
 SERVING_CHECK_S = 0.01
 
 
-async def _beside_the_device_plugin(args: argparse.Namespace, supervisor: Supervisor) -> None:
+def _listen(host: str, port: int) -> socket.socket | None:
+    """A listening TCP socket for the health port, or None (logged) when it cannot be had."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        log.error("health.unavailable", host=host, port=port, reason=str(exc))
+        return None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        log.error("health.unavailable", host=host, port=port, reason=str(exc))
+        return None
+    return sock
+
+
+async def _beside_the_device_plugin(
+    args: argparse.Namespace, supervisor: Supervisor, health: socket.socket | None
+) -> None:
     """NRI enforcement, the kubelet accounting check and the health port, started once the kubelet has
     every resource (or SERVING_WAIT_S after the first plan): their imports (NRI's generated protocol,
     aiohttp) took half of the agent's start-up, and the kubelet needs none of them. Owns what it starts."""
@@ -488,17 +514,20 @@ async def _beside_the_device_plugin(args: argparse.Namespace, supervisor: Superv
     # Start-up only, and bounded: the supervisor has no event for "every resource registered and listed".
     while not supervisor.ready and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(SERVING_CHECK_S)
+    for state in list(supervisor.states.values()):
+        # A 200,000-device list takes a while to go out; an import now would slow it down.
+        await state.server.servicer.flush(max(0.0, deadline - loop.time()))
     # In a thread: an Allocate arriving meanwhile is answered between the import's GIL slices.
     await asyncio.to_thread(_import_beside, args)
     helpers: list[Callable[[], Coroutine[Any, Any, None]]] = []
     nri, accounting = _enforcement(args, supervisor, helpers)
     accounting.plan_changed()  # the plans so far were applied before it listened
-    if args.health_port:
+    if health is not None:
         from agent.health import serve_health  # noqa: PLC0415
 
         helpers.append(
             lambda: serve_health(
-                supervisor, args.health_host, args.health_port, nri=nri, accounting=accounting
+                supervisor, args.health_host, args.health_port, nri=nri, accounting=accounting, sock=health
             )
         )
     tasks = [asyncio.create_task(start()) for start in helpers]

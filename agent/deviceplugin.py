@@ -302,7 +302,11 @@ class ResourceServicer(DevicePluginBase):
             raise RequestError(f"cannot choose {size} of {len(available)} available IDs")
         # The kubelet's available list lags behind ListAndWatch (a reload just changed the devices): IDs
         # we do not know, or no longer offer, are left for last rather than failing a satisfiable pod.
-        unknown = [i for i in available if not resource.offers(i)]
+        offers = resource.offers
+        known: list[str] = []
+        unknown: list[str] = []
+        for device_id in available:
+            (known if offers(device_id) else unknown).append(device_id)
         if unknown:
             log.info(
                 "preferred_allocation.unknown_ids",
@@ -310,22 +314,21 @@ class ResourceServicer(DevicePluginBase):
                 ids=_quote(unknown),
                 effect="answered from the rest",
             )
-        known = [i for i in available if resource.offers(i)]
         must = list(dict.fromkeys(must_include))
-        listed = set(available)
+        listed = set(available) if must else set()
         missing = [i for i in must if i not in listed]
         if missing:
             raise RequestError(f"must_include IDs not in available_deviceIDs: {_quote(missing)}")
         if len(must) > size:
             raise RequestError(f"{len(must)} must_include IDs do not fit an allocation of size {size}")
-        must_known = [i for i in must if resource.offers(i)]
-        must_other = [i for i in must if not resource.offers(i)]
+        must_known = [i for i in must if offers(i)]
+        must_other = [i for i in must if not offers(i)]
         want = size - len(must_other)
         if resource.exclusive_pool:
             if want <= len(known):
-                devices = {i: resource.exclusive[i] for i in known}
                 try:
-                    return must_other + preferred_allocation(devices, known, must_known, want)
+                    # Every known ID is one of the pool's devices: no per-call copy of the mapping.
+                    return must_other + preferred_allocation(resource.exclusive, known, must_known, want)
                 except AllocationError as exc:
                     log.warning("preferred_allocation.fallback", resource=resource.name, reason=str(exc))
             chosen = list(dict.fromkeys(must + known + unknown))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import TYPE_CHECKING
 
 import structlog
@@ -70,11 +71,12 @@ async def serve_health(
     *,
     nri: NriPlugin | None = None,
     accounting: AccountingMonitor | None = None,
+    sock: socket.socket | None = None,
 ) -> None:
-    """Serve until cancelled."""
+    """Serve until cancelled; on `sock` when given (a listening socket bound to host and port)."""
     runner = web.AppRunner(make_app(supervisor, nri, accounting), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site: web.BaseSite = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
     await site.start()
     log.info("health.listening", host=host, port=port)
     try:
