@@ -26,7 +26,6 @@ from errno import ENOENT, ENOTDIR
 from pathlib import Path
 
 import structlog
-import watchfiles
 
 log = structlog.get_logger(__name__)
 
@@ -212,6 +211,9 @@ async def _watchfiles(
     stop: asyncio.Event,
     quiet_s: float,
 ) -> AsyncIterator[set[Path]]:
+    # Loaded only here: the fallback's Rust extension costs start-up time and memory the inotify path skips.
+    import watchfiles  # noqa: PLC0415
+
     async for changes in watchfiles.awatch(
         *directories,
         watch_filter=lambda _change, path: accept(Path(path)),

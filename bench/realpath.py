@@ -125,7 +125,10 @@ def _start_values(runs: list[_Started]) -> dict[str, object]:
     if last.first_log_at is not None:
         breakdown["exec_to_first_log"] = _ms(last.first_log_at - last.spawned_at)
     if last.registered_at:
-        breakdown["exec_to_last_register"] = _ms(max(last.registered_at.values()) - last.spawned_at)
+        registered = max(last.registered_at.values())
+        breakdown["exec_to_last_register"] = _ms(registered - last.spawned_at)
+        # The kubelet's side: the list's transfer, its bookkeeping and checkpoint, the peer's snapshots.
+        breakdown["last_register_to_allocatable"] = _ms(last.ready_at - registered)
     return {
         "max_ms": _ms(max(totals)),
         "runs_ms": [_ms(t) for t in totals],

@@ -240,7 +240,7 @@ def test_agent_start_path_leaves_out_the_webhook_status_nri_and_http() -> None:
         "args = cli.build_parser(cli._command_of(['agent'])).parse_args(['agent']); "
         "import agent.supervisor; "
         "late = ('agent.webhook', 'agent.status', 'agent.mutation', 'agent.nri.plugin', 'agent.nriapi', "
-        "'aiohttp'); "
+        "'aiohttp', 'watchfiles'); "
         "print(sorted(m for m in late if m in sys.modules)); print(args.nri_socket, args.nri_index)"
     )
     done = subprocess.run(
