@@ -5,31 +5,32 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 import structlog
 
 LogFormat = Literal["auto", "json", "console"]
 
 
-class _Output:
-    """Where the agent's own lines go: the stream the last setup_logging() saw (tests swap stderr)."""
-
-    stream: TextIO = sys.stderr
-    lock = threading.Lock()
-
-
 class _Writer:
-    """structlog's last step for the agent's own events: one write of the rendered line. It carries the
-    name the module gave get_logger(), which `_logger_name` puts in the line."""
+    """structlog's last step for the agent's own events: one write of the rendered line to the stderr of
+    the moment (tests swap it). It carries the name the module gave get_logger(), which `_logger_name` puts
+    in the line."""
+
+    _lock = threading.Lock()
 
     def __init__(self, name: str) -> None:
         self.name = name
 
     def msg(self, message: str) -> None:
-        with _Output.lock:
-            _Output.stream.write(message + "\n")
-            _Output.stream.flush()
+        with self._lock:
+            try:
+                sys.stderr.write(message + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                # A closed or broken stderr: as with the standard library's handlers, a log line never
+                # takes the agent down.
+                pass
 
     log = debug = info = warn = warning = msg
     fatal = failure = err = error = critical = exception = msg
@@ -62,7 +63,6 @@ def setup_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
-    _Output.stream = sys.stderr
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
