@@ -123,6 +123,8 @@ class NodeLabelWatch:
         self._reason = "the Node has not been read from the Kubernetes API yet"
         # Set by the first answer, good or bad (see wait_first).
         self._answered = asyncio.Event()
+        # Whether the current attempt got the Node at all (a later failure then starts the backoff anew).
+        self._read_ok = False
         # For tests and /healthz-style reports: how many times the labels were (re)read and changed.
         self.changes = 0
         self.connected = asyncio.Event()
@@ -157,6 +159,7 @@ class NodeLabelWatch:
         client: AsyncClient | None = None
         try:
             while True:
+                self._read_ok = False
                 try:
                     if client is None:
                         client = self._make_client()
@@ -164,14 +167,15 @@ class NodeLabelWatch:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # every failure of the API path means "retry later"
+                    if self._read_ok:
+                        # This attempt read the Node: the failure is new, not the last one again.
+                        backoff = self._backoff_start_s
                     self._failed(exc, backoff)
                     if _client_unusable(exc) and client is not None:
                         await _close(client)
                         client = None
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, self._backoff_max_s)
-                    continue
-                backoff = self._backoff_start_s
         finally:
             if client is not None:
                 await _close(client)
@@ -196,6 +200,7 @@ class NodeLabelWatch:
         node = await client.get(Node, self.node_name)
         version = node.metadata.resourceVersion if node.metadata is not None else None
         self._seen(node, "get")
+        self._read_ok = True
         self.connected.set()
         loop = asyncio.get_running_loop()
         while True:

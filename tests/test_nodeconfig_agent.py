@@ -335,3 +335,36 @@ async def test_an_expired_watch_reads_the_node_again_and_watches_from_there() ->
     # backoff: the labels the second get brought are in force.
     assert api.watched_from[:2] == ["1", "2"]
     assert watch.labels() == {"node-group": "big"} and len(changes) == 2
+
+
+class FailingWatchApi(ExpiringApi):
+    """Reads the Node every time, then every watch fails with a server error."""
+
+    async def _events(self, number: int) -> AsyncIterator[tuple[str, Any]]:
+        from lightkube.core.exceptions import ApiError  # noqa: PLC0415
+        from lightkube.models.meta_v1 import Status  # noqa: PLC0415
+
+        raise ApiError(status=Status(code=500, message="etcd is gone"))
+        yield ("MODIFIED", None)  # makes this an async generator, as lightkube's watch is
+
+
+async def test_a_failure_after_a_good_read_starts_the_backoff_anew() -> None:
+    watch = NodeLabelWatch(
+        "n1", lambda: None, client_factory=FailingWatchApi, backoff_start_s=0.01, backoff_max_s=1.0
+    )
+    watch.labels()
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(watch.run())
+        try:
+            for _ in range(500):
+                if sum(1 for e in logs if e["event"] == "nodelabels.unavailable") >= 3:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    failures = [e for e in logs if e["event"] == "nodelabels.unavailable"]
+    # Each attempt got the Node, so none waits longer than the first: an API that answers is retried soon.
+    assert [e["retry_in_s"] for e in failures[:3]] == [0.01, 0.01, 0.01]
+    assert "answered 500: etcd is gone" in failures[0]["reason"]
+    assert failures[0]["keeping"] == "the labels read last"
