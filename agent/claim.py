@@ -32,9 +32,10 @@ _MAC_BYTES = 16
 _NONCE_BYTES = 12
 # The MAC covers this label too, so that the key could never sign anything else by accident.
 _DOMAIN = b"cpupool-claim\x00"
-# Device IDs that are canonical base-36 numbers (every ID the agent hands out) travel as index ranges:
-# a shared pool has one device per millicpu, and a container may hold thousands.
-_CANONICAL = re.compile(r"^(0|[1-9a-z][0-9a-z]*)$")
+# A gapless ascending run of base-36 numbers (the IDs of a shared pool's millicpus, as GetPreferredAllocation
+# orders them) travels as one index range: a container may hold thousands. Allocate runs this for every
+# container, so the run is recognised by one comparison of texts, not by parsing every ID.
+_CANONICAL = re.compile(r"0|[1-9a-z][0-9a-z]*")
 _MAX_TEXT = 64 * 1024
 
 
@@ -64,10 +65,6 @@ def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def _index(device_id: str) -> int | None:
-    return int(device_id, 36) if _CANONICAL.match(device_id) else None
-
-
 def _base36(index: int) -> str:
     digits = "0123456789abcdefghijklmnopqrstuvwxyz"
     out = ""
@@ -78,24 +75,36 @@ def _base36(index: int) -> str:
             return out
 
 
+# Base-36 texts of 0, 1, 2, ...: a range of millicpus is expanded by slicing this, not digit by digit.
+_NAMES: list[str] = []
+
+
+def _names(first: int, last: int) -> list[str]:
+    if len(_NAMES) <= last:
+        _NAMES.extend(_base36(i) for i in range(len(_NAMES), last + 1))
+    return _NAMES[first : last + 1]
+
+
 def _encode_ids(ids: Sequence[str]) -> str | None:
-    """`r<ranges>` of base-36 indexes, or `l<id,id,...>`; None for IDs that cannot travel."""
-    indexes = [_index(i) for i in ids]
-    if all(i is not None for i in indexes) and len(set(ids)) == len(ids):
-        ordered = sorted(i for i in indexes if i is not None)
-        parts: list[str] = []
-        start = prev = ordered[0]
-        for value in [*ordered[1:], None]:
-            if value is not None and value == prev + 1:
-                prev = value
-                continue
-            parts.append(str(start) if start == prev else f"{start}-{prev}")
-            if value is not None:
-                start = prev = value
-        return "r" + ",".join(parts)
-    if any(not i or "," in i or ";" in i for i in ids):
+    """`r<first>-<last>` for a gapless run of base-36 IDs, else `l<id,id,...>`; None for IDs that cannot
+    travel (empty, or holding the separators)."""
+    first, last = (ids[0], ids[-1]) if ids else ("", "")
+    if _CANONICAL.fullmatch(first) and _CANONICAL.fullmatch(last):
+        low, high = int(first, 36), int(last, 36)
+        listed = ids if isinstance(ids, list) else list(ids)
+        if high - low + 1 == len(ids) and listed == _names(low, high):
+            return f"r{low}" if high == low else f"r{low}-{high}"
+    joined = ",".join(ids)
+    if (
+        not joined
+        or ";" in joined
+        or joined.count(",") != len(ids) - 1
+        or ",," in joined
+        or joined[0] == ","
+        or joined[-1] == ","
+    ):
         return None
-    return "l" + ",".join(ids)
+    return "l" + joined
 
 
 def _decode_ids(text: str) -> tuple[str, ...]:
@@ -112,7 +121,7 @@ def _decode_ids(text: str) -> tuple[str, ...]:
         first, last = int(low), int(high or low)
         if last < first or last - first > 1 << 20:
             raise ClaimError(f"bad range {part!r}")
-        out.extend(_base36(i) for i in range(first, last + 1))
+        out.extend(_names(first, last))
     return tuple(out)
 
 

@@ -146,3 +146,11 @@ def test_a_state_directory_that_cannot_be_written_leaves_the_agent_signing(tmp_p
     with pytest.raises(LedgerError, match=CLAIM_KEY_FILE):
         claim_key(blocked / "state")
     assert load_claim_key(blocked / "state").issue("cpupool.io/fast", ["1"]) is not None
+
+
+def test_ids_in_any_order_or_with_gaps_verify_to_the_same_devices() -> None:
+    for ids in (("3", "2"), ("0", "2", "1"), tuple(shared_device_id(i) for i in (5, 9, 1000))):
+        text = KEY.issue("cpupool.io/shared", ids)
+        assert text is not None
+        assert sorted(KEY.verify(text).device_ids) == sorted(ids)
+    assert KEY.issue("cpupool.io/x", ["a,b"]) is None and KEY.issue("cpupool.io/x", [""]) is None
