@@ -55,7 +55,11 @@ async def test_allocate_gives_the_container_its_cpus(tmp_path: Path) -> None:
         assert fast.preferred_used
         assert fast.envs["EXCLUSIVE_CPUS"] == cpus.comma_list()
         assert fast.envs["CPUPOOL_FAST_CPUS"] == cpus.comma_list()
-        assert fast.annotations == {"cpupool.io/cpus-fast": cpus.comma_list()}
+        # The CPU list, and the signed claim the NRI plugin reads (agent/claim.py).
+        assert fast.annotations.keys() == {"cpupool.io/cpus-fast", "cpupool.io/claim-fast"}
+        assert fast.annotations["cpupool.io/cpus-fast"] == cpus.comma_list()
+        claim = run.supervisor.claims.verify(fast.annotations["cpupool.io/claim-fast"])
+        assert sorted(claim.device_ids) == sorted(fast.device_ids)
         assert sorted(d.host_path for d in fast.devices) == sorted(f"/dev/cpu/{c}/cpuid" for c in cpus)
         assert all(d.permissions == "r" and d.container_path == d.host_path for d in fast.devices)
 
@@ -67,7 +71,9 @@ async def test_allocate_gives_the_container_its_cpus(tmp_path: Path) -> None:
         shared = await run.emu.allocate(SHARED, 1500)
         assert not shared.preferred_used
         assert shared.envs == {"SHARED_CPUS": "12,13", "CPUPOOL_SHARED_CPUS": "12,13"}
-        assert shared.annotations == {"cpupool.io/cpus-shared": "12,13"}
+        assert shared.annotations["cpupool.io/cpus-shared"] == "12,13"
+        shared_claim = run.supervisor.claims.verify(shared.annotations["cpupool.io/claim-shared"])
+        assert len(shared_claim.device_ids) == 1500
         assert shared.devices == []
 
 
@@ -92,8 +98,14 @@ async def test_allocate_is_idempotent(tmp_path: Path) -> None:
         await registered(run, FAST)
         first = await run.emu.call_allocate(FAST, ["3", "19"])
         again = await run.emu.call_allocate(FAST, ["3", "19"])
+        # The same answer but for the claim's nonce: every Allocate answer is a claim of its own, so that a
+        # container reusing devices (a pod replaced on the same CPUs) is told apart from a replay.
+        first_claim = first.annotations.pop("cpupool.io/claim-fast")
+        again_claim = again.annotations.pop("cpupool.io/claim-fast")
         assert first == again
         assert first.envs["EXCLUSIVE_CPUS"] == "3,19"
+        verify = run.supervisor.claims.verify
+        assert verify(first_claim).device_ids == verify(again_claim).device_ids == ("3", "19")
 
 
 @pytest.mark.parametrize(
