@@ -8,15 +8,17 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping, MutableMapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import structlog
 
+from agent import nodelabels
 from agent.nodelabels import NodeLabelWatch
 from agent.supervisor import AgentSettings, Supervisor
 from tests.emulator import KubeletEmulator, ResourceSnapshot
@@ -26,6 +28,17 @@ DEDICATED = "cpupool.io/dedicated"
 BIG = 'nodeSelector: {node-group: big}\npools:\n  dedicated: {cpus: "2-7", pooltype: exclusive}\n'
 EDGE = 'nodeSelector: {node-group: edge}\npools:\n  dedicated: {cpus: "18-19", pooltype: exclusive}\n'
 FALLBACK = 'pools:\n  dedicated: {cpus: "20", pooltype: exclusive}\n'
+
+
+@contextmanager
+def captured_logs(
+    monkeypatch: pytest.MonkeyPatch, module: ModuleType
+) -> Iterator[list[MutableMapping[str, Any]]]:
+    """The events `module` logs meanwhile. Its module-level logger may have been cached by an earlier test's
+    setup_logging (cache_logger_on_first_use), out of capture_logs' reach: a fresh one stands in for it."""
+    with structlog.testing.capture_logs() as logs:
+        monkeypatch.setattr(module, "log", structlog.get_logger(module.__name__))
+        yield logs
 
 
 class ConfigMapFiles:
@@ -231,10 +244,12 @@ async def test_a_directory_without_selectors_never_asks_for_labels(tmp_path: Pat
 # --- the API source without an API
 
 
-async def test_without_node_name_the_watch_says_why_and_labels_stay_unknown() -> None:
+async def test_without_node_name_the_watch_says_why_and_labels_stay_unknown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     watch = NodeLabelWatch(None, lambda: None)
     assert watch.labels() is None
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs(monkeypatch, nodelabels) as logs:
         await asyncio.wait_for(watch.run(), 5)
     assert "NODE_NAME is not set" in watch.unknown_reason
     assert any(entry["event"] == "nodelabels.no_node_name" for entry in logs)
@@ -265,7 +280,7 @@ current-context: x
         backoff_max_s=0.04,
     )
     watch.labels()
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs(monkeypatch, nodelabels) as logs:
         task = asyncio.create_task(watch.run())
         try:
             for _ in range(500):
@@ -348,12 +363,12 @@ class FailingWatchApi(ExpiringApi):
         yield ("MODIFIED", None)  # makes this an async generator, as lightkube's watch is
 
 
-async def test_a_failure_after_a_good_read_starts_the_backoff_anew() -> None:
+async def test_a_failure_after_a_good_read_starts_the_backoff_anew(monkeypatch: pytest.MonkeyPatch) -> None:
     watch = NodeLabelWatch(
         "n1", lambda: None, client_factory=FailingWatchApi, backoff_start_s=0.01, backoff_max_s=1.0
     )
     watch.labels()
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs(monkeypatch, nodelabels) as logs:
         task = asyncio.create_task(watch.run())
         try:
             for _ in range(500):

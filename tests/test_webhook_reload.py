@@ -12,11 +12,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-import structlog
 
-from agent import cli
+from agent import cli, webhook
 from agent.webhook import CertificateStore, ConfigStore, Webhook
-from tests.test_nodeconfig_agent import ConfigMapFiles
+from tests.test_nodeconfig_agent import ConfigMapFiles, captured_logs
 from tests.test_webhook import Server, _one, container, encode, make_cert, pod, process, review, secret_volume
 
 BIG = """\
@@ -93,10 +92,12 @@ async def test_an_edit_adds_a_pool_without_a_restart(running: Running) -> None:
     assert health["config"]["generation"] == 2 and health["config"]["last_error"] is None
 
 
-async def test_a_bad_edit_keeps_the_last_good_config_and_says_so(running: Running) -> None:
+async def test_a_bad_edit_keeps_the_last_good_config_and_says_so(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
     running.config.write({"poolconfig.yaml": FALLBACK, "poolconfig-big.yaml": BIG})
     await running.wait(lambda: running.store.generation == 2, "the first edit")
-    with structlog.testing.capture_logs() as logs:
+    with captured_logs(monkeypatch, webhook) as logs:
         # The big group's pool "dedicated" turns shared here: a pool name keeps one type in every file.
         running.config.write(
             {"poolconfig.yaml": FALLBACK, "poolconfig-big.yaml": BIG.replace("exclusive", "shared")}
