@@ -41,7 +41,7 @@ kubelet-peer:
 
 # The real control plane for tests/test_apiserver*.py (kube-apiserver of k8s.io/kubernetes and etcd, one Go
 # binary from tests/apiserver), built once per machine into ${XDG_CACHE_HOME:-~/.cache}/cpupool/apiserver-<hash>/
-# (about 8 minutes cold); without `go` it is skipped and so are those tests, saying why.
+# (8 to 10 minutes cold); without `go` it is skipped and so are those tests, saying why.
 apiserver-peer:
 	@if command -v go >/dev/null; then bash tests/apiserver/build.sh >/dev/null; \
 	else echo "go is not installed: the tests against the real API server will be skipped"; fi
