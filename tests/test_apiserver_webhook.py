@@ -259,6 +259,36 @@ def test_a_helm_upgrade_adding_a_node_groups_pool_reaches_the_running_webhook(
     assert installed.webhook.healthz() == 200
 
 
+def test_a_bad_helm_upgrade_keeps_the_webhooks_last_good_rules(
+    installed: Installed, cluster_helm: HelmCLI
+) -> None:
+    # A node group that makes "fast" shared while the fallback file has it exclusive: the directory as a
+    # whole is refused (a pod's CPU limit cannot depend on a node it does not have yet).
+    group = {"nodeSelector": {"node-group": "odd"}, "pools": {"fast": {"cpus": "8-9", "pooltype": "shared"}}}
+    bad = {**installed.values, "nodeGroups": {"odd": group}}
+    pod = _pod("still-fast", limits={"cpupool.io/fast": "1"}, command=["/app"])
+    try:
+        cluster_helm.upgrade(RELEASE, CHART, NAMESPACE, bad)
+        installed.config.project_configmap(installed.api, NAMESPACE, installed.configmap)
+
+        deadline = time.monotonic() + CONFIG_RELOAD_WAIT_S
+        while not (report := installed.webhook.health()[1]["config"])["last_error"]:
+            assert time.monotonic() < deadline, f"the bad files were not noticed: {report}"
+            time.sleep(0.1)
+        assert "fast" in report["last_error"]
+        # Pods are still admitted by the last good rules: "fast" stays exclusive.
+        answer = installed.api.create(pod, installed.apps, dry_run=True)
+        assert answer.status == 201, answer.body
+        assert _container(answer.body)["resources"]["limits"]["cpu"] == "1100m"
+    finally:
+        cluster_helm.upgrade(RELEASE, CHART, NAMESPACE, installed.values)
+        installed.config.project_configmap(installed.api, NAMESPACE, installed.configmap)
+    deadline = time.monotonic() + CONFIG_RELOAD_WAIT_S
+    while installed.webhook.health()[1]["config"]["last_error"]:
+        assert time.monotonic() < deadline, "the error stayed after the good files came back"
+        time.sleep(0.1)
+
+
 def test_without_a_serving_webhook_pool_pods_are_refused_not_admitted_unpinned(installed: Installed) -> None:
     installed.webhook.stop()
     try:

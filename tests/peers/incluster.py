@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import os
 import secrets
 import shutil
@@ -24,6 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from .apiserver import ControlPlaneError, Doc, KubeAPI
 
@@ -134,8 +136,12 @@ class LocalWebhook:
         self._wait_healthy()
 
     def healthz(self) -> int:
-        """The status of GET /healthz over TLS, the certificate checked as the API server checks it: against
-        the chart's CA, for the Service's DNS name (while connecting to its ClusterIP)."""
+        """The status of GET /healthz (see `health`)."""
+        return self.health()[0]
+
+    def health(self) -> tuple[int, Any]:
+        """GET /healthz over TLS, the certificate checked as the API server checks it: against the chart's
+        CA, for the Service's DNS name (while connecting to its ClusterIP). The status and the JSON body."""
         context = ssl.create_default_context(cadata=self.ca_pem.decode())
         with (
             socket.create_connection((self.host, self.port), timeout=5) as plain,
@@ -145,7 +151,11 @@ class LocalWebhook:
             tls.sendall(request.encode())
             answer = http.client.HTTPResponse(tls)
             answer.begin()
-            return answer.status
+            raw = answer.read()
+            try:
+                return answer.status, json.loads(raw)
+            except json.JSONDecodeError:
+                return answer.status, raw.decode(errors="replace")
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + WEBHOOK_START_TIMEOUT_S
