@@ -47,9 +47,9 @@ class ShutRecord(PodResourcesAllocations):
 
 @contextlib.asynccontextmanager
 async def claims_node(
-    tmp_path: Path, policy: Policy = Policy.STRICT
+    tmp_path: Path, policy: Policy = Policy.STRICT, peer: str = "emulator"
 ) -> AsyncIterator[tuple[Node, ShutRecord]]:
-    async with running_agent(tmp_path) as agent:
+    async with running_agent(tmp_path, peer=peer) as agent:
         for name in (FAST, MULTI, SHARED):
             await agent.emu.wait_devices(name)
         socket = tmp_path / "nri.sock"
@@ -249,3 +249,18 @@ async def test_a_claim_for_a_pod_the_kubelet_never_lists_loses_its_cpus(
         await n.runtime.wait_event("updates", after=mark)
         assert CpuSet.parse((await n.runtime.cpusets())["c1"]) == OTHERS
         assert claims(n, "corrected") == 1
+
+
+async def test_the_real_kubelets_run_options_carry_the_claim_to_the_plugin(
+    tmp_path: Path, kubelet_peer_binary: Path
+) -> None:
+    """The kubelet's own device manager (tests/kubeletpeer): the annotations its GetDeviceRunContainerOptions
+    returns for the container, which the kubelet puts in the CRI config, carry a claim that verifies."""
+    async with claims_node(tmp_path, peer="kubelet") as (n, record):
+        fast = await n.agent.emu.allocate(FAST, 2, pod="db")
+        await n.pod("p1", "db")
+        created = await n.runtime.create("p1", "c1", annotations=fast.annotations)
+        assert CpuSet.parse(created["cpus"]) == cpus_of(fast.device_ids)
+        assert claims(n, "claimed") == 1 and record.answered == []
+        record.gate.set()
+        await until(lambda: claims(n, "confirmed") == 1)
