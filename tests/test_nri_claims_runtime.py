@@ -22,9 +22,9 @@ from agent.ledger import CLAIM_KEY_FILE
 from agent.nri import plugin as plugin_module
 from agent.nri.allocations import Devices, PodResourcesAllocations
 from agent.nri.policy import Policy
-from tests.harness import running_agent
+from tests.harness import POOLS, running_agent
 from tests.nriruntime import NriRuntime
-from tests.test_nri import FAST, MULTI, OTHERS, SHARED, Node, cpus_of, make_plugin, plugin_task
+from tests.test_nri import EXCLUSIVE, FAST, MULTI, OTHERS, SHARED, Node, cpus_of, make_plugin, plugin_task
 
 CLAIM = annotation_key(FAST)
 
@@ -264,3 +264,39 @@ async def test_the_real_kubelets_run_options_carry_the_claim_to_the_plugin(
         assert claims(n, "claimed") == 1 and record.answered == []
         record.gate.set()
         await until(lambda: claims(n, "confirmed") == 1)
+
+
+async def test_pods_come_and_go_on_claims_while_pools_reload_and_no_cpu_is_in_two_containers(
+    tmp_path: Path,
+) -> None:
+    async with claims_node(tmp_path) as (n, record):
+        record.gate.set()
+        configs = [POOLS, POOLS.replace('cpus: "12-13", pooltype: shared', 'cpus: "12-15", pooltype: shared')]
+
+        async def reload_many() -> None:
+            for i in range(10):
+                n.agent.configmap.write(configs[i % 2])
+                await asyncio.sleep(0.1)
+
+        reloading = asyncio.create_task(reload_many())
+        live: list[int] = []
+        for i in range(150):
+            if len(live) == 5:
+                gone = live.pop(0)
+                await n.runtime.remove(f"c{gone}")
+                n.agent.emu.release(f"q{gone}")
+            held = await n.agent.emu.allocate(FAST, 2, pod=f"q{i}")
+            await n.pod(f"p{i}", f"q{i}")
+            created = await n.runtime.create(f"p{i}", f"c{i}", annotations=held.annotations)
+            assert CpuSet.parse(created["cpus"]) == cpus_of(held.device_ids)
+            plain = await n.runtime.create(f"p{i}", f"d{i}", name="plain")
+            assert plain["cpus"] and CpuSet.parse(plain["cpus"]).isdisjoint(EXCLUSIVE)
+            await n.runtime.remove(f"d{i}")
+            live.append(i)
+            cpusets = await n.runtime.cpusets()
+            pooled = [CpuSet.parse(cpusets[f"c{j}"]) for j in live]
+            assert sum(len(c) for c in pooled) == len(CpuSet().union(*pooled)), cpusets
+        await reloading
+        metrics = n.agent.supervisor.metrics.nri_adjustments
+        assert metrics.get(event="create", outcome="error") == 0
+        assert claims(n, "claimed") == 150 and claims(n, "corrected") == 0
