@@ -86,13 +86,18 @@ def counted(metrics: Metrics) -> tuple[float, float, int]:
 async def test_status_of_a_200000_device_pool_held_by_pods_counts_nothing(tmp_path: Path) -> None:
     async with running_agent(tmp_path, BIG_POOL, root=wide(tmp_path / "wide")) as run:
         await run.emu.wait_devices(BIG, lambda s: s.capacity == 200_000, timeout=60)
-        await run.emu.allocate(BIG, 150_000, pod="batch")
+        # 50,000 millicpus: large enough to need the agent's slicing, small enough that the Python
+        # emulator's PodResources answer (one entry per device) stays well inside the CLI's 5 s on a
+        # loaded machine; docs/benchmarks.md has the 150,000 figure.
+        await run.emu.allocate(BIG, 50_000, pod="batch")
         await run.emu.allocate(BIG, 500, pod="web")
         metrics = run.supervisor.metrics
         before = counted(metrics)
         # The agent's record of answered Allocates empties once the kubelet's own record shows them.
         await run.emu.wait_for(
-            lambda: not run.supervisor._answered.get(BIG), what="the answered Allocates to be confirmed"
+            lambda: not run.supervisor._answered.get(BIG),
+            timeout=30,
+            what="the answered Allocates to be confirmed",
         )
 
         resources, problem = await collect(run.plugin_dir, run.pod_resources)
@@ -103,7 +108,7 @@ async def test_status_of_a_200000_device_pool_held_by_pods_counts_nothing(tmp_pa
         assert big.cpus == ",".join(str(cpu) for cpu in range(200))
         holders = {h.pod: h for h in big.holders}
         assert set(holders) == {"default/batch", "default/web"}
-        assert len(holders["default/batch"].device_ids) == 150_000
+        assert len(holders["default/batch"].device_ids) == 50_000
         assert holders["default/batch"].cpus == holders["default/web"].cpus == big.cpus
         # Not a kubelet stream, not an allocation: every figure the agent exports is as it was.
         assert counted(metrics) == before
