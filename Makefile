@@ -56,7 +56,8 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m tests.demo
 
-bench: $(STAMP)
+# The real-path figures drive the agent through the kubelet peer (built once per machine, as for `make test`).
+bench: $(STAMP) kubelet-peer
 	$(PY) -m bench.run
 
 # The NRI plugin against a real containerd (built from tests/e2e/go.mod, NRI on), Debian's runc and crictl,
