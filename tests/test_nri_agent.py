@@ -127,7 +127,14 @@ async def test_no_nri_serves_the_device_plugin_and_says_enforcement_is_off(tmp_p
         try:
             await emu.wait_devices(FAST, timeout=15)
             await emu.wait_for(lambda: _answers(port), what="the health port")
-            _, report = await http_json(port, "/enforcement")
+            # The accounting check starts once the first lists have gone out, after the health port: wait
+            # for its first report.
+            async with asyncio.timeout(15):
+                while True:
+                    _, report = await http_json(port, "/enforcement")
+                    if report["kubelet_accounting"] is not None:
+                        break
+                    await asyncio.sleep(0.05)
             assert report["nri"] == {"enabled": False} and report["containers"] == []
             # No kubelet config under this root: the accounting is unknown, with the file named.
             accounting = report["kubelet_accounting"]
