@@ -25,6 +25,7 @@ from agent.claim import ClaimKey
 from agent.claim import annotation_key as claim_annotation_key
 from agent.config import pool_env_name
 from agent.cpuset import CpuSet
+from agent.idset import shared_device_index
 from agent.kubeletapi.v1beta1 import (
     AllocateRequest,
     AllocateResponse,
@@ -45,7 +46,7 @@ from agent.kubeletapi.v1beta1 import (
     RegistrationStub,
 )
 from agent.metrics import Metrics
-from agent.plan import Resource, shared_device_index
+from agent.plan import Resource
 from agent.statusapi import DESCRIBE_PATH, DescribeReply, DescribeRequest, describe
 from agent.wire import (
     AllocateRequestDecoder,

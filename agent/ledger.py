@@ -20,7 +20,8 @@ from typing import Any
 from agent.allocation import ExclusiveDevice
 from agent.config import HtPolicy, PoolType
 from agent.cpuset import CpuSet
-from agent.plan import Plan, Resource, SharedGroup, shared_device_id, shared_device_index
+from agent.idset import IdSet, shared_device_index
+from agent.plan import Plan, Resource, SharedGroup
 from agent.topology import CoreKey
 
 FORMAT_VERSION = 1
@@ -65,8 +66,10 @@ def _device(device: ExclusiveDevice) -> list[Any]:
 def _resource(resource: Resource) -> dict[str, Any]:
     groups = []
     for group in resource.shared_groups:
-        indexes = [shared_device_index(i) for i in group.ids]
-        groups.append({"cpus": group.cpus.format(), "ids": _ranges(i for i in indexes if i is not None)})
+        ids = IdSet.of(group.ids)
+        beyond = (shared_device_index(i) for i in ids.other)
+        indexes = sorted([*ids.indexes(), *(i for i in beyond if i is not None)])
+        groups.append({"cpus": group.cpus.format(), "ids": _ranges(indexes)})
     return {
         "pool": resource.pool,
         "type": str(resource.pool_type),
@@ -112,7 +115,7 @@ def loads(text: str, source: str = STATE_FILE) -> Plan:
             groups = tuple(
                 SharedGroup(
                     CpuSet.parse(g["cpus"]),
-                    frozenset(shared_device_id(i) for i in _parse_ranges(g["ids"])),
+                    IdSet.from_indexes(_parse_ranges(g["ids"])),
                 )
                 for g in raw["groups"]
             )

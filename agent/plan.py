@@ -13,7 +13,6 @@ are kept out of every other resource, and an Allocate for it on re-admission ans
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from agent.allocation import ExclusiveDevice
 from agent.config import DEFAULT_RESOURCE_BASE_NAME, ConfigError, HtPolicy, PoolType, Problem, ValidatedConfig
 from agent.cpuset import CpuSet
+from agent.idset import EMPTY, IdSet, shared_device_id, shared_device_index
 from agent.topology import CoreKey, Topology
 
 HEALTHY = "Healthy"
@@ -28,28 +28,6 @@ UNHEALTHY = "Unhealthy"
 MILLICPUS_PER_CPU = 1000
 # The kubelet's gRPC client keeps grpc-go's default receive limit.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-
-_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
-# Our shared IDs: lower-case base 36 without leading zeros, 8 digits at most.
-_SHARED_ID = re.compile(r"0|[1-9a-z][0-9a-z]{0,7}")
-
-
-def shared_device_id(index: int) -> str:
-    """The ID of millicpu number `index` of a shared pool: base 36, 4 characters at most below 1.6 million."""
-    if index == 0:
-        return "0"
-    out = []
-    while index:
-        index, digit = divmod(index, 36)
-        out.append(_DIGITS[digit])
-    return "".join(reversed(out))
-
-
-def shared_device_index(device_id: str) -> int | None:
-    """The millicpu index behind a shared device ID, None when the text is not one of ours."""
-    if _SHARED_ID.fullmatch(device_id) is None:
-        return None
-    return int(device_id, 36)
 
 
 class _Unknown:
@@ -383,8 +361,11 @@ class _Claims:
         return None
 
 
-def _shared_listed(resource: Resource) -> frozenset[str]:
-    return frozenset(shared_device_id(i) for i in resource._shared_ids())
+def _shared_listed(resource: Resource) -> IdSet:
+    listed = IdSet.span(0, resource.shared_count)
+    if resource.shared_withheld:
+        listed = listed - IdSet.from_indexes(resource.shared_withheld)
+    return listed | IdSet.from_indexes(resource.shared_retained)
 
 
 def _reserved(old: Resource, device: ExclusiveDevice, topology: Topology) -> CpuSet:
@@ -417,7 +398,7 @@ def _claims(
     claims = _Claims()
     names = set(previous) if isinstance(held, _Unknown) else set(previous) | set(held)
     for name in sorted(names):
-        ids: AbstractSet[str] | None = None if isinstance(held, _Unknown) else held.get(name, frozenset())
+        ids: IdSet | None = None if isinstance(held, _Unknown) else IdSet.of(held.get(name, EMPTY))
         if ids is not None and not ids:
             continue
         old = previous.get(name) or configured(name)
@@ -426,10 +407,10 @@ def _claims(
         for device_id, device in old.exclusive.items():
             if ids is None or device_id in ids:
                 claims.add_exclusive(name, device, _reserved(old, device, topology))
-        grouped: set[str] = set()
+        grouped = EMPTY
         for group in old.shared_groups:
-            kept = group.ids if ids is None else group.ids & ids
-            grouped |= kept
+            kept = IdSet.of(group.ids) if ids is None else IdSet.of(group.ids) & ids
+            grouped = grouped | kept
             claims.add_shared(name, SharedGroup(group.cpus, kept))
         if old.exclusive_pool:
             # Shared-kind IDs of an exclusive resource all live in groups; anything else held is an ID
@@ -442,16 +423,11 @@ def _claims(
                     if unknown is not None:
                         claims.add_exclusive(name, unknown)
             continue
-        if ids is None:
-            rest: AbstractSet[str] = _shared_listed(old) - grouped - frozenset(old.exclusive)
-        else:
-            # IDs that are no shared ID at all are harmless here: they name no index and no CPU. Copying
-            # 200,000 IDs costs milliseconds: only when something must be taken out.
-            rest = ids
-            if grouped:
-                rest = rest - grouped
-            if old.exclusive and not rest.isdisjoint(old.exclusive):
-                rest = rest - frozenset(old.exclusive)
+        # IDs that are no shared ID at all are harmless here: they name no index and no CPU.
+        rest = _shared_listed(old) if ids is None else ids
+        rest = rest - grouped
+        if old.exclusive and not rest.isdisjoint(old.exclusive):
+            rest = rest - IdSet.of(old.exclusive)
         claims.add_shared(name, SharedGroup(old.cpus, rest))
     return claims
 
@@ -468,7 +444,9 @@ def build_plan(
     (UNKNOWN: assume every ID the previous plan listed is held). A held device keeps its meaning, listed
     Unhealthy when the config no longer gives it; no CPU of a held device is offered by anything else."""
     config = validated.config
-    held: Held = {} if in_use is None else in_use
+    held: Held = (
+        in_use if isinstance(in_use, _Unknown) else {n: IdSet.of(i) for n, i in (in_use or {}).items()}
+    )
     before = dict(previous.resources) if previous is not None else {}
     specs = {config.resource_name(spec.name): spec for spec in config.pools.values()}
 
@@ -617,15 +595,15 @@ def _exclusive_resource(
     # Held shared-kind IDs from when this resource was shared: listed as they were, and an exclusive
     # device with the same ID waits until they are free.
     shared_groups = tuple(claims.shared.get(name, ()))
-    retained: set[int] = set()
+    held_shared = EMPTY
     for group in shared_groups:
-        for device_id in group.ids:
-            index = shared_device_index(device_id)
-            if index is not None and device_id not in own:
-                retained.add(index)
-                devices.pop(device_id, None)
-                unhealthy.discard(device_id)
-                blocked.pop(device_id, None)
+        held_shared = held_shared | IdSet.of(group.ids)
+    held_shared = held_shared - IdSet.of(own)
+    retained = _indexes(held_shared)
+    for device_id in [d for d in devices if d in held_shared]:
+        del devices[device_id]
+        unhealthy.discard(device_id)
+        blocked.pop(device_id, None)
     ordered = dict(sorted(devices.items(), key=lambda item: int(item[0])))
     return Resource(
         name,
@@ -644,21 +622,18 @@ def _exclusive_resource(
 
 def _indexes(ids: Iterable[str]) -> set[int]:
     """The millicpu indexes of those IDs that are shared IDs."""
-    return {i for i in (shared_device_index(d) for d in ids) if i is not None}
+    return _indexes_from(ids, 0)
 
 
-def _indexes_from(ids: AbstractSet[str], count: int, top: int | None = None) -> set[int]:
-    """Indexes of the shared IDs in `ids` at or beyond `count` (all below `top` when that is known)."""
-    if top is not None and top - count < len(ids):
-        # Fewer candidates than held IDs: look the candidates up.
-        return {i for i in range(max(count, 0), top) if shared_device_id(i) in ids}
-    if count <= 0:
-        return _indexes(ids)
-    # Base 36 without leading zeros orders by (length, text).
-    last = shared_device_id(count - 1)
-    width = len(last)
-    beyond = [d for d in ids if len(d) > width or (len(d) == width and d > last)]
-    return _indexes(beyond)
+def _indexes_from(ids: Iterable[str], count: int, top: int | None = None) -> set[int]:
+    """Indexes of the shared IDs in `ids` at or beyond `count` (and below `top` when that is given)."""
+    compact = IdSet.of(ids)
+    found = set(compact.indexes(max(count, 0), top))
+    for device_id in compact.other:
+        index = shared_device_index(device_id)
+        if index is not None and index >= count and (top is None or index < top):
+            found.add(index)
+    return found
 
 
 def _shared_resource(
@@ -674,12 +649,12 @@ def _shared_resource(
     serving = (cpus & online) - claims.exclusive_cpus
     count = len(serving) * MILLICPUS_PER_CPU
     retained: set[int] = set()
-    merged: dict[CpuSet, set[str]] = {}
+    merged: dict[CpuSet, IdSet] = {}
     for group in claims.shared.get(name, ()):
         # Handed out with what the pool serves now: no different from a new millicpu.
         if group.cpus != serving:
-            merged.setdefault(group.cpus, set()).update(group.ids)
-    shared_groups = tuple(SharedGroup(c, frozenset(ids)) for c, ids in sorted(merged.items()))
+            merged[group.cpus] = merged.get(group.cpus, EMPTY) | IdSet.of(group.ids)
+    shared_groups = tuple(SharedGroup(c, ids) for c, ids in sorted(merged.items()))
     held_shared: list[AbstractSet[str]] = [g.ids for g in claims.shared.get(name, ())]
     old_top = 0
     if old is not None and not old.exclusive_pool:
@@ -691,7 +666,7 @@ def _shared_resource(
     else:
         # Only IDs listed beyond the old count can be beyond the new one.
         if old is not None and not isinstance(held, _Unknown):
-            held_ids = held.get(name, frozenset())
+            held_ids = held.get(name, EMPTY)
             for index in old.shared_retained:
                 if index >= count and shared_device_id(index) in held_ids:
                     retained.add(index)

@@ -39,6 +39,7 @@ from agent.deviceplugin import (
     register,
 )
 from agent.dirwatch import watch_directories
+from agent.idset import EMPTY, IdSet
 from agent.ledger import LedgerError
 from agent.ledger import claim_key as ledger_claim_key
 from agent.ledger import dumps as ledger_dumps
@@ -49,7 +50,7 @@ from agent.nodelabels import LabelSource
 from agent.plan import UNKNOWN, Held, Plan, Resource, build_plan, diff_plans
 from agent.podresources import PodResourcesError, list_raw
 from agent.topology import Topology, discover
-from agent.wire import held_device_ids_in_steps
+from agent.wire import HeldReader
 
 log = structlog.get_logger(__name__)
 
@@ -167,6 +168,8 @@ class Supervisor:
         # Allocates answered lately (resource -> ID -> when): the kubelet records an allocation only after
         # our answer reaches it, so a read of its record can miss the newest ones.
         self._answered: dict[str, dict[str, float]] = {}
+        # Decodes the kubelet's record, keeping each pod's part for the next read.
+        self._held_reader = HeldReader()
         self._kubelet_restarted_at: float | None = None
         self._confirm: asyncio.TimerHandle | None = None
         self._allocations = 0
@@ -459,7 +462,7 @@ class Supervisor:
         expired = time.monotonic() - ANSWER_HOLD_S
         merged = dict(held)
         for name, answered in list(self._answered.items()):
-            have = merged.get(name, frozenset())
+            have = merged.get(name, EMPTY)
             missing = {i for i, at in answered.items() if at >= expired and i not in have}
             if len(missing) != len(answered):
                 if missing:
@@ -467,7 +470,7 @@ class Supervisor:
                 else:
                     del self._answered[name]
             if missing:
-                merged[name] = set(have) | missing
+                merged[name] = IdSet.of(have) | IdSet.of(missing)
         return merged
 
     def allocated(self, name: str, ids: Sequence[str]) -> None:
@@ -512,8 +515,8 @@ class Supervisor:
             return UNKNOWN
         try:
             raw = await list_raw(socket)
-            found: dict[str, set[str]] = {}
-            steps = held_device_ids_in_steps(
+            found: dict[str, IdSet] = {}
+            steps = self._held_reader.read_in_steps(
                 raw, lambda name: name.startswith(prefix) or name in known, found
             )
             await run_in_slices(steps)

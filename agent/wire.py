@@ -12,6 +12,7 @@ import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 
+from agent.idset import IdSet, IdSetBuilder, shared_device_id
 from agent.kubeletapi.v1beta1 import (
     AllocateRequest,
     ContainerAllocateRequest,
@@ -25,7 +26,6 @@ from agent.plan import (
     DeviceView,
     Resource,
     device_numa,
-    shared_device_id,
     shared_entry_size,
 )
 from agent.protowire import field, varint
@@ -271,10 +271,10 @@ class PreferredAllocationRequestDecoder:
 # seconds for that. Only (resource name, device IDs) matter to the agent; this reader skips everything else.
 
 
-def _device_ids(data: bytes, accept: Callable[[str], bool], out: dict[str, set[str]]) -> None:
+def _device_ids(data: bytes, accept: Callable[[str], bool], out: dict[str, IdSetBuilder]) -> None:
     """One ContainerDevices message: resource_name = 1, device_ids = 2 (topology = 3 is skipped)."""
     name: str | None = None
-    ids: list[str] = []
+    ids: list[bytes] = []
     pos, end = 0, len(data)
     while pos < end:
         key = data[pos]
@@ -295,12 +295,16 @@ def _device_ids(data: bytes, accept: Callable[[str], bool], out: dict[str, set[s
         if stop > end:
             raise ValueError("truncated length-delimited field")
         if key == 0x12:
-            ids.append(data[pos:stop].decode("utf-8"))
+            ids.append(data[pos:stop])
         elif key == 0x0A:
             name = data[pos:stop].decode("utf-8")
         pos = stop
     if name is not None and accept(name):
-        out.setdefault(name, set()).update(ids)
+        builder = out.get(name)
+        if builder is None:
+            builder = out[name] = IdSetBuilder()
+        for raw in ids:
+            builder.add_wire(raw)
 
 
 def _skip(data: bytes, pos: int, wire_type: int) -> int:
@@ -313,29 +317,85 @@ def _skip(data: bytes, pos: int, wire_type: int) -> int:
     raise ValueError(f"unsupported wire type {wire_type}")
 
 
-def held_device_ids_in_steps(
-    data: bytes, accept: Callable[[str], bool], out: dict[str, set[str]]
-) -> Iterator[None]:
-    """Fill `out` with the device IDs per resource name of a serialized ListPodResourcesResponse, for names
-    `accept` takes, yielding after every pod: the caller decides how much to do at a time (the agent does it
-    on its event loop in slices of a few milliseconds).
+# One pod's devices per resource name: (lowest index, the bitmap shifted down to it, IDs that are no index).
+_PodPart = dict[str, tuple[int, int, frozenset[str]]]
 
-    pod_resources = 1 -> PodResources.containers = 3 -> ContainerResources.devices = 2."""
-    for number, pod in _fields(data):
-        if number != 1 or not isinstance(pod, bytes):
+
+def _pod_part(pod: bytes) -> _PodPart:
+    builders: dict[str, IdSetBuilder] = {}
+    for number, container in _fields(pod):
+        if number != 3 or not isinstance(container, bytes):
             continue
-        for number2, container in _fields(pod):
-            if number2 != 3 or not isinstance(container, bytes):
+        for number2, devices in _fields(container):
+            if number2 == 2 and isinstance(devices, bytes):
+                _device_ids(devices, _everything, builders)
+    part: _PodPart = {}
+    for name, builder in builders.items():
+        ids = builder.build()
+        bits = ids.bits
+        low = (bits & -bits).bit_length() - 1 if bits else 0
+        part[name] = (low, bits >> low, ids.other)
+    return part
+
+
+def _everything(name: str) -> bool:
+    return True
+
+
+class HeldReader:
+    """Reads the kubelet's List answers into device IDs per resource name, remembering each pod's part.
+
+    The answer changes by a few pods between two reads while it can list 200,000 IDs: a pod whose bytes are
+    the same as last time is not decoded again, so a re-read costs a few milliseconds once the first one is
+    done. The memory is the last answer's pods, nothing older."""
+
+    def __init__(self) -> None:
+        self._pods: dict[bytes, _PodPart] = {}
+
+    def read_in_steps(
+        self, data: bytes, accept: Callable[[str], bool], out: dict[str, IdSet]
+    ) -> Iterator[None]:
+        """Fill `out` with the IDs per resource name `accept` takes, yielding after each pod decoded and
+        every 64 pods known: the caller decides how much to do at a time (the agent runs it on its event
+        loop in slices of a millisecond). `out` is filled at the end, all at once; on an error (a malformed
+        answer, raised as ValueError) it stays empty.
+
+        pod_resources = 1 -> PodResources.containers = 3 -> ContainerResources.devices = 2."""
+        known = self._pods
+        seen: dict[bytes, _PodPart] = {}
+        bits: dict[str, int] = {}
+        other: dict[str, set[str]] = {}
+        for n, (number, pod) in enumerate(_fields(data)):
+            if number != 1 or not isinstance(pod, bytes):
                 continue
-            for number3, devices in _fields(container):
-                if number3 == 2 and isinstance(devices, bytes):
-                    _device_ids(devices, accept, out)
-        yield
+            part = known.get(pod)
+            if part is None:
+                part = _pod_part(pod)
+                yield
+            elif n % 64 == 63:
+                yield
+            seen[pod] = part
+            for name, (low, pod_bits, pod_other) in part.items():
+                if not accept(name):
+                    continue
+                bits[name] = bits.get(name, 0) | (pod_bits << low)
+                if pod_other:
+                    other.setdefault(name, set()).update(pod_other)
+        self._pods = seen
+        for name, name_bits in bits.items():
+            out[name] = IdSet(name_bits, frozenset(other.get(name, ())))
 
 
-def held_device_ids(data: bytes, accept: Callable[[str], bool]) -> dict[str, set[str]]:
+def held_device_ids_in_steps(
+    data: bytes, accept: Callable[[str], bool], out: dict[str, IdSet]
+) -> Iterator[None]:
+    """HeldReader.read_in_steps without a memory of earlier answers."""
+    return HeldReader().read_in_steps(data, accept, out)
+
+
+def held_device_ids(data: bytes, accept: Callable[[str], bool]) -> dict[str, IdSet]:
     """Device IDs per resource name in a serialized ListPodResourcesResponse, in one go."""
-    out: dict[str, set[str]] = {}
+    out: dict[str, IdSet] = {}
     for _ in held_device_ids_in_steps(data, accept, out):
         pass
     return out
