@@ -410,6 +410,16 @@ class Supervisor:
         if self._config is None or self.topology is None:
             return
         topology = topology or self.topology
+        vanished = self.topology.present - topology.present
+        if vanished:
+            # CPUs gone from `present` (a vCPU unplugged) are offline to the config applied with them: their
+            # devices stay listed, Unhealthy, rather than the re-plan failing and leaving them Healthy.
+            log.warning(
+                "topology.cpus_vanished",
+                cpus=vanished.format(),
+                effect="their devices are listed Unhealthy until they come back or the config drops them",
+            )
+            topology = replace(topology, present=topology.present | vanished)
         try:
             plan = await self._make_plan(validate(self._config, topology), topology, in_thread=False)
         except ConfigError as exc:

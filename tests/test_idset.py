@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.idset import MAX_BIT, IdSet, shared_device_id
+from agent.kubeletapi.v1 import ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources
 from agent.wire import HeldReader
 
 ids = st.one_of(
@@ -37,8 +38,6 @@ def test_indexes_ranges() -> None:
 
 
 def test_reader_remembers_pods_and_forgets_gone_ones() -> None:
-    from agent.kubeletapi.v1 import ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources
-
     def answer(pods: dict[str, list[str]]) -> bytes:
         return bytes(
             ListPodResourcesResponse(

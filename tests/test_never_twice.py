@@ -121,6 +121,25 @@ async def test_cpu_going_offline_turns_its_device_unhealthy(tmp_path: Path, peer
         await run.emu.wait_devices(FAST, lambda s: health(s).get("5") == "Healthy")
 
 
+async def test_cpu_leaving_present_turns_its_device_unhealthy(tmp_path: Path) -> None:
+    # A vCPU unplugged leaves `present` too: the applied config then names a CPU the host lacks, yet its
+    # device must turn Unhealthy, not stay Healthy because the re-plan refused the config.
+    async with running_agent(tmp_path, FAST_ONLY) as run:
+        await run.emu.wait_devices(FAST)
+        cpu_dir = run.root / "sys" / "devices" / "system" / "cpu"
+        online = CpuSet.parse((cpu_dir / "online").read_text())
+        present_file = cpu_dir / "present"
+        present = CpuSet.parse(present_file.read_text()) if present_file.exists() else online
+        (cpu_dir / "cpu5" / "online").write_text("0\n")
+        (cpu_dir / "online").write_text((online - CpuSet([5])).format() + "\n")
+        present_file.write_text((present - CpuSet([5])).format() + "\n")
+        run.supervisor.notify("hotplug")
+        fast = await run.emu.wait_devices(FAST, lambda s: health(s).get("5") == "Unhealthy")
+        assert fast.allocatable == 5
+        allocation = await run.emu.allocate(FAST, 5, pod="rest")
+        assert 5 not in CpuSet.parse(allocation.envs["EXCLUSIVE_CPUS"])
+
+
 async def test_preferred_allocation_passes_over_ids_it_does_not_offer(tmp_path: Path) -> None:
     async with running_agent(tmp_path, FAST_ONLY) as run:
         await run.emu.wait_devices(FAST)
