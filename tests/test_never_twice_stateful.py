@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from agent.cpuset import CpuSet
 from agent.supervisor import AgentSettings, Supervisor
@@ -148,10 +148,13 @@ class NeverTwice(RuleBasedStateMachine):
         snap = self.kubelet.resource(resource)
         return snap is not None and len(snap.devices) > 100
 
-    @precondition(lambda self: bool(self.live))
+    # No precondition on what is live: whether an admission succeeded depends on timing, and a rule enabled
+    # by it would make hypothesis draw differently when it replays a case (FlakyStrategyDefinition).
     @rule(pick=st.integers(0, 50))
     def remove(self, pick: int) -> None:
         pods = sorted(self.live)
+        if not pods:
+            return
         pod = pods[pick % len(pods)]
         self.trace("remove", pod)
         self.run(self.kubelet.remove_pod(pod))
