@@ -28,7 +28,7 @@ from agent.plan import (
     device_numa,
     shared_entry_size,
 )
-from agent.protowire import field, varint
+from agent.protowire import field, fields, read_varint, varint
 
 _BASE36 = b"0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -159,46 +159,9 @@ class EncodedListAndWatchResponse(ListAndWatchResponse):
 # protobuf requires; anything malformed raises ValueError, which the servicer answers INVALID_ARGUMENT.
 
 
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ValueError("truncated or over-long varint")
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
 def _fields(data: bytes) -> list[tuple[int, int | bytes]]:
     """(field number, value) pairs: an int for varints, bytes for length-delimited fields."""
-    out: list[tuple[int, int | bytes]] = []
-    pos = 0
-    while pos < len(data):
-        key, pos = _read_varint(data, pos)
-        number, wire_type = key >> 3, key & 7
-        if number == 0:
-            raise ValueError("field number 0")
-        if wire_type == 0:
-            value, pos = _read_varint(data, pos)
-            out.append((number, value))
-        elif wire_type == _LEN:
-            length, pos = _read_varint(data, pos)
-            if pos + length > len(data):
-                raise ValueError("truncated length-delimited field")
-            out.append((number, data[pos : pos + length]))
-            pos += length
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire_type}")
-        if pos > len(data):
-            raise ValueError("truncated fixed-size field")
-    return out
+    return list(fields(data))
 
 
 def _strings(fields: list[tuple[int, int | bytes]], number: int) -> list[str]:
@@ -279,7 +242,7 @@ def _device_ids(data: bytes, accept: Callable[[str], bool], out: dict[str, IdSet
     while pos < end:
         key = data[pos]
         if key & 0x80:
-            key, pos = _read_varint(data, pos)
+            key, pos = read_varint(data, pos)
         else:
             pos += 1
         wire_type = key & 7
@@ -288,7 +251,7 @@ def _device_ids(data: bytes, accept: Callable[[str], bool], out: dict[str, IdSet
             continue
         length = data[pos]
         if length & 0x80:
-            length, pos = _read_varint(data, pos)
+            length, pos = read_varint(data, pos)
         else:
             pos += 1
         stop = pos + length
@@ -309,7 +272,7 @@ def _device_ids(data: bytes, accept: Callable[[str], bool], out: dict[str, IdSet
 
 def _skip(data: bytes, pos: int, wire_type: int) -> int:
     if wire_type == 0:
-        return _read_varint(data, pos)[1]
+        return read_varint(data, pos)[1]
     if wire_type == 1:
         return pos + 8
     if wire_type == 5:
