@@ -11,6 +11,8 @@ GEN_DIR := agent/kubeletapi
 # NRI's protocol (github.com/containerd/nri v0.12.5, pkg/api/api.proto), generated into its own package.
 NRI_PROTO_SRC := protos/github.com/containerd/nri/pkg/api/api.proto
 NRI_GEN_DIR := agent/nriapi
+# Messages only: the agent speaks ttrpc itself, and grpc stubs would load grpcio (about 8 MiB of RSS).
+NRI_GEN_OPT := client_generation=none,server_generation=none
 
 .PHONY: venv helm test lint demo bench protos check-protos clean process-starter nripeer kubelet-peer apiserver-peer e2e
 
@@ -84,6 +86,7 @@ protos: $(STAMP)
 	mkdir -p $(NRI_GEN_DIR)
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
 	    --python_betterproto2_out=$(NRI_GEN_DIR) \
+	    --python_betterproto2_opt=$(NRI_GEN_OPT) \
 	    $(NRI_PROTO_SRC)
 
 # Fails when `make protos` would change the committed generated code.
@@ -98,6 +101,7 @@ check-protos: $(STAMP)
 	mkdir -p .protos-check
 	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc -I protos \
 	    --python_betterproto2_out=.protos-check \
+	    --python_betterproto2_opt=$(NRI_GEN_OPT) \
 	    $(NRI_PROTO_SRC) >/dev/null
 	diff -r .protos-check $(NRI_GEN_DIR) || { echo "generated NRI code is stale: run 'make protos'"; rm -rf .protos-check; exit 1; }
 	rm -rf .protos-check
