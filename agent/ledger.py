@@ -33,20 +33,16 @@ class LedgerError(Exception):
 
 
 def _ranges(values: Iterable[int]) -> str:
-    ordered = sorted(set(values))
-    parts: list[str] = []
-    start = prev = None
-    for value in ordered:
-        if start is None:
-            start = prev = value
-        elif value == prev + 1:  # type: ignore[operator]
-            prev = value
-        else:
-            parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = prev = value
-    if start is not None:
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-    return ",".join(parts)
+    return _format_runs(IdSet.from_indexes(values))
+
+
+def _format_runs(ids: IdSet) -> str:
+    """The millicpu indexes of `ids` as "0-4,7": from the bitmap's runs, so a set of 200,000 held IDs costs
+    a scan in C, not a Python step per ID (this text is made on the loop before every plan is served)."""
+    runs = list(ids.runs())
+    beyond = sorted(i for i in map(shared_device_index, ids.other) if i is not None)
+    runs += [(i, i) for i in beyond]
+    return ",".join(f"{low}" if low == high else f"{low}-{high}" for low, high in runs)
 
 
 def _parse_ranges(text: str) -> set[int]:
@@ -66,10 +62,7 @@ def _device(device: ExclusiveDevice) -> list[Any]:
 def _resource(resource: Resource) -> dict[str, Any]:
     groups = []
     for group in resource.shared_groups:
-        ids = IdSet.of(group.ids)
-        beyond = (shared_device_index(i) for i in ids.other)
-        indexes = sorted([*ids.indexes(), *(i for i in beyond if i is not None)])
-        groups.append({"cpus": group.cpus.format(), "ids": _ranges(indexes)})
+        groups.append({"cpus": group.cpus.format(), "ids": _format_runs(IdSet.of(group.ids))})
     return {
         "pool": resource.pool,
         "type": str(resource.pool_type),
@@ -156,21 +149,31 @@ def load(state_dir: Path) -> Plan | None:
     return loads(text, str(path))
 
 
-def save(state_dir: Path, text: str) -> None:
-    """Replace the state file with `text` atomically: a crash leaves the old file or the new one."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / STATE_FILE
+def write(state_dir: Path, text: str) -> None:
+    """Replace the state file with `text` atomically (temporary file, rename): a crash of the agent leaves
+    the old file or the new one. Fast enough to run before a plan is served (a few KB into the page cache, a
+    rename); that the file also survives a crash of the node is `sync`'s part."""
     tmp = state_dir / f".{STATE_FILE}.tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(state_dir, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    os.replace(tmp, state_dir / STATE_FILE)
+
+
+def sync(state_dir: Path) -> None:
+    """Make the last `write` durable: the file's data, then the directory entry the rename changed."""
+    for path, flags in ((state_dir / STATE_FILE, os.O_RDONLY), (state_dir, os.O_RDONLY | os.O_DIRECTORY)):
+        fd = os.open(path, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save(state_dir: Path, text: str) -> None:
+    """`write` then `sync`."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    write(state_dir, text)
+    sync(state_dir)
 
 
 CLAIM_KEY_FILE = "claim.key"

@@ -13,7 +13,7 @@ are kept out of every other resource, and an Allocate for it on re-admission ans
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 
@@ -294,6 +294,20 @@ def shared_entry_size(index: int, health: str = HEALTHY) -> int:
     return _field_size(_field_size(_id_width(index)) + _field_size(len(health)))
 
 
+def shared_list_bound(count: int, host_cpus: Collection[int]) -> int:
+    """The largest list a resource that ever served `count` millicpus can need: every one of them listed
+    Unhealthy (held millicpus keep their IDs, listed Unhealthy, while their pool drains or changes type) next
+    to an exclusive device for each of the host's CPUs. Each ID is listed once per resource, so no later
+    plan of that resource lists more."""
+    total, width, low = 0, 1, 0
+    while low < count:
+        high = 36**width
+        total += (min(high, count) - low) * shared_entry_size(low, UNHEALTHY)
+        width, low = width + 1, high
+    widest = DeviceView(str(max(host_cpus, default=0)), UNHEALTHY, 1 << 16)
+    return total + len(host_cpus) * device_message_size(widest)
+
+
 def list_message_size(resource: Resource) -> int:
     """Encoded size of the ListAndWatchResponse that carries every device of `resource`."""
     total = sum(
@@ -478,14 +492,18 @@ def build_plan(
             )
         else:
             resource = _shared_resource(name, spec.name, cpus, online, before.get(name), held, claims)
-            size = list_message_size(resource)
+            # Checked for the worst list this pool's IDs can ever need (all held, listed Unhealthy while the
+            # pool drains or changes type, next to an exclusive device per CPU of the host): a config that
+            # passes here never needs a list the kubelet cannot receive later.
+            size = shared_list_bound(resource.shared_count, topology.cpus)
             if size >= MAX_MESSAGE_BYTES:
                 per_cpu = size // max(1, len(cpus))
                 problems.append(
                     Problem(
                         spec.name,
                         f"a shared pool of {len(cpus)} CPUs lists {resource.shared_count} millicpu devices, "
-                        f"{size} bytes: over the kubelet's {MAX_MESSAGE_BYTES}-byte gRPC message limit "
+                        f"up to {size} bytes (held ones are listed Unhealthy while the pool drains or "
+                        f"changes type): over the kubelet's {MAX_MESSAGE_BYTES}-byte gRPC message limit "
                         f"(at most about {MAX_MESSAGE_BYTES // per_cpu} CPUs)",
                     )
                 )

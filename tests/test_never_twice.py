@@ -7,10 +7,15 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.cpuset import CpuSet
+from agent.deviceplugin import ResourceServicer
+from agent.ledger import STATE_FILE
+from agent.ledger import loads as ledger_loads
+from agent.plan import Resource
 from agent.supervisor import Supervisor
 from tests.emulator import KubeletEmulator, PluginCallError, ResourceSnapshot
 from tests.harness import running_agent
@@ -148,6 +153,44 @@ async def test_preferred_allocation_passes_over_ids_it_does_not_offer(tmp_path: 
         assert sorted(answer) == ["2", "3"]
         answer = await run.emu.call_preferred(FAST, ["2", "40", "41"], ["41"], 2)
         assert set(answer) == {"2", "41"}
+
+
+async def test_the_state_file_has_a_plans_meanings_before_anything_answers_from_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent killed at any instant leaves a state file that knows every meaning it may have answered in.
+    Checked at each instant a servicer starts answering from a new plan: a pool's type changed, one added."""
+    state_file = tmp_path / "state" / STATE_FILE
+    seen: list[tuple[str, str, str | None]] = []
+
+    def on_disk(resource: Resource) -> None:
+        text = state_file.read_text() if state_file.exists() else None
+        saved = ledger_loads(text).resources.get(resource.name) if text is not None else None
+        seen.append((resource.name, str(resource.pool_type), str(saved.pool_type) if saved else None))
+
+    update, init = ResourceServicer.update, ResourceServicer.__init__
+
+    def spy_update(self: ResourceServicer, resource: Resource) -> bool:
+        on_disk(resource)
+        return update(self, resource)
+
+    def spy_init(self: ResourceServicer, resource: Resource, *args: Any, **kwargs: Any) -> None:
+        on_disk(resource)
+        init(self, resource, *args, **kwargs)
+
+    monkeypatch.setattr(ResourceServicer, "update", spy_update)
+    monkeypatch.setattr(ResourceServicer, "__init__", spy_init)
+    async with running_agent(tmp_path, FAST_ONLY) as run:
+        await run.emu.wait_devices(FAST)
+        await run.emu.allocate(FAST, 2, pod="first")
+        run.configmap.write(
+            'pools:\n  fast: {cpus: "2-7", pooltype: shared}\n  more: {cpus: "8-9", pooltype: exclusive}\n'
+        )
+        await run.emu.wait_devices(FAST, lambda s: registered_as(s, "shared") and s.allocatable > 0)
+        await run.emu.wait_devices("cpupool.io/more")
+    assert ("cpupool.io/fast", "shared", "shared") in seen
+    assert ("cpupool.io/more", "exclusive", "exclusive") in seen
+    assert all(serving == saved for _, serving, saved in seen), seen
 
 
 async def test_restart_with_an_invalid_config_serves_the_remembered_plan(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from agent.config import ConfigError, PoolType, parse_config, validate
 from agent.cpuset import CpuSet
+from agent.idset import IdSet
 from agent.kubeletapi.v1beta1 import Device, ListAndWatchResponse, NumaNode, TopologyInfo
 from agent.plan import (
     HEALTHY,
@@ -94,6 +95,28 @@ def test_shared_pool_too_big_for_one_message_is_refused() -> None:
     huge = make_topology(nodes=2, cores_per_node=150, threads=1)
     with pytest.raises(ConfigError, match=r"pool 's': .* over the kubelet's 4194304-byte gRPC message limit"):
         plan_of("pools:\n  s: {cpus: '0-299', pooltype: shared}\n", huge)
+
+
+def test_shared_pool_that_fits_only_while_healthy_is_refused() -> None:
+    # 235,000 millicpus listed Healthy fit in 4 MiB; listed Unhealthy, as held ones are while the pool drains
+    # or changes type, they do not: the config is refused up front rather than the list failing later.
+    wide = make_topology(nodes=2, cores_per_node=120, threads=1)
+    with pytest.raises(ConfigError, match=r"pool .s.: .* listed Unhealthy while the pool drains"):
+        plan_of("pools:\n  s: {cpus: '0-234', pooltype: shared}\n", wide)
+
+
+def test_largest_shared_pool_fully_held_still_fits_after_it_turns_exclusive() -> None:
+    wide = make_topology(nodes=2, cores_per_node=120, threads=1)
+    shared = plan_of("pools:\n  s: {cpus: '0-219', pooltype: shared}\n", wide)
+    name = "cpupool.io/s"
+    # Every millicpu held but those whose IDs read as the new exclusive devices' ("0" to "239").
+    held = {name: IdSet.span(0, shared.resources[name].shared_count) - {str(cpu) for cpu in range(240)}}
+    turned = plan_of("pools:\n  s: {cpus: '0-239', pooltype: exclusive}\n", wide, shared, held)
+    resource = turned.resources[name]
+    assert len(resource.shared_retained) == 220_000 - 240 and len(resource.exclusive) == 240
+    size = list_message_size(resource)
+    assert size < MAX_MESSAGE_BYTES
+    assert len(encode_resource(resource).SerializeToString()) == size
 
 
 def test_encoded_list_matches_the_generic_protobuf_encoder() -> None:
