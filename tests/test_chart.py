@@ -556,20 +556,23 @@ def test_process_starter_is_installed_on_the_host_by_rename(variant: tuple[str, 
 
 def test_nothing_is_privileged(variant: tuple[str, list[Doc]]) -> None:
     name, docs = variant
-    if name == "node-groups":
-        pytest.skip("the agent reads node labels here: test_node_groups_grant_read_only_access_to_nodes")
+    # With node groups the agent reads its Node's labels: it gets a token and a read-only ClusterRole
+    # (test_node_groups_grant_read_only_access_to_nodes); every other rule here holds for it too.
+    reads_labels = name == "node-groups"
     for workload in _workloads(docs):
         spec = workload["spec"]["template"]["spec"]
         for host_ns in ("hostNetwork", "hostPID", "hostIPC"):
             assert not spec.get(host_ns), (workload["kind"], host_ns)
-        assert spec["automountServiceAccountToken"] is False
+        token = workload["kind"] == "DaemonSet" and reads_labels
+        assert spec["automountServiceAccountToken"] is token, workload["metadata"]["name"]
         for container in _containers(workload):
             sc = container["securityContext"]
             assert sc["privileged"] is False
             assert sc["allowPrivilegeEscalation"] is False
             assert sc["readOnlyRootFilesystem"] is True
             assert sc["capabilities"] == {"drop": ["ALL"]}
-    assert not _find(docs, "Role") and not _find(docs, "ClusterRole"), "no feature needs API access"
+    assert not _find(docs, "Role"), "no feature needs a namespaced role"
+    assert bool(_find(docs, "ClusterRole")) is reads_labels, "only node labels need API access"
 
 
 def test_only_the_agent_runs_as_root(variant: tuple[str, list[Doc]]) -> None:
