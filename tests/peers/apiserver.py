@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import http.client
 import ipaddress
 import json
@@ -51,12 +50,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .build import PeerBuildError, PeerUnavailable, cache_root
+from .build import APISERVER_PEER
 
-SOURCE_DIR = Path(__file__).resolve().parents[1] / "apiserver"
-BUILD_SCRIPT = SOURCE_DIR / "build.sh"
-ENV_BINARY = "CPUPOOL_APISERVER_PEER"
-BINARY_NAME = "apiserver-peer"
 ADMIN_USER = "cpupool-test-admin"
 FIELD_MANAGER = "cpupool-tests"
 # The first start of a cold machine includes etcd's first fsyncs and the API server's bootstrap (RBAC
@@ -69,50 +64,7 @@ Doc = dict[str, Any]
 
 # --- the binary -----------------------------------------------------------------------------------
 
-
-def source_hash() -> str:
-    """The cache key: sha256 of go.mod, go.sum, build.sh and the *.go files (byte order of names), 16 hex
-    digits; the same bytes in the same order as tests/apiserver/build.sh hashes them."""
-    digest = hashlib.sha256()
-    files = [SOURCE_DIR / "go.mod", SOURCE_DIR / "go.sum", BUILD_SCRIPT]
-    files += sorted(SOURCE_DIR.glob("*.go"), key=lambda p: os.fsencode(p.name))
-    for path in files:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def cached_binary() -> Path:
-    return cache_root() / f"apiserver-{source_hash()}" / BINARY_NAME
-
-
-def find_or_build_apiserver() -> Path:
-    """The peer binary: $CPUPOOL_APISERVER_PEER, else the cached build, else built now (many minutes cold).
-
-    Raises PeerUnavailable when `go` is missing and nothing is cached, PeerBuildError when the build fails.
-    """
-    override = os.environ.get(ENV_BINARY)
-    if override:
-        path = Path(override)
-        if not os.access(path, os.X_OK):
-            raise PeerBuildError(f"{ENV_BINARY}={override} is not an executable file")
-        return path
-    binary = cached_binary()
-    if os.access(binary, os.X_OK):
-        return binary
-    if shutil.which("go") is None:
-        raise PeerUnavailable(
-            "`go` is not on PATH, so the API server peer (tests/apiserver: kube-apiserver and etcd) cannot "
-            f"be built and none is cached at {binary}"
-        )
-    done = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise PeerBuildError(
-            f"building the API server peer failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
-        )
-    built = Path(done.stdout.strip().splitlines()[-1])
-    if built != binary:
-        raise PeerBuildError(f"build.sh produced {built}, but the tests expected {binary} (hash mismatch)")
-    return binary
+find_or_build_apiserver = APISERVER_PEER.find_or_build
 
 
 # --- certificates ---------------------------------------------------------------------------------

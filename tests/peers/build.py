@@ -1,9 +1,10 @@
-"""Finding (and, once per machine, building) the kubelet peer binary from tests/kubeletpeer/.
+"""Finding (and, once per machine, building) the Go test peers that have their own build.sh: the kubelet
+peer (tests/kubeletpeer/) and the API server peer (tests/apiserver/).
 
-The binary lives outside the repository in ``${XDG_CACHE_HOME:-$HOME/.cache}/cpupool/<hash>/kubelet-peer``;
-<hash> covers go.mod, go.sum, build.sh and the Go sources, computed exactly as tests/kubeletpeer/build.sh
-does, so ``make kubelet-peer`` and the tests agree on one cached build. ``CPUPOOL_KUBELET_PEER`` names a
-binary to use instead.
+A binary lives outside the repository in ``${XDG_CACHE_HOME:-$HOME/.cache}/cpupool/<prefix><hash>/<name>``;
+<hash> covers go.mod, go.sum, build.sh and the Go sources, computed exactly as the peer's build.sh does, so
+``make`` and the tests agree on one cached build. An environment variable per peer (``CPUPOOL_KUBELET_PEER``,
+``CPUPOOL_APISERVER_PEER``) names a binary to use instead.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import hashlib
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
-SOURCE_DIR = Path(__file__).resolve().parents[1] / "kubeletpeer"
-BUILD_SCRIPT = SOURCE_DIR / "build.sh"
-ENV_BINARY = "CPUPOOL_KUBELET_PEER"
+_TESTS = Path(__file__).resolve().parents[1]
 
 
 class PeerUnavailable(Exception):
@@ -27,51 +27,84 @@ class PeerBuildError(Exception):
     """Go is there but building the peer failed; the message carries the compiler's output."""
 
 
-def source_hash() -> str:
-    """The cache key: sha256 of go.mod, go.sum, build.sh and the *.go files (byte order of names), 16 hex
-    digits; the same bytes in the same order as build.sh hashes them."""
-    digest = hashlib.sha256()
-    files = [SOURCE_DIR / "go.mod", SOURCE_DIR / "go.sum", BUILD_SCRIPT]
-    files += sorted(SOURCE_DIR.glob("*.go"), key=lambda p: os.fsencode(p.name))
-    for path in files:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "cpupool"
 
 
-def cached_binary() -> Path:
-    return cache_root() / source_hash() / "kubelet-peer"
+@dataclass(frozen=True)
+class GoPeer:
+    """One peer program: where its sources are and where its build.sh caches the binary."""
 
+    title: str
+    """What it is, for messages: "the kubelet peer (tests/kubeletpeer, ...)"."""
+    source_dir: Path
+    env_binary: str
+    binary_name: str
+    cache_prefix: str = ""
 
-def find_or_build() -> Path:
-    """The peer binary: $CPUPOOL_KUBELET_PEER, else the cached build, else built now (minutes when cold).
+    @property
+    def build_script(self) -> Path:
+        return self.source_dir / "build.sh"
 
-    Raises PeerUnavailable when `go` is missing and nothing is cached, PeerBuildError when the build fails.
-    """
-    override = os.environ.get(ENV_BINARY)
-    if override:
-        path = Path(override)
-        if not os.access(path, os.X_OK):
-            raise PeerBuildError(f"{ENV_BINARY}={override} is not an executable file")
-        return path
-    binary = cached_binary()
-    if os.access(binary, os.X_OK):
+    def source_hash(self) -> str:
+        """The cache key: sha256 of go.mod, go.sum, build.sh and the *.go files (byte order of names), 16
+        hex digits; the same bytes in the same order as build.sh hashes them."""
+        digest = hashlib.sha256()
+        files = [self.source_dir / "go.mod", self.source_dir / "go.sum", self.build_script]
+        files += sorted(self.source_dir.glob("*.go"), key=lambda p: os.fsencode(p.name))
+        for path in files:
+            digest.update(path.read_bytes())
+        return digest.hexdigest()[:16]
+
+    def cached_binary(self) -> Path:
+        return cache_root() / f"{self.cache_prefix}{self.source_hash()}" / self.binary_name
+
+    def find_or_build(self) -> Path:
+        """The binary: the environment's override, else the cached build, else built now (minutes when cold).
+
+        Raises PeerUnavailable when `go` is missing and nothing is cached, PeerBuildError when the build
+        fails."""
+        override = os.environ.get(self.env_binary)
+        if override:
+            path = Path(override)
+            if not os.access(path, os.X_OK):
+                raise PeerBuildError(f"{self.env_binary}={override} is not an executable file")
+            return path
+        binary = self.cached_binary()
+        if os.access(binary, os.X_OK):
+            return binary
+        if shutil.which("go") is None:
+            raise PeerUnavailable(
+                f"`go` is not on PATH, so {self.title} cannot be built and none is cached at {binary}"
+            )
+        done = subprocess.run(["bash", str(self.build_script)], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise PeerBuildError(
+                f"building {self.title} failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
+            )
+        built = Path(done.stdout.strip().splitlines()[-1])
+        if built != binary:
+            raise PeerBuildError(
+                f"build.sh produced {built}, but the tests expected {binary} (hash mismatch)"
+            )
         return binary
-    if shutil.which("go") is None:
-        raise PeerUnavailable(
-            "`go` is not on PATH, so the kubelet peer (tests/kubeletpeer, the kubelet's own device manager) "
-            f"cannot be built and none is cached at {binary}"
-        )
-    done = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise PeerBuildError(
-            f"building the kubelet peer failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
-        )
-    built = Path(done.stdout.strip().splitlines()[-1])
-    if built != binary:
-        raise PeerBuildError(f"build.sh produced {built}, but the tests expected {binary} (hash mismatch)")
-    return binary
+
+
+KUBELET_PEER = GoPeer(
+    "the kubelet peer (tests/kubeletpeer, the kubelet's own device manager)",
+    _TESTS / "kubeletpeer",
+    "CPUPOOL_KUBELET_PEER",
+    "kubelet-peer",
+)
+APISERVER_PEER = GoPeer(
+    "the API server peer (tests/apiserver: kube-apiserver and etcd)",
+    _TESTS / "apiserver",
+    "CPUPOOL_APISERVER_PEER",
+    "apiserver-peer",
+    cache_prefix="apiserver-",
+)
+# The kubelet peer's, under the names the tests and the bench import.
+source_hash = KUBELET_PEER.source_hash
+cached_binary = KUBELET_PEER.cached_binary
+find_or_build = KUBELET_PEER.find_or_build
