@@ -20,7 +20,7 @@ from agent.claim import annotation_key
 from agent.cpuset import CpuSet
 from agent.ledger import CLAIM_KEY_FILE
 from agent.nri import plugin as plugin_module
-from agent.nri.allocations import Devices, PodResourcesAllocations
+from agent.nri.allocations import AllocationsUnknown, Devices, PodResourcesAllocations
 from agent.nri.policy import Policy
 from tests.harness import POOLS, running_agent
 from tests.nriruntime import NriRuntime
@@ -45,15 +45,25 @@ class ShutRecord(PodResourcesAllocations):
         return found
 
 
+class UnreadableRecord(ShutRecord):
+    """A kubelet whose PodResources `Get` fails (its socket gone, say) for as long as the test runs."""
+
+    async def of_pod(self, namespace: str, pod: str) -> dict[str, Devices] | None:
+        raise AllocationsUnknown("PodResources: connection refused (the test's kubelet record is down)")
+
+
 @contextlib.asynccontextmanager
 async def claims_node(
-    tmp_path: Path, policy: Policy = Policy.STRICT, peer: str = "emulator"
+    tmp_path: Path,
+    policy: Policy = Policy.STRICT,
+    peer: str = "emulator",
+    record_type: type[ShutRecord] = ShutRecord,
 ) -> AsyncIterator[tuple[Node, ShutRecord]]:
     async with running_agent(tmp_path, peer=peer) as agent:
         for name in (FAST, MULTI, SHARED):
             await agent.emu.wait_devices(name)
         socket = tmp_path / "nri.sock"
-        record = ShutRecord(agent.pod_resources)
+        record = record_type(agent.pod_resources)
         plugin = make_plugin(agent, socket, policy, claims=True, allocations=record)
         async with NriRuntime(socket) as runtime, plugin_task(plugin):
             await runtime.start()
@@ -86,6 +96,30 @@ async def test_a_verified_claim_sets_the_cpuset_while_the_kubelets_record_is_shu
         await until(lambda: claims(n, "confirmed") == 1)
         assert not [e for e in n.runtime.events[mark:] if e["event"] == "updates"]
         assert (await n.runtime.cpusets())["c1"] == created["cpus"]
+
+
+async def test_a_claim_stands_when_the_kubelets_record_never_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The check after the answer gives up after CONFIRM_GIVE_UP_S (60 s; shortened here): the container
+    # keeps the CPUs its verified claim gave it, nothing is pushed, and the outcome is counted and logged.
+    monkeypatch.setattr(plugin_module, "CONFIRM_GIVE_UP_S", 0.6)
+    monkeypatch.setattr(plugin_module, "CONFIRM_RETRY_START_S", 0.05)
+    async with claims_node(tmp_path, record_type=UnreadableRecord) as (n, _):
+        fast = await n.agent.emu.allocate(FAST, 2, pod="db")
+        await n.pod("p1", "db")
+        mark = len(n.runtime.events)
+        created = await n.runtime.create("p1", "c1", annotations=fast.annotations)
+        assert CpuSet.parse(created["cpus"]) == cpus_of(fast.device_ids)
+        await until(lambda: claims(n, "unconfirmed") == 1)
+        assert claims(n, "confirmed") == 0 and claims(n, "corrected") == 0
+        assert not [e for e in n.runtime.events[mark:] if e["event"] == "updates"]
+        assert (await n.runtime.cpusets())["c1"] == created["cpus"]
+        # A second container of another pod still gets its own claim's CPUs, never the first one's.
+        other = await n.agent.emu.allocate(FAST, 2, pod="cache")
+        await n.pod("p2", "cache")
+        second = await n.runtime.create("p2", "c2", annotations=other.annotations)
+        assert CpuSet.parse(second["cpus"]).isdisjoint(CpuSet.parse(created["cpus"]))
 
 
 async def test_a_new_pod_without_claims_is_kept_off_the_pools_while_the_record_is_shut(
