@@ -54,6 +54,8 @@ _MASK = (
 ) | (_IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR)
 # Only entries going away, and the directory itself: a kubelet start deletes every socket first.
 _DELETIONS_MASK = _IN_DELETE | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR
+# Only entries appearing, and the directory itself (entry_created: an ancestor such as /run is busy).
+_CREATIONS_MASK = _IN_CREATE | _IN_MOVED_TO | _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_ONLYDIR
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, length of the name that follows
 
 
@@ -89,9 +91,9 @@ class _Inotify:
             os.close(fd)
             raise
 
-    def watch(self, directory: Path, *, deletions_only: bool = False) -> None:
+    def watch(self, directory: Path, *, deletions_only: bool = False, creations_only: bool = False) -> None:
         """Watch `directory` (again: the kernel replaces the mask of a directory already watched)."""
-        mask = _DELETIONS_MASK if deletions_only else _MASK
+        mask = _DELETIONS_MASK if deletions_only else _CREATIONS_MASK if creations_only else _MASK
         wd = self._libc.inotify_add_watch(self.fd, os.fsencode(directory), mask)
         if wd < 0:
             errno = ctypes.get_errno()
@@ -202,6 +204,71 @@ async def watch_directories(
         stopping.cancel()
         loop.remove_reader(inotify.fd)
         inotify.close()
+
+
+def _lexists(path: Path) -> bool:
+    # One lstat of a local path: cheap enough for the loop, and a socket counts (Path.exists follows links).
+    return os.path.lexists(path)
+
+
+def _way_to(path: Path) -> tuple[Path, Path]:
+    """The deepest existing directory on the way to `path`, and the entry in it that leads there."""
+    directory = path.parent
+    while not directory.is_dir() and directory != directory.parent:
+        directory = directory.parent
+    return directory, directory / path.relative_to(directory).parts[0]
+
+
+async def entry_created(path: Path, timeout_s: float) -> bool:
+    """Wait until an entry named `path` is created (or moved there), at most `timeout_s`; True when it was.
+
+    Nothing runs meanwhile: the deepest existing directory on the way to `path` is watched for entries
+    appearing, so a runtime that creates /var/run/nri and then nri.sock in it is followed down. An entry
+    that is there already counts only once created anew (a stale socket is replaced by unlink and bind).
+    Raises OSError when no inotify watch can be had: the caller then waits out its timeout by itself."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    present = _lexists(path)
+    while True:
+        directory, wanted = _way_to(path)
+        inotify = _Inotify([])
+        try:
+            try:
+                inotify.watch(directory, creations_only=True)
+            except WatchLost:
+                continue  # the directory went away meanwhile: find the deepest one again
+            # Looked at once the watch is in place: an entry made before it is seen here, one made after
+            # it is reported.
+            if wanted != path and _lexists(wanted):
+                if not wanted.is_dir():
+                    raise NotADirectoryError(ENOTDIR, f"{wanted} is not a directory, so {path} cannot appear")
+                continue
+            if wanted == path and not present and _lexists(path):
+                return True
+            seen: asyncio.Future[None] = loop.create_future()
+
+            def drain(
+                inotify: _Inotify = inotify, seen: asyncio.Future[None] = seen, wanted: Path = wanted
+            ) -> None:
+                try:
+                    changed = inotify.read()
+                except WatchLost:
+                    changed = {wanted}  # the directory went: look again from the top
+                if wanted in changed and not seen.done():
+                    seen.set_result(None)
+
+            loop.add_reader(inotify.fd, drain)
+            try:
+                await asyncio.wait_for(seen, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                return False
+            finally:
+                loop.remove_reader(inotify.fd)
+            if wanted == path and _lexists(path):
+                return True
+            present = False  # a directory on the way appeared (or went): follow it
+        finally:
+            inotify.close()
 
 
 async def _watchfiles(

@@ -142,3 +142,37 @@ async def test_deletions_only_directory_ignores_creations_until_its_socket_goes(
     finally:
         stop.set()
         await asyncio.wait_for(task, 5)
+
+
+async def test_entry_created_follows_directories_that_do_not_exist_yet(tmp_path: Path) -> None:
+    # As a runtime that turns NRI on: /var/run/nri is made first, then nri.sock in it.
+    socket = tmp_path / "run" / "nri" / "nri.sock"
+    waiting = asyncio.create_task(dirwatch.entry_created(socket, timeout_s=30))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "unrelated").write_text("")
+    (tmp_path / "run" / "nri").mkdir()
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    socket.write_text("")
+    assert await waiting is True
+
+
+async def test_entry_created_waits_for_a_present_entry_to_be_made_anew(tmp_path: Path) -> None:
+    stale = tmp_path / "nri.sock"
+    stale.write_text("")
+    assert await dirwatch.entry_created(stale, timeout_s=0.05) is False
+    waiting = asyncio.create_task(dirwatch.entry_created(stale, timeout_s=30))
+    await asyncio.sleep(0.05)
+    stale.unlink()
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    stale.write_text("")
+    assert await waiting is True
+
+
+async def test_entry_created_refuses_a_way_blocked_by_a_file(tmp_path: Path) -> None:
+    (tmp_path / "nri").write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        await dirwatch.entry_created(tmp_path / "nri" / "nri.sock", timeout_s=30)

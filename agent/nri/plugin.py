@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import time
 from collections import OrderedDict
@@ -21,7 +22,7 @@ import structlog
 
 from agent.claim import Claim, ClaimKey, read_claims
 from agent.cpuset import CpuSet
-from agent.dirwatch import watch_directories
+from agent.dirwatch import entry_created
 from agent.metrics import Metrics
 from agent.nri.allocations import AllocationSource, AllocationsUnknown, Devices
 from agent.nri.policy import Decision, Kind, Policy, PoolView, decide, parse_runtime_cpus
@@ -87,6 +88,8 @@ CONFIRM_GIVE_UP_S = 60.0
 BOUND_NONCES = 65536
 BACKOFF_START_S = 0.02
 BACKOFF_MAX_S = 2.0
+# With no socket, its creation is watched; a look this often anyway costs nothing worth counting.
+ABSENT_RECHECK_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -232,7 +235,7 @@ class NriPlugin:
                 reader, writer = await asyncio.open_unix_connection(str(self.settings.socket))
             except OSError as exc:
                 self._absent(exc)
-                await self._socket_appears(delay)
+                await self._socket_appears(exc, delay)
                 delay = min(delay * 2, BACKOFF_MAX_S)
                 continue
             delay = BACKOFF_START_S
@@ -247,26 +250,17 @@ class NriPlugin:
                 self.metrics.nri_connected.set(0)
                 await conn.close()
 
-    async def _socket_appears(self, timeout_s: float) -> None:
-        """Return when something changes in the socket's directory, or after `timeout_s`: a restarted
-        runtime is dialled within milliseconds of creating its socket, whatever the backoff has grown to."""
-        changes = watch_directories(
-            [self.settings.socket.parent],
-            accept=lambda path: path.name == self.settings.socket.name,
-            stop=asyncio.Event(),
-            quiet_s=timeout_s,
-        )
+    async def _socket_appears(self, exc: OSError, backoff_s: float) -> None:
+        """Return when the runtime may be listening now. No socket (ENOENT): when it is created, which a
+        watch reports the moment it happens (nothing runs meanwhile: a node without NRI costs no wake-ups);
+        ABSENT_RECHECK_S at most. Otherwise after `backoff_s`, or sooner when the socket is created anew (a
+        refused connection: a stale socket that a restarted runtime replaces, or one not listening yet)."""
+        absent = exc.errno == errno.ENOENT
         try:
-            async for _ in changes:
-                return
+            await entry_created(self.settings.socket, ABSENT_RECHECK_S if absent else backoff_s)
         except OSError:
-            # No such directory (NRI off on this node) or no watch possible: plain backoff.
-            await asyncio.sleep(timeout_s)
-        finally:
-            # Close the watch now rather than whenever the generator is collected.
-            aclose = getattr(changes, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            # No watch can be had here (no inotify, a file where a directory should be): plain backoff.
+            await asyncio.sleep(backoff_s)
 
     def _absent(self, exc: OSError) -> None:
         self.metrics.nri_connected.set(0)
