@@ -717,8 +717,11 @@ class Supervisor:
         state = self.states.get(name)
         if state is None or self._stopping.is_set():
             return
-        if state.watchdog is None or state.watchdog.done():
-            state.watchdog = asyncio.create_task(self._stream_watchdog(name), name=f"watchdog:{name}")
+        if state.watchdog is not None and not state.watchdog.done():
+            # The grace counts from the latest loss: one counted from a stream that reopened and ended since
+            # would register in the middle of a kubelet restart, racing the registration kubelet.sock starts.
+            state.watchdog.cancel()
+        state.watchdog = asyncio.create_task(self._stream_watchdog(name), name=f"watchdog:{name}")
 
     async def _stream_watchdog(self, name: str) -> None:
         # A kubelet restart is normally seen through kubelet.sock and handled at once; this covers a kubelet
@@ -866,6 +869,13 @@ class Supervisor:
             except (OSError, RuntimeError) as exc:
                 log.error("server.start_failed", resource=name, reason=str(exc), retry="on the next event")
                 await self._stop_resource(name)
+                continue
+            if identity is None:
+                # A kubelet mid-restart: it deleted the sockets and has not created kubelet.sock yet. Its
+                # creation is watched and registers every resource; a Register retried meanwhile could reach
+                # the new kubelet first, only to have its stream ended and settled by that event (+100-200 ms).
+                state.registered = False
+                self.metrics.registered.set(0, resource=name)
                 continue
             self._start_registration(name, settle=connected)
         await self._start_missing()
