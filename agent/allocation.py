@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.cpuset import CpuSet
 from agent.topology import CoreKey
@@ -30,6 +30,11 @@ class ExclusiveDevice:
     numa_node: int
     core: CoreKey
     l3: int | None
+    # id_key(id), computed once: the preferred allocation sorts and ranks by it many times per call.
+    key: _IdKey = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", id_key(self.id))
 
 
 class AllocationError(ValueError):
@@ -121,7 +126,7 @@ def _validate(
 
 
 def _device_key(device: ExclusiveDevice) -> _IdKey:
-    return id_key(device.id)
+    return device.key
 
 
 def _choose_nodes(
@@ -212,13 +217,11 @@ def _pick_in_node(
         return (l3 not in anchor_l3, not holds, 0 if holds else -l3_free[l3], l3_first[l3])
 
     ranks = {l3: l3_rank(l3) for l3 in l3_free}
-
-    def core_rank(core: CoreKey) -> tuple[tuple[bool, bool, int, _IdKey], _IdKey]:
-        devs = by_core[core]
-        return (ranks[devs[0].l3], _device_key(devs[0]))
+    # Each core's rank, once: the cache's rank, then its lowest ID.
+    core_rank = {core: (ranks[devs[0].l3], devs[0].key) for core, devs in by_core.items()}
 
     # Most free threads first keeps the core count minimal; the cache and the IDs break ties.
-    cores = sorted(by_core, key=lambda c: (-len(by_core[c]), core_rank(c)))
+    cores = sorted(by_core, key=lambda c: (-len(by_core[c]), core_rank[c]))
     for index, core in enumerate(cores):
         devs = by_core[core]
         if len(devs) <= need:
@@ -229,7 +232,7 @@ def _pick_in_node(
             # rest costs the same one core and leaves bigger ones whole for the next pod.
             last = min(
                 (c for c in cores[index:] if len(by_core[c]) >= need),
-                key=lambda c: (len(by_core[c]), core_rank(c)),
+                key=lambda c: (len(by_core[c]), core_rank[c]),
             )
             picks.extend(by_core[last][:need])
             need = 0
