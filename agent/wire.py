@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from agent.idset import IdSet, IdSetBuilder, shared_device_id
 from agent.kubeletapi.v1beta1 import (
     AllocateRequest,
+    AllocateResponse,
     ContainerAllocateRequest,
+    ContainerAllocateResponse,
     ContainerPreferredAllocationRequest,
     ListAndWatchResponse,
     PreferredAllocationRequest,
@@ -184,16 +186,97 @@ def _messages(data: bytes, number: int) -> list[list[tuple[int, int | bytes]]]:
     return out
 
 
+def _short_strings(data: bytes) -> list[str] | None:
+    """Every field of `data` as text, when each one is field 1 (key 0x0a) with a one-byte length and the
+    whole message is ASCII: how the kubelet lists device IDs. None for anything else, which the generic
+    reader then decodes (or rejects). One pass, no per-field tuples: about a third of the generic cost."""
+    if not data.isascii():
+        return None
+    text = data.decode("ascii")
+    out: list[str] = []
+    append = out.append
+    pos, end = 0, len(data)
+    while pos < end:
+        if data[pos] != 0x0A or pos + 1 == end:
+            return None
+        length = data[pos + 1]
+        start = pos + 2
+        pos = start + length
+        if length & 0x80 or pos > end:
+            return None
+        append(text[start:pos])
+    return out
+
+
+def _device_ids_of(container: bytes) -> list[str]:
+    ids = _short_strings(container)
+    return ids if ids is not None else _strings(_fields(container), 1)
+
+
 class AllocateRequestDecoder:
     """Stands in for AllocateRequest as a handler's request type: grpclib's codec only calls FromString."""
 
     @staticmethod
     def FromString(data: bytes) -> AllocateRequest:
-        return AllocateRequest(
-            container_requests=[
-                ContainerAllocateRequest(devices_ids=_strings(fields, 1)) for fields in _messages(data, 1)
-            ]
+        containers = []
+        for field_number, value in _fields(data):
+            if field_number == 1:
+                if not isinstance(value, bytes):
+                    raise ValueError("field 1 must be a message")
+                containers.append(ContainerAllocateRequest(devices_ids=_device_ids_of(value)))
+        return AllocateRequest(container_requests=containers)
+
+
+# --- Writing the Allocate answer ----------------------------------------------------------------------------
+# The generic encoder takes about 60 µs for one container's answer (its envs, annotations with the claim,
+# device nodes); these few fields are written here in a tenth of that. ContainerAllocateResponse: envs = 1
+# and annotations = 4 (maps: key = 1, value = 2, both always written), mounts = 2, devices = 3 (DeviceSpec:
+# container_path = 1, host_path = 2, permissions = 3, empty strings left out), cdi_devices = 5.
+
+
+def _text(number: int, value: str) -> bytes:
+    return field(number, value.encode())
+
+
+def _map(number: int, entries: Mapping[str, str]) -> list[bytes]:
+    return [field(number, _text(1, key) + _text(2, value)) for key, value in entries.items()]
+
+
+def encode_container_allocate(response: ContainerAllocateResponse) -> bytes | None:
+    """One ContainerAllocateResponse as protobuf writes it; None when it uses a field written elsewhere."""
+    if response.mounts or response.cdi_devices:
+        return None
+    parts = _map(1, response.envs)
+    for device in response.devices:
+        spec = b"".join(
+            _text(number, value)
+            for number, value in (
+                (1, device.container_path),
+                (2, device.host_path),
+                (3, device.permissions),
+            )
+            if value
         )
+        parts.append(field(3, spec))
+    parts += _map(4, response.annotations)
+    return b"".join(parts)
+
+
+class EncodedAllocateResponse(AllocateResponse):
+    """An AllocateResponse whose bytes are written by encode_container_allocate; the fields stay readable."""
+
+    def __init__(self, container_responses: Sequence[ContainerAllocateResponse]) -> None:
+        super().__init__(container_responses=list(container_responses))
+
+    def __bytes__(self) -> bytes:
+        parts = []
+        for response in self.container_responses:
+            body = encode_container_allocate(response)
+            parts.append(field(1, body if body is not None else bytes(response)))
+        return b"".join(parts)
+
+    def SerializeToString(self) -> bytes:
+        return self.__bytes__()
 
 
 def _int32(fields: list[tuple[int, int | bytes]], number: int) -> int:

@@ -9,11 +9,16 @@ from hypothesis import strategies as st
 
 from agent.kubeletapi.v1beta1 import (
     AllocateRequest,
+    AllocateResponse,
+    CdiDevice,
     ContainerAllocateRequest,
+    ContainerAllocateResponse,
     ContainerPreferredAllocationRequest,
+    DeviceSpec,
+    Mount,
     PreferredAllocationRequest,
 )
-from agent.wire import AllocateRequestDecoder, PreferredAllocationRequestDecoder
+from agent.wire import AllocateRequestDecoder, EncodedAllocateResponse, PreferredAllocationRequestDecoder
 
 ids = st.lists(st.text(max_size=12), max_size=20)
 
@@ -24,6 +29,48 @@ def test_allocate_requests_round_trip(containers: list[list[str]]) -> None:
         container_requests=[ContainerAllocateRequest(devices_ids=c) for c in containers]
     )
     assert AllocateRequestDecoder.FromString(bytes(message)) == message
+
+
+# IDs past the one-byte length (128 bytes and more) and non-ASCII ones take the generic reader.
+long_ids = st.lists(st.text(min_size=120, max_size=140) | st.text(max_size=3), max_size=5)
+
+
+@given(st.lists(long_ids, max_size=3))
+def test_long_and_non_ascii_ids_round_trip(containers: list[list[str]]) -> None:
+    message = AllocateRequest(
+        container_requests=[ContainerAllocateRequest(devices_ids=c) for c in containers]
+    )
+    assert AllocateRequestDecoder.FromString(bytes(message)) == message
+
+
+texts = st.text(max_size=8)
+specs = st.builds(DeviceSpec, container_path=texts, host_path=texts, permissions=texts)
+answers = st.builds(
+    ContainerAllocateResponse,
+    envs=st.dictionaries(texts, texts, max_size=3),
+    annotations=st.dictionaries(texts, st.text(max_size=300), max_size=3),
+    devices=st.lists(specs, max_size=3),
+)
+
+
+@given(st.lists(answers, max_size=3))
+def test_allocate_answers_encode_as_protobuf_does(containers: list[ContainerAllocateResponse]) -> None:
+    assert bytes(EncodedAllocateResponse(containers)) == bytes(
+        AllocateResponse(container_responses=containers)
+    )
+    assert EncodedAllocateResponse(containers).SerializeToString() == bytes(
+        AllocateResponse(container_responses=containers)
+    )
+
+
+def test_allocate_answers_with_mounts_or_cdi_devices_take_the_generic_encoder() -> None:
+    containers = [
+        ContainerAllocateResponse(envs={"A": "1"}, mounts=[Mount(container_path="/x", host_path="/y")]),
+        ContainerAllocateResponse(cdi_devices=[CdiDevice(name="vendor.com/cpu=0")]),
+    ]
+    assert bytes(EncodedAllocateResponse(containers)) == bytes(
+        AllocateResponse(container_responses=containers)
+    )
 
 
 @given(st.lists(st.tuples(ids, ids, st.integers(-(2**31), 2**31 - 1)), max_size=4))
