@@ -1,0 +1,176 @@
+"""The servicer's Allocate answers and its socket writes, in process.
+
+A shared pool's Allocate checks hundreds of millicpu IDs in one pass and skips the per-ID grant when every ID
+is a millicpu of the pool as it is now; these tests hold those shortcuts to the per-ID rules. The answer's
+bytes are written by hand (agent.wire), and a unary answer leaves in one socket write."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+from grpclib import GRPCError
+from grpclib.const import Status
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.allocation import ExclusiveDevice
+from agent.config import parse_config, validate
+from agent.cpuset import CpuSet
+from agent.deviceplugin import ResourceServicer, _CoalescingTransport
+from agent.idset import shared_device_id, shared_device_index
+from agent.kubeletapi.v1beta1 import AllocateRequest, AllocateResponse, ContainerAllocateRequest
+from agent.metrics import Metrics
+from agent.plan import Resource, SharedGroup, build_plan
+from agent.topology import CoreKey
+from tests.topologies import make_topology
+
+TOPO = make_topology(isolated="2-7,10-15")
+CONFIG = """\
+resourceBaseName: cpupool.io
+pools:
+  fast: {cpus: "2-5", pooltype: exclusive}
+  shared: {cpus: "6-7,14-15", pooltype: shared}
+"""
+SHARED = "cpupool.io/shared"
+
+
+def shared_resource() -> Resource:
+    plan = build_plan(validate(parse_config(CONFIG, "test.yaml"), TOPO), TOPO)
+    return plan.resources[SHARED]
+
+
+def known(resource: Resource, device_id: str) -> bool:
+    """The per-ID rule: a device the resource lists, or a millicpu the kubelet may still see from the list
+    before (below shared_recent, not withheld)."""
+    if resource.has_device(device_id):
+        return True
+    index = shared_device_index(device_id)
+    return (
+        index is not None
+        and bool(resource.configured and resource.cpus)
+        and index < resource.shared_recent
+        and index not in resource.shared_withheld
+    )
+
+
+def allocate(servicer: ResourceServicer, ids: list[str]) -> AllocateResponse:
+    request = AllocateRequest(container_requests=[ContainerAllocateRequest(devices_ids=ids)])
+    coro = servicer.allocate(request)
+    # The servicer never waits on anything: one step answers.
+    answer: object = None
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        answer = done.value
+    assert isinstance(answer, AllocateResponse), "allocate() suspended"
+    return answer
+
+
+FOREIGN = ExclusiveDevice("7", CpuSet([7]), 0, CoreKey(0, 3), 0)
+
+resources = st.builds(
+    lambda withheld, retained, recent, foreign, grouped, configured: replace(
+        shared_resource(),
+        shared_withheld=frozenset(withheld),
+        shared_retained=frozenset(retained),
+        shared_recent=recent,
+        exclusive={FOREIGN.id: FOREIGN} if foreign else {},
+        shared_groups=(SharedGroup(CpuSet([14, 15]), frozenset(grouped)),) if grouped else (),
+        configured=configured,
+    ),
+    withheld=st.sets(st.integers(0, 4100), max_size=3),
+    retained=st.sets(st.integers(4000, 4100), max_size=3),
+    recent=st.sampled_from([0, 4000, 4050]),
+    foreign=st.booleans(),
+    grouped=st.sets(st.sampled_from([shared_device_id(i) for i in (1, 2, 3999)]), max_size=2),
+    configured=st.booleans(),
+)
+# Runs of millicpus near the pool's end (4,000 devices), plus odd IDs: texts that are not ours, a comma.
+odd = st.sampled_from(["7", "-1", "00", "A", "1,2", "", "zzzzzzzzz", shared_device_id(4099)])
+requests = st.builds(
+    lambda start, length, extra: list(
+        dict.fromkeys([shared_device_id(i) for i in range(start, start + length)] + extra)
+    ),
+    start=st.integers(0, 4080),
+    length=st.integers(1, 40),
+    extra=st.lists(odd, max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(resource=resources, ids=requests)
+def test_shared_allocate_accepts_exactly_what_the_per_id_rules_accept(
+    resource: Resource, ids: list[str]
+) -> None:
+    servicer = ResourceServicer(resource, CpuSet(), Metrics())
+    expected_ok = all(known(resource, i) for i in ids) and not any(i in resource.blocked for i in ids)
+    if not expected_ok or not resource.grant(ids).cpus:
+        with pytest.raises(GRPCError) as info:
+            allocate(servicer, ids)
+        assert info.value.status is Status.INVALID_ARGUMENT
+        if not expected_ok:
+            assert "unknown device IDs" in str(info.value.message)
+        return
+    answer = allocate(servicer, ids).container_responses[0]
+    # The CPUs are what the per-ID grant gives: a grouped ID its old CPUs, the foreign device its own.
+    assert answer.envs["CPUPOOL_SHARED_CPUS"] == resource.grant(ids).cpus.comma_list()
+
+
+def test_an_unknown_millicpu_among_five_hundred_is_named() -> None:
+    resource = replace(shared_resource(), shared_withheld=frozenset({250}))
+    servicer = ResourceServicer(resource, CpuSet(), Metrics())
+    ids = [shared_device_id(i) for i in range(500)]
+    with pytest.raises(GRPCError) as info:
+        allocate(servicer, ids)
+    assert f"unknown device IDs for {SHARED}: '{shared_device_id(250)}'" in str(info.value.message)
+    assert allocate(servicer, ids[:250]).container_responses[0].envs["CPUPOOL_SHARED_CPUS"] == "6,7,14,15"
+
+
+class _Recorder:
+    """The socket transport under a _CoalescingTransport: records each write as the kernel would see it."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_writes_of_one_loop_turn_leave_in_one_send_in_order() -> None:
+    recorder = _Recorder()
+    transport = _CoalescingTransport(recorder)  # type: ignore[arg-type]
+    transport.write(b"headers")
+    transport.write(b"data")
+    transport.write(b"trailers")
+    assert recorder.writes == []
+    await asyncio.sleep(0)
+    assert recorder.writes == [b"headersdatatrailers"]
+    transport.write(b"ping-ack")
+    await asyncio.sleep(0)
+    assert recorder.writes == [b"headersdatatrailers", b"ping-ack"]
+
+
+async def test_close_sends_what_was_written_first_and_big_writes_go_at_once() -> None:
+    recorder = _Recorder()
+    transport = _CoalescingTransport(recorder)  # type: ignore[arg-type]
+    transport.write(b"small")
+    big = b"x" * (64 * 1024)
+    transport.write(big)
+    # A big list goes out at once, with what was pending before it, so the transport's own buffer limits
+    # still pause grpclib.
+    assert recorder.writes == [b"small" + big]
+    transport.write(b"goaway")
+    transport.close()
+    assert recorder.writes[-1] == b"goaway" and recorder.closed
+    transport.write(b"late")
+    await asyncio.sleep(0)
+    assert recorder.writes[-1] == b"goaway"
