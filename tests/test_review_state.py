@@ -6,22 +6,23 @@ The tests marked xfail(strict=True) reproduce faults found in review; each says 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import ConfigError
+from agent.config import ConfigError, parse_config, validate
 from agent.cpuset import CpuSet
-from agent.idset import EMPTY, IdSet
+from agent.idset import IdSet
 from agent.ledger import STATE_FILE, dumps, loads
 from agent.ledger import load as ledger_load
 from agent.plan import UNKNOWN, Held, Plan
 from agent.supervisor import AgentSettings, Supervisor
 from tests.harness import running_agent
-from tests.test_held import plan_of
+from tests.test_held import TOPO, plan_of
 from tests.topologies import make_topology
 
 FAST = "cpupool.io/fast"
@@ -131,6 +132,15 @@ _S_SPLIT = (
 )
 
 
+async def _eventually(predicate: Callable[[], bool], seconds: float) -> bool:
+    """Whether `predicate` became true within `seconds` (the agent may rightly never do it)."""
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
+
+
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
@@ -147,14 +157,23 @@ async def test_a_failed_state_write_never_lets_a_restart_give_out_a_cpu_of_a_liv
         assert (state / STATE_FILE).exists()
         # From here every write fails (as on a full or read-only file system): the temporary file's name
         # is taken by a directory.
-        (state / f".{STATE_FILE}.tmp").mkdir()
+        blocker = state / f".{STATE_FILE}.tmp"
+        blocker.mkdir()
         run.configmap.write(_S_GROWS)
-        await run.emu.wait_devices(SHARED, lambda s: len(s.devices) == 4000)
+
+        def grown() -> bool:
+            snap = run.emu.resource(SHARED)
+            return snap is not None and len(snap.devices) == 4000
+
+        # Served anyway (today), or held back until it can be written (one possible fix): either way the
+        # shared pod gets what is served.
+        await _eventually(grown, 3.0)
         holder = await run.emu.allocate(SHARED, 500, pod="shared-holder")
         shared = CpuSet.parse(holder.envs["SHARED_CPUS"])
-        assert shared == CpuSet.parse("12-15")
-        # A DaemonSet rollout with an edit: 14-15 become an exclusive pool while the shared pod runs.
+        # A DaemonSet rollout with an edit, after the disk was fixed: 14-15 become an exclusive pool while
+        # the shared pod runs.
         await run.stop()
+        blocker.rmdir()
         run.configmap.write(_S_SPLIT)
         run.supervisor = Supervisor(run.supervisor.settings)
         run.task = asyncio.create_task(run.supervisor.run())
@@ -205,17 +224,56 @@ def test_the_shared_pool_size_check_does_not_depend_on_what_is_held() -> None:
 )
 async def test_a_record_read_before_an_allocate_does_not_confirm_it() -> None:
     supervisor = Supervisor(AgentSettings(config_path=None, state_dir=None, pod_resources_socket=None))
-    try:
-        # The replan's read of the record: pod A still holds "3".
-        snapshot = {FAST: IdSet.of({"3"})}
-        # While it is decoded, A ends and the kubelet gives "3" to pod B's init container.
+    before = validate(parse_config("pools:\n  fast: {cpus: '2-7', pooltype: exclusive}\n", "t"), TOPO)
+    moved = validate(
+        parse_config(
+            "pools:\n  fast: {cpus: '2,4-7', pooltype: exclusive}\n"
+            "  other: {cpus: '3', pooltype: exclusive}\n",
+            "t",
+        ),
+        TOPO,
+    )
+
+    async def stale_record(base: str) -> Held:
+        # Pod A still holds "3" in this answer; while it is read, A ends and the kubelet gives "3" to pod
+        # B's init container (an Allocate the agent answers).
         supervisor.allocated(FAST, ["3"])
-        supervisor._with_answered(snapshot)
-        # The next read: A is gone, and PodResources never lists a plain init container's devices.
-        later = supervisor._with_answered({})
-        assert isinstance(later, Mapping)
-        assert "3" in later.get(FAST, EMPTY)
+        return {FAST: IdSet.of({"3"})}
+
+    async def record_without_b(base: str) -> Held:
+        return {}  # A is gone, and PodResources never lists a plain init container's devices
+
+    try:
+        supervisor._held = stale_record  # type: ignore[method-assign]
+        supervisor.plan = await supervisor._make_plan(before, TOPO, in_thread=False)
+        supervisor._held = record_without_b  # type: ignore[method-assign]
+        plan = await supervisor._make_plan(moved, TOPO, in_thread=False)
+        # CPU 3 is B's: the pool it moved to must not offer it.
+        assert {d.id: d.health for d in plan.resources["cpupool.io/other"].devices()} == {"3": "Unhealthy"}
     finally:
         supervisor.stop()
         if supervisor._confirm is not None:
             supervisor._confirm.cancel()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="ledger.write no longer creates the state directory (ledger.save did, at every plan): once it "
+    "is removed while the agent runs, every later write fails although the log says 'retry at the next "
+    "plan', and a restart then starts without the meanings",
+)
+async def test_a_state_directory_removed_while_running_is_written_again(tmp_path: Path) -> None:
+    start = 'pools:\n  fast: {cpus: "2-7", pooltype: exclusive}\n  s: {cpus: "12-13", pooltype: shared}\n'
+    async with running_agent(tmp_path, start) as run:
+        await run.emu.wait_devices(SHARED)
+        state = tmp_path / "state"
+        shutil.rmtree(state)
+        run.configmap.write(_S_GROWS)
+
+        def written() -> bool:
+            saved = ledger_load(state) if state.is_dir() else None
+            return saved is not None and saved.resources[SHARED].cpus == CpuSet.parse("12-15")
+
+        # (A plan held back while the file cannot be written is retried: give it a few seconds.)
+        assert await _eventually(written, 8.0)
