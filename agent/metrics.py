@@ -1,49 +1,62 @@
-"""The agent's metrics, kept and rendered by prometheus_client (text exposition format 0.0.4).
+"""The agent's metrics, kept here and rendered in Prometheus' text exposition format 0.0.4.
 
 Callers name labels by keyword (``metrics.allocations.inc(resource=..., method=..., result=...)``); a label a
-call leaves out is the empty string, which Prometheus treats as an absent label. Each labelled series is
-looked up once and then cached here, so a count on the admission path is a dict lookup and a locked add: no
-task, no I/O, no wake-up. Measured cost of the library (docs/benchmarks.md): +1.0 MiB of agent RSS and
-11-17 ms of imports on top of what the agent already imports.
+call leaves out is the empty string, which Prometheus treats as an absent label. A count on the admission path
+is a dict lookup and a locked add: no task, no I/O, no wake-up.
+
+prometheus_client kept and rendered them before; it cost the agent 1.9 MiB of RSS, and its exposition module
+imports `ssl` unconditionally, which kept OpenSSL in the process (another 1.1 MiB, and no way to keep it out:
+agent/nossl.py). That is 3 of the 32 MiB target (docs/benchmarks.md, "RSS, start and idle: where they go"),
+so the format is written here, as the library wrote it (labels in name order, `le` first, float values, no
+`_created` series); tests parse it with prometheus_client's own parser.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
+import threading
 from collections.abc import Mapping, Sequence
-from typing import Generic, TypeVar
-
-import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-# Counters and histograms would otherwise add a `<name>_created` series each, which no dashboard of ours
-# reads and which doubles the scrape. The switch is process-wide; the agent is the only user in its process.
-prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _LabelKey = tuple[str, ...]
-_F = TypeVar("_F", Counter, Gauge, Histogram)
 
 
 class MetricLabelError(ValueError):
     """A metric was given a label it was not declared with (a programming error, named in the message)."""
 
 
-class _Series(Generic[_F]):
-    """What the families share: declared label names, and the child series already looked up.
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
 
-    A family without labels is registered on its first value, so that it is absent until then rather than
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(pairs: Sequence[tuple[str, str]]) -> str:
+    if not pairs:
+        return ""
+    return "{" + ",".join(f'{name}="{_escape(value)}"' for name, value in pairs) + "}"
+
+
+class _Series:
+    """A family: its declared label names and its series by label values.
+
+    A family without labels renders only once it has a value, so that it is absent until then rather than
     a 0 that would claim something (a kubelet that does not count pooled CPUs, an NRI plugin never tried)."""
 
-    def __init__(
-        self, registry: CollectorRegistry, family: _F, name: str, labelnames: tuple[str, ...]
-    ) -> None:
+    kind = ""
+
+    def __init__(self, registry: Registry, name: str, help_text: str, labelnames: Sequence[str]) -> None:
         self.name = name
-        self.labelnames = labelnames
-        self._names = frozenset(labelnames)
-        self._registry = registry
-        self._family: _F = family
-        self._children: dict[_LabelKey, _F] = {}
-        if labelnames:
-            registry.register(family)
+        self.help = help_text
+        self.labelnames = tuple(sorted(labelnames))
+        self._names = frozenset(self.labelnames)
+        # Counts come from the loop and from worker threads alike.
+        self._lock = threading.Lock()
+        registry.add(self)
 
     def _key(self, labels: Mapping[str, str]) -> _LabelKey:
         if not labels.keys() <= self._names:
@@ -53,104 +66,168 @@ class _Series(Generic[_F]):
             )
         return tuple(labels.get(name, "") for name in self.labelnames)
 
-    def _child(self, labels: Mapping[str, str]) -> _F:
-        key = self._key(labels)
-        child = self._children.get(key)
-        if child is None:
-            if key:
-                child = self._family.labels(*key)
-            else:
-                child = self._family
-                self._registry.register(child)
-            self._children[key] = child
-        return child
+    def _pairs(self, key: _LabelKey) -> list[tuple[str, str]]:
+        return list(zip(self.labelnames, key, strict=True))
 
-    def _sample(self, suffix: str, labels: Mapping[str, str]) -> float:
-        key = self._key(labels)
-        value = self._registry.get_sample_value(
-            self.name + suffix, dict(zip(self.labelnames, key, strict=True))
-        )
-        return 0.0 if value is None else value
+    def _keys(self) -> list[_LabelKey]:
+        raise NotImplementedError
+
+    def _drop(self, key: _LabelKey) -> None:
+        raise NotImplementedError
 
     def forget(self, **labels: str) -> None:
         """Drop every series whose labels include these (a resource that is no longer served)."""
         self._key(labels)
         if not labels or not self.labelnames:
             return
-        # Every series was made through _child, so the cache knows them all (remove_by_labels is too recent).
         positions = {self.labelnames.index(k): v for k, v in labels.items()}
-        for key in [k for k in self._children if all(k[p] == v for p, v in positions.items())]:
-            del self._children[key]
-            self._family.remove(*key)
+        with self._lock:
+            for key in [k for k in self._keys() if all(k[p] == v for p, v in positions.items())]:
+                self._drop(key)
+
+    def render(self) -> list[str]:
+        samples = self._samples()
+        if not samples and not self.labelnames:
+            return []
+        help_text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
+        return [f"# HELP {self.name} {help_text}", f"# TYPE {self.name} {self.kind}", *samples]
+
+    def _samples(self) -> list[str]:
+        raise NotImplementedError
+
+
+class _Valued(_Series):
+    """Counters and gauges: one number per series."""
+
+    def __init__(self, registry: Registry, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(registry, name, help_text, labelnames)
+        self._values: dict[_LabelKey, float] = {}
+
+    def get(self, **labels: str) -> float:
+        """The value of one series (0 when it was never counted or set); for /healthz and tests."""
+        return self._values.get(self._key(labels), 0.0)
 
     @property
     def values(self) -> dict[_LabelKey, float]:
-        """Every series touched so far by its label values, for messages of failed checks."""
-        return {key: self._sample("", dict(zip(self.labelnames, key, strict=True))) for key in self._children}
+        """Every series so far by its label values, for messages of failed checks."""
+        return dict(self._values)
+
+    def _keys(self) -> list[_LabelKey]:
+        return list(self._values)
+
+    def _drop(self, key: _LabelKey) -> None:
+        del self._values[key]
+
+    def _samples(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._values.items())
+        return [f"{self.name}{_labels(self._pairs(key))} {_number(value)}" for key, value in items]
 
 
-def _counter(name: str, help_text: str, labelnames: tuple[str, ...]) -> Counter:
-    # prometheus_client adds `_total` back to a counter's name when it renders it.
-    return Counter(name.removesuffix("_total"), help_text, labelnames, registry=None)
-
-
-class CounterMetric(_Series[Counter]):
-    def __init__(
-        self, registry: CollectorRegistry, name: str, help_text: str, labelnames: Sequence[str] = ()
-    ) -> None:
-        names = tuple(sorted(labelnames))
-        super().__init__(registry, _counter(name, help_text, names), name, names)
+class CounterMetric(_Valued):
+    kind = "counter"
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        self._child(labels).inc(amount)
+        if amount < 0:
+            raise ValueError(f"{self.name} is a counter: it cannot go down by {amount}")
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
 
-    def get(self, **labels: str) -> float:
-        """The value of one series (0 when it was never counted); for /healthz and tests."""
-        return self._sample("", labels)
 
-
-class GaugeMetric(_Series[Gauge]):
-    def __init__(
-        self, registry: CollectorRegistry, name: str, help_text: str, labelnames: Sequence[str] = ()
-    ) -> None:
-        names = tuple(sorted(labelnames))
-        super().__init__(registry, Gauge(name, help_text, names, registry=None), name, names)
+class GaugeMetric(_Valued):
+    kind = "gauge"
 
     def set(self, value: float, **labels: str) -> None:
-        self._child(labels).set(value)
-
-    def get(self, **labels: str) -> float:
-        """The value of one series (0 when it was never set); for /healthz and tests."""
-        return self._sample("", labels)
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = float(value)
 
 
-class HistogramMetric(_Series[Histogram]):
+class HistogramMetric(_Series):
+    kind = "histogram"
+
     def __init__(
         self,
-        registry: CollectorRegistry,
+        registry: Registry,
         name: str,
         help_text: str,
         buckets: Sequence[float],
         labelnames: Sequence[str] = (),
     ) -> None:
-        names = tuple(sorted(labelnames))
-        family = Histogram(name, help_text, names, registry=None, buckets=tuple(buckets))
-        super().__init__(registry, family, name, names)
+        super().__init__(registry, name, help_text, labelnames)
+        if "le" in self._names:
+            raise MetricLabelError(f"{name}: 'le' is the bucket label of a histogram")
+        self.buckets = tuple(sorted(float(b) for b in buckets if not math.isinf(b)))
+        # Per series: the count in each bucket (the last one above every bound), and the sum.
+        self._counts: dict[_LabelKey, list[int]] = {}
+        self._sums: dict[_LabelKey, float] = {}
 
     def observe(self, value: float, **labels: str) -> None:
-        self._child(labels).observe(value)
+        key = self._key(labels)
+        with self._lock:
+            counts = self._counts.get(key)
+            if counts is None:
+                counts = self._counts[key] = [0] * (len(self.buckets) + 1)
+                self._sums[key] = 0.0
+            # A bucket counts values up to and including its bound.
+            counts[bisect.bisect_left(self.buckets, value)] += 1
+            self._sums[key] += value
 
     def count(self, **labels: str) -> int:
-        return int(self._sample("_count", labels))
+        return sum(self._counts.get(self._key(labels), ()))
+
+    @property
+    def values(self) -> dict[_LabelKey, float]:
+        """Every series so far (its count) by its label values, for messages of failed checks."""
+        return {key: float(sum(counts)) for key, counts in self._counts.items()}
+
+    def _keys(self) -> list[_LabelKey]:
+        return list(self._counts)
+
+    def _drop(self, key: _LabelKey) -> None:
+        del self._counts[key]
+        del self._sums[key]
+
+    def _samples(self) -> list[str]:
+        with self._lock:
+            items = sorted((key, list(counts), self._sums[key]) for key, counts in self._counts.items())
+        lines = []
+        for key, counts, total in items:
+            pairs = self._pairs(key)
+            running = 0
+            for bound, count in zip((*self.buckets, math.inf), counts, strict=True):
+                running += count
+                lines.append(
+                    f"{self.name}_bucket{_labels([('le', _number(bound)), *pairs])} {float(running)!r}"
+                )
+            lines.append(f"{self.name}_count{_labels(pairs)} {float(running)!r}")
+            lines.append(f"{self.name}_sum{_labels(pairs)} {_number(total)}")
+        return lines
+
+
+class Registry:
+    """The families of one agent, in the order they render."""
+
+    def __init__(self) -> None:
+        self._families: list[_Series] = []
+
+    def add(self, family: _Series) -> None:
+        if any(f.name == family.name for f in self._families):
+            raise ValueError(f"a metric named {family.name} is already registered")
+        self._families.append(family)
+
+    def render(self) -> str:
+        lines = [line for family in self._families for line in family.render()]
+        return "\n".join(lines) + "\n" if lines else ""
 
 
 class Metrics:
     """Every metric the agent exports; one instance (and one registry) per agent process."""
 
     def __init__(self) -> None:
-        # A registry of our own: the library's global one would also export its process and GC collectors,
-        # and two agents in one test process would clash in it.
-        self.registry = r = CollectorRegistry(auto_describe=False)
+        # Every family in the order they render; two agents in one test process keep theirs apart.
+        self.registry = r = Registry()
         self.nri_connected = GaugeMetric(
             r, "cpupool_nri_connected", "1 while the agent is registered as the runtime's NRI plugin."
         )
@@ -227,4 +304,4 @@ class Metrics:
             metric.forget(resource=resource)
 
     def render(self) -> str:
-        return generate_latest(self.registry).decode()
+        return self.registry.render()

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,13 @@ def agent_environment() -> dict[str, str]:
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["PYTHONPYCACHEPREFIX"] = str(_pycache())
     return env
+
+
+def free_port() -> int:
+    """A loopback TCP port free now (the agent binds it a moment later; nothing else here takes ports)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class AgentExitedError(RuntimeError):
@@ -86,7 +94,9 @@ class AgentProcess:
             "--config", str(config),
             "--pod-resources-socket", str(pod_resources),
             "--state-dir", str(log_path.parent / "state"),
-            "--health-port", "0",
+            # As on a node, the health port is served (its HTTP server is part of the agent's memory).
+            "--health-port", str(free_port()),
+            "--health-host", "127.0.0.1",
             "--no-pin-self",
             "--log-format", "json",
         ]  # fmt: skip

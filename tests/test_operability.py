@@ -239,3 +239,17 @@ async def test_counting_starts_no_task_and_no_thread() -> None:
         metrics.allocation_seconds.observe(0.0002, resource=FAST, method="Allocate")
     assert (len(asyncio.all_tasks()), threading.active_count()) == (tasks, threads)
     assert metrics.allocations.get(resource=FAST, method="Allocate", result="ok") == 1000
+
+
+def test_label_values_that_need_escaping_parse_back_as_they_were() -> None:
+    metrics = Metrics()
+    awkward = 'a "quoted" back\\slash\nnewline'
+    metrics.registered.set(1, resource=awkward)
+    metrics.allocation_seconds.observe(7.0, resource=awkward, method="Allocate")
+    values = samples(metrics.render())
+    assert values["cpupool_resource_registered", (("resource", awkward),)] == 1
+    # Above every bound: only +Inf counts it, and the sum keeps the value.
+    labels = (("method", "Allocate"), ("resource", awkward))
+    assert values["cpupool_allocation_duration_seconds_bucket", (("le", "0.1"), *labels)] == 0
+    assert values["cpupool_allocation_duration_seconds_bucket", (("le", "+Inf"), *labels)] == 1
+    assert values["cpupool_allocation_duration_seconds_sum", labels] == 7.0
