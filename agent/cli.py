@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# First of all: `cpupool agent` keeps OpenSSL out of its process (4.5 MiB), which needs this before anything
+# imports asyncio. Imported for that effect.
+import agent.nossl  # noqa: F401
+
+# isort: split
 import argparse
 import asyncio
 import io
