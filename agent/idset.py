@@ -121,10 +121,12 @@ class IdSet(AbstractSet[str]):
     @classmethod
     def from_indexes(cls, indexes: Iterable[int]) -> IdSet:
         """The shared IDs of these millicpu indexes."""
-        builder = IdSetBuilder()
-        for index in indexes:
-            builder.add_index(index)
-        return builder.build()
+        values = list(indexes)
+        below = [i for i in values if i < MAX_BIT]
+        other: frozenset[str] = frozenset()
+        if len(below) != len(values):
+            other = frozenset(shared_device_id(i) for i in values if i >= MAX_BIT)
+        return cls(_bitmap(below), other)
 
     @classmethod
     def span(cls, start: int, stop: int) -> IdSet:

@@ -2,18 +2,20 @@
 
 The kubelet's record (PodResources) says which IDs are held, never what they mean: "7" of a pool that was
 exclusive is CPU 7, of a pool that became shared it is millicpu #7. The plan is that meaning; this module
-writes it to a small JSON file after every change and reads it back at start, so an agent restarted with
-another config still knows which CPUs the held IDs stand for.
+writes it to a small JSON file before each changed plan is served and reads it back at start, so an agent
+restarted with another config still knows which CPUs the held IDs stand for.
 
 The file lives on the host (a hostPath the chart mounts), not in the kubelet's device-plugins directory,
-which the kubelet empties when it starts. It is written atomically (temporary file, fsync, rename).
+which the kubelet empties when it starts. `write` replaces it atomically (temporary file, rename) and is
+fast enough for the event loop; `sync` (fsync of the file and the directory) follows in a worker thread.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,9 @@ from agent.idset import IdSet, shared_device_index
 from agent.plan import Plan, Resource, SharedGroup
 from agent.topology import CoreKey
 
-FORMAT_VERSION = 1
+# 2: ID sets packed as bitmaps (`_packed`); version 1 files (ranges) are still read.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 STATE_FILE = "state.json"
 
 
@@ -32,17 +36,30 @@ class LedgerError(Exception):
     """The state file exists but cannot be used; the message names the file and the fault."""
 
 
-def _ranges(values: Iterable[int]) -> str:
-    return _format_runs(IdSet.from_indexes(values))
-
-
-def _format_runs(ids: IdSet) -> str:
-    """The millicpu indexes of `ids` as "0-4,7": from the bitmap's runs, so a set of 200,000 held IDs costs
-    a scan in C, not a Python step per ID (this text is made on the loop before every plan is served)."""
-    runs = list(ids.runs())
+def _packed(ids: IdSet) -> dict[str, Any]:
+    """The millicpu indexes of `ids`, packed: the bitmap from its first set byte on, base64 of its bytes
+    (little-endian). 200,000 IDs are at most 33 KB of text and take one C call whatever their pattern;
+    held IDs are fragmented in the normal case (a kubelet picks shared millicpus in map order), where
+    "0-4,7"-style ranges cost a Python step per run and grew the file to 0.7 MB. Indexes too high for the
+    bitmap are listed."""
+    bits = ids.bits
+    start = ((bits & -bits).bit_length() - 1) // 8 if bits else 0
+    shifted = bits >> (start * 8)
+    data = shifted.to_bytes((shifted.bit_length() + 7) // 8, "little")
     beyond = sorted(i for i in map(shared_device_index, ids.other) if i is not None)
-    runs += [(i, i) for i in beyond]
-    return ",".join(f"{low}" if low == high else f"{low}-{high}" for low, high in runs)
+    return {"from": start * 8, "bits": base64.b64encode(data).decode("ascii"), "beyond": beyond}
+
+
+def _packed_ints(values: Collection[int]) -> dict[str, Any]:
+    return _packed(IdSet.from_indexes(values))
+
+
+def _unpacked(value: Any) -> IdSet:
+    """The IDs of a `_packed` value, or of "0-4,7" ranges (the format of version 1)."""
+    if isinstance(value, str):
+        return IdSet.from_indexes(_parse_ranges(value))
+    bits = int.from_bytes(base64.b64decode(value["bits"], validate=True), "little") << int(value["from"])
+    return IdSet(bits) | IdSet.from_indexes(int(i) for i in value["beyond"])
 
 
 def _parse_ranges(text: str) -> set[int]:
@@ -62,7 +79,7 @@ def _device(device: ExclusiveDevice) -> list[Any]:
 def _resource(resource: Resource) -> dict[str, Any]:
     groups = []
     for group in resource.shared_groups:
-        groups.append({"cpus": group.cpus.format(), "ids": _format_runs(IdSet.of(group.ids))})
+        groups.append({"cpus": group.cpus.format(), "ids": _packed(IdSet.of(group.ids))})
     return {
         "pool": resource.pool,
         "type": str(resource.pool_type),
@@ -73,8 +90,8 @@ def _resource(resource: Resource) -> dict[str, Any]:
         "configured": resource.configured,
         "exclusive": {i: _device(d) for i, d in resource.exclusive.items()},
         "sharedCount": resource.shared_count,
-        "sharedRetained": _ranges(resource.shared_retained),
-        "sharedWithheld": _ranges(resource.shared_withheld),
+        "sharedRetained": _packed_ints(resource.shared_retained),
+        "sharedWithheld": _packed_ints(resource.shared_withheld),
         "groups": groups,
         "unhealthy": sorted(resource.unhealthy),
         "blocked": dict(sorted(resource.blocked.items())),
@@ -91,11 +108,25 @@ def dumps(plan: Plan) -> str:
     return json.dumps(body, sort_keys=True, separators=(",", ":")) + "\n"
 
 
+# What a plan says about devices' health, not about what an ID means (which CPUs, exclusive or shared).
+_HEALTH_KEYS = ("unhealthy", "blocked", "sharedWithheld")
+
+
+def meanings(text: str) -> str:
+    """The part of a state file's text that says what each device ID means: two plans with equal meanings
+    differ only in which devices are listed Healthy."""
+    body = json.loads(text)
+    for resource in body["resources"].values():
+        for key in _HEALTH_KEYS:
+            resource.pop(key, None)
+    return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
 def loads(text: str, source: str = STATE_FILE) -> Plan:
     """Read a state file back into the plan it was written from."""
     try:
         body = json.loads(text)
-        if body.get("version") != FORMAT_VERSION:
+        if body.get("version") not in READABLE_VERSIONS:
             raise LedgerError(f"{source}: unsupported state format {body.get('version')!r}")
         resources: dict[str, Resource] = {}
         for name, raw in body["resources"].items():
@@ -108,7 +139,7 @@ def loads(text: str, source: str = STATE_FILE) -> Plan:
             groups = tuple(
                 SharedGroup(
                     CpuSet.parse(g["cpus"]),
-                    IdSet.from_indexes(_parse_ranges(g["ids"])),
+                    _unpacked(g["ids"]),
                 )
                 for g in raw["groups"]
             )
@@ -120,8 +151,8 @@ def loads(text: str, source: str = STATE_FILE) -> Plan:
                 CpuSet.parse(raw["cpus"]),
                 exclusive=exclusive,
                 shared_count=int(raw["sharedCount"]),
-                shared_retained=frozenset(_parse_ranges(raw["sharedRetained"])),
-                shared_withheld=frozenset(_parse_ranges(raw["sharedWithheld"])),
+                shared_retained=frozenset(_unpacked(raw["sharedRetained"]).indexes()),
+                shared_withheld=frozenset(_unpacked(raw["sharedWithheld"]).indexes()),
                 shared_groups=groups,
                 config_cpus=CpuSet.parse(raw["configCpus"]),
                 socket=raw["socket"],
@@ -153,6 +184,8 @@ def write(state_dir: Path, text: str) -> None:
     """Replace the state file with `text` atomically (temporary file, rename): a crash of the agent leaves
     the old file or the new one. Fast enough to run before a plan is served (a few KB into the page cache, a
     rename); that the file also survives a crash of the node is `sync`'s part."""
+    # Made again if it was removed while the agent runs (one mkdir call when it is there).
+    state_dir.mkdir(parents=True, exist_ok=True)
     tmp = state_dir / f".{STATE_FILE}.tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
@@ -171,7 +204,6 @@ def sync(state_dir: Path) -> None:
 
 def save(state_dir: Path, text: str) -> None:
     """`write` then `sync`."""
-    state_dir.mkdir(parents=True, exist_ok=True)
     write(state_dir, text)
     sync(state_dir)
 

@@ -40,10 +40,11 @@ from agent.deviceplugin import (
 )
 from agent.dirwatch import watch_directories
 from agent.idset import EMPTY, IdSet
-from agent.ledger import LedgerError
+from agent.ledger import STATE_FILE, LedgerError
 from agent.ledger import claim_key as ledger_claim_key
 from agent.ledger import dumps as ledger_dumps
 from agent.ledger import load as ledger_load
+from agent.ledger import meanings as ledger_meanings
 from agent.ledger import sync as ledger_sync
 from agent.ledger import write as ledger_write
 from agent.metrics import Metrics
@@ -80,6 +81,8 @@ ANSWER_CONFIRM_S = 5.0
 SLICE_S = 0.001
 # While the kubelet's record cannot be read, ask again this often.
 UNKNOWN_RECHECK_S = 1.0
+# A plan held back because the state file cannot be written is tried again this often.
+STATE_RETRY_S = 5.0
 # Plans built while Allocates arrive are built again with them; after this many tries, on the loop.
 PLAN_RETRIES = 3
 # How long the first config read waits for the node's labels (per-node-group configs) before it gives up.
@@ -165,7 +168,10 @@ class Supervisor:
         self.started = asyncio.Event()
         # The meanings of device IDs saved by an earlier run (used until this run has a plan of its own).
         self._memory: Plan | None = None
+        # The state file's text as it is on disk (written or loaded by this run); None: no file yet.
         self._saved: str | None = None
+        self._state_retry: asyncio.TimerHandle | None = None
+        self.state_error: str | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self._sync_again = False
         # Allocates answered lately (resource -> ID -> when): the kubelet records an allocation only after
@@ -247,6 +253,9 @@ class Supervisor:
         if self._confirm is not None:
             self._confirm.cancel()
             self._confirm = None
+        if self._state_retry is not None:
+            self._state_retry.cancel()
+            self._state_retry = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -457,29 +466,31 @@ class Supervisor:
         where nothing interleaves. A new config can take tens of milliseconds: a worker thread builds it, and
         builds it again if Allocates were answered meanwhile."""
         previous = self.plan or self._memory
+        read_at = time.monotonic()
         held = await self._held(validated.config.resource_base_name)
         if in_thread:
             for _ in range(PLAN_RETRIES):
                 seen = self._allocations
-                merged = self._with_answered(held)
+                merged = self._with_answered(held, read_at)
                 plan = await asyncio.to_thread(build_plan, validated, topology, previous, merged)
                 if seen == self._allocations:
                     return plan
         # On the loop, where no Allocate can interleave.
-        return build_plan(validated, topology, previous, self._with_answered(held))
+        return build_plan(validated, topology, previous, self._with_answered(held, read_at))
 
-    def _with_answered(self, held: Held) -> Held:
-        """`held` plus the Allocates the record does not show. An ID the record shows is the record's from
-        then on. One it never showed is held for ANSWER_HOLD_S after the answer: the kubelet records an
-        allocation within milliseconds, but PodResources never lists the devices of a plain init container,
-        which may run for minutes."""
+    def _with_answered(self, held: Held, read_at: float) -> Held:
+        """`held` (the record, read from `read_at` on) plus the Allocates it does not show. An ID a record
+        read after the answer shows is the record's from then on. One it never showed is held for
+        ANSWER_HOLD_S after the answer: the kubelet records an allocation within milliseconds, but
+        PodResources never lists the devices of a plain init container, which may run for minutes. A record
+        read before the answer confirms nothing: an ID it shows may be the previous holder's."""
         if not isinstance(held, Mapping):
             return held  # UNKNOWN already counts every served ID as held
         expired = time.monotonic() - ANSWER_HOLD_S
         merged = dict(held)
         for name, answered in list(self._answered.items()):
             have = merged.get(name, EMPTY)
-            missing = {i for i, at in answered.items() if at >= expired and i not in have}
+            missing = {i for i, at in answered.items() if at >= expired and (at >= read_at or i not in have)}
             if len(missing) != len(answered):
                 if missing:
                     self._answered[name] = {i: answered[i] for i in missing}
@@ -573,6 +584,8 @@ class Supervisor:
             log.error("state.dir_unusable", path=str(state_dir), reason=str(exc), retry="at every plan")
         try:
             self._memory = await asyncio.to_thread(ledger_load, state_dir)
+            if self._memory is not None:
+                self._saved = ledger_dumps(self._memory)  # what the file holds: it round-trips exactly
         except LedgerError as exc:
             log.error("state.unreadable", reason=str(exc), effect="starting without the earlier meanings")
             return
@@ -585,38 +598,72 @@ class Supervisor:
                 effect="held IDs take the meanings the current config gives them (a first start)",
             )
 
-    def _write_memory(self, plan: Plan) -> None:
+    def _write_memory(self, plan: Plan) -> bool:
         """Write the meanings of `plan` to the state file BEFORE it is served: from the moment a servicer
         answers from it, the kubelet may hold IDs in its meanings, and an agent killed then must read them
         back so after its restart. So this runs on the loop, between the plan's last check for Allocates
         and the servicers' swap, where nothing may wait: the text and a rename of a few KB (about 1 ms
         measured with 200,000 held millicpus); the fsync that makes it outlive a node crash follows in a
-        worker thread (after a node crash no container survives to hold anything anyway)."""
+        worker thread (after a node crash no container survives to hold anything anyway).
+
+        False: the plan must not be served. It could not be written, and it changes what IDs mean against
+        the file a restarted agent would read, which would then read IDs handed out from it wrongly."""
         state_dir = self.settings.state_dir
         if state_dir is None:
-            return
+            return True
         text = ledger_dumps(plan)
         if text == self._saved:
-            return
+            return True
         try:
             ledger_write(state_dir, text)
         except OSError as exc:
-            # Serving the plan is still right (the kubelet needs its resources); what is lost is the
-            # meanings of a change made now, should the agent also die before the next write succeeds.
-            log.error(
-                "state.write_failed",
-                path=str(state_dir),
-                reason=str(exc),
-                effect="an agent restart before the next successful write reads held IDs in older meanings",
-                retry="at the next plan",
-            )
-            self._saved = None
-            return
+            return self._write_failed(state_dir, text, exc)
         self._saved = text
+        if self.state_error is not None:
+            log.info("state.write_recovered", path=str(state_dir))
+            if self.last_config_error == self.state_error:
+                self.last_config_error = None
+            self.state_error = None
         if self._sync_task is None or self._sync_task.done():
             self._sync_task = asyncio.create_task(self._sync_memory(state_dir), name="state-sync")
         else:
             self._sync_again = True
+        return True
+
+    def _write_failed(self, state_dir: Path, text: str, exc: OSError) -> bool:
+        if self._saved is None or ledger_meanings(text) == ledger_meanings(self._saved):
+            # No file to contradict (a first start: a restart would know nothing either way), or only
+            # health changes: serving it loses nothing a restart needs.
+            log.error(
+                "state.write_failed",
+                path=str(state_dir),
+                reason=str(exc),
+                effect="plan served: it changes no meaning the file holds"
+                if self._saved is not None
+                else "plan served without a state file: after a restart, held IDs take the config's meanings",
+                retry="at the next plan",
+            )
+            return True
+        self.state_error = (
+            f"{state_dir / STATE_FILE} cannot be written ({exc.strerror or exc}): a plan that changes what "
+            "device IDs mean is held back, the last one keeps serving"
+        )
+        self.last_config_error = self.state_error
+        log.error(
+            "state.write_failed",
+            path=str(state_dir),
+            reason=str(exc),
+            effect="new plan NOT served: it changes what held device IDs mean, and an agent restarted now "
+            "would read them in the older meanings the file holds; the last plan keeps serving",
+            retry=f"every {STATE_RETRY_S:g} s",
+        )
+        if self._state_retry is None and not self._stopping.is_set():
+            self._state_retry = asyncio.get_running_loop().call_later(STATE_RETRY_S, self._retry_state)
+        return False
+
+    def _retry_state(self) -> None:
+        self._state_retry = None
+        self.notify("recheck")
 
     async def _sync_memory(self, state_dir: Path) -> None:
         """fsync the state file until no write is left unsynced (one thread at a time, however many plans)."""
@@ -634,7 +681,8 @@ class Supervisor:
         old = self.plan
         diff = diff_plans(old, plan)
         # On disk before anything answers from it (no await from here to the servicers' swap below).
-        self._write_memory(plan)
+        if not self._write_memory(plan):
+            return
         self.plan = plan
         # Every servicer answers from the new plan before anything here waits: an Allocate answered from the
         # old one after the plan was built would not be in it.
@@ -872,8 +920,9 @@ class Supervisor:
                 continue
             if identity is None:
                 # A kubelet mid-restart: it deleted the sockets and has not created kubelet.sock yet. Its
-                # creation is watched and registers every resource; a Register retried meanwhile could reach
-                # the new kubelet first, only to have its stream ended and settled by that event (+100-200 ms).
+                # creation is watched and registers every resource; a Register retried meanwhile could
+                # reach the new kubelet first, only to have its stream ended and settled by that event
+                # (+100-200 ms).
                 state.registered = False
                 self.metrics.registered.set(0, resource=name)
                 continue

@@ -3,6 +3,8 @@ the kubelet's record unknown, and the state file that carries meanings across ag
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from dataclasses import replace
 
 from hypothesis import given, settings
@@ -11,6 +13,7 @@ from hypothesis import strategies as st
 from agent.allocation import ExclusiveDevice
 from agent.config import PoolType, parse_config, validate
 from agent.cpuset import CpuSet
+from agent.idset import IdSet
 from agent.ledger import dumps, loads
 from agent.plan import (
     HEALTHY,
@@ -197,6 +200,40 @@ def test_state_file_round_trip_keeps_every_meaning() -> None:
     # Planning from the restored state gives what planning from memory gives.
     held = {"cpupool.io/a": frozenset({"2"}), "cpupool.io/s": frozenset({"0"})}
     assert plan_of(EXCL, previous=restored, held=held) == plan_of(EXCL, previous=changed, held=held)
+
+
+def _v1_ranges(indexes: Iterable[int]) -> str:
+    """Version 1's "0-4,7" form."""
+    parts: list[str] = []
+    for index in sorted(indexes):
+        if parts and parts[-1].split("-")[-1] == str(index - 1):
+            parts[-1] = f"{parts[-1].split('-')[0]}-{index}"
+        else:
+            parts.append(str(index))
+    return ",".join(parts)
+
+
+def test_a_state_file_of_format_version_1_is_still_read() -> None:
+    # Written by the agent before ID sets were packed as bitmaps: an upgrade must keep every meaning.
+    old = plan_of("pools:\n  s: {cpus: '6-7', pooltype: shared}\n")
+    held = {"cpupool.io/s": frozenset({"3", "4", shared_device_id(1500)})}
+    # The shared pool shrinks under its holders: their IDs keep 6-7 (a group), 1500 is past the new count.
+    changed = plan_of(
+        "pools:\n  s: {cpus: '6', pooltype: shared}\n  e: {cpus: '7', pooltype: exclusive}\n",
+        previous=old,
+        held=held,
+    )
+    assert changed.resources["cpupool.io/s"].shared_retained == {1500}
+    body = json.loads(dumps(changed))
+    body["version"] = 1
+    for name, raw in body["resources"].items():
+        resource = changed.resources[name]
+        raw["sharedRetained"] = _v1_ranges(resource.shared_retained)
+        raw["sharedWithheld"] = _v1_ranges(resource.shared_withheld)
+        for group, raw_group in zip(resource.shared_groups, raw["groups"], strict=True):
+            raw_group["ids"] = _v1_ranges(IdSet.of(group.ids).indexes())
+    assert any(raw["groups"] for raw in body["resources"].values())
+    assert dumps(loads(json.dumps(body))) == dumps(changed)
 
 
 @settings(max_examples=60, deadline=None)

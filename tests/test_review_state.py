@@ -1,7 +1,9 @@
 """Review of the state file (agent/ledger.py, Supervisor._write_memory) and the shared pool's list-size check:
 what a restart reads back, what a failed write costs, and where the 4 MiB check depends on what is held.
 
-The tests marked xfail(strict=True) reproduce faults found in review; each says what a fix must make true."""
+Four tests here reproduced faults found in review (failed writes served anyway, a removed state directory
+never made again, a list-size check that depended on holders, a stale record confirming an Allocate); they
+pass since the fixes."""
 
 from __future__ import annotations
 
@@ -141,12 +143,6 @@ async def _eventually(predicate: Callable[[], bool], seconds: float) -> bool:
     return predicate()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a failed state write is logged and the plan served anyway: a restart then reads held shared IDs "
-    "with the CPUs of an older plan, and hands a CPU of a live shared set out exclusively",
-)
 async def test_a_failed_state_write_never_lets_a_restart_give_out_a_cpu_of_a_live_shared_set(
     tmp_path: Path,
 ) -> None:
@@ -165,15 +161,19 @@ async def test_a_failed_state_write_never_lets_a_restart_give_out_a_cpu_of_a_liv
             snap = run.emu.resource(SHARED)
             return snap is not None and len(snap.devices) == 4000
 
-        # Served anyway (today), or held back until it can be written (one possible fix): either way the
-        # shared pod gets what is served.
-        await _eventually(grown, 3.0)
+        # The edit changes what the shared IDs mean (their CPUs): it is held back while it cannot be
+        # written, and says why.
+        assert not await _eventually(grown, 1.5)
+        assert run.supervisor.state_error is not None
+        assert run.supervisor.last_config_error == run.supervisor.state_error
         holder = await run.emu.allocate(SHARED, 500, pod="shared-holder")
         shared = CpuSet.parse(holder.envs["SHARED_CPUS"])
-        # A DaemonSet rollout with an edit, after the disk was fixed: 14-15 become an exclusive pool while
-        # the shared pod runs.
-        await run.stop()
+        # The disk is fixed: the held-back plan is written and served at the next retry.
         blocker.rmdir()
+        assert await _eventually(grown, 8.0)
+        assert run.supervisor.state_error is None and run.supervisor.last_config_error is None
+        # A DaemonSet rollout with an edit: 14-15 become an exclusive pool while the shared pod runs.
+        await run.stop()
         run.configmap.write(_S_SPLIT)
         run.supervisor = Supervisor(run.supervisor.settings)
         run.task = asyncio.create_task(run.supervisor.run())
@@ -188,13 +188,6 @@ async def test_a_failed_state_write_never_lets_a_restart_give_out_a_cpu_of_a_liv
 _BIG = make_topology(nodes=2, cores_per_node=115, threads=2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConfigError,
-    reason="shared_list_bound is given the millicpus served now ((cpus & online) - CPUs held exclusively), "
-    "not what the pool can serve: a pool too big for the kubelet's 4 MiB list is accepted while some of "
-    "its CPUs are held elsewhere, and every re-plan after their holders leave fails (replan.skipped)",
-)
 def test_the_shared_pool_size_check_does_not_depend_on_what_is_held() -> None:
     exclusive = "pools:\n  fast: {cpus: '0-99', pooltype: exclusive}\n"
     before = plan_of(exclusive, topology=_BIG)
@@ -215,13 +208,6 @@ def test_the_shared_pool_size_check_does_not_depend_on_what_is_held() -> None:
     plan_of(edit, previous=accepted, held={}, topology=_BIG)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="_with_answered lets a record read BEFORE an Allocate confirm it: an ID the stale record shows "
-    "(its previous holder) is dropped from the answered set, and the next read, which does not list the "
-    "new holder (a plain init container), frees it",
-)
 async def test_a_record_read_before_an_allocate_does_not_confirm_it() -> None:
     supervisor = Supervisor(AgentSettings(config_path=None, state_dir=None, pod_resources_socket=None))
     before = validate(parse_config("pools:\n  fast: {cpus: '2-7', pooltype: exclusive}\n", "t"), TOPO)
@@ -256,13 +242,6 @@ async def test_a_record_read_before_an_allocate_does_not_confirm_it() -> None:
             supervisor._confirm.cancel()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="ledger.write no longer creates the state directory (ledger.save did, at every plan): once it "
-    "is removed while the agent runs, every later write fails although the log says 'retry at the next "
-    "plan', and a restart then starts without the meanings",
-)
 async def test_a_state_directory_removed_while_running_is_written_again(tmp_path: Path) -> None:
     start = 'pools:\n  fast: {cpus: "2-7", pooltype: exclusive}\n  s: {cpus: "12-13", pooltype: shared}\n'
     async with running_agent(tmp_path, start) as run:
