@@ -12,7 +12,8 @@ from typing import Any
 
 from agent.allocation import ExclusiveDevice, preferred_allocation, sort_ids
 from agent.config import parse_config, validate
-from agent.plan import build_plan, shared_device_id
+from agent.idset import shared_device_id
+from agent.plan import build_plan
 from agent.topology import discover
 from bench.client import PluginClient, allocate_request, preferred_request
 from bench.hosts import DUAL64_ALL_EXCLUSIVE
@@ -133,3 +134,39 @@ async def preferred_rpc(socket: Path, iterations: int) -> Figure:
         [RPC_TARGET],
         ["p99_ms is the worst case's p99; grpcio client, agent in its own process"],
     )
+
+
+def main() -> int:
+    """`python -m bench.rpc [--calls N]`: only the Allocate and GetPreferredAllocation round trips."""
+    import argparse  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from agent.logs import setup_logging  # noqa: PLC0415
+    from bench.hosts import DUAL64_CONFIG, dual64  # noqa: PLC0415
+    from bench.node import running_node  # noqa: PLC0415
+    from bench.report import render  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m bench.rpc", description=main.__doc__)
+    parser.add_argument("--calls", type=int, default=2000, help="Allocate calls per series (bench: 2000)")
+    parser.add_argument("--preferred", type=int, default=500, help="calls per GetPreferredAllocation case")
+    args = parser.parse_args()
+    setup_logging("error", "console")
+
+    async def run(workdir: Path) -> list[Figure]:
+        resources = ("cpupool.io/dedicated", "cpupool.io/dedicated-ht", "cpupool.io/shared")
+        async with running_node(workdir / "node", dual64, DUAL64_CONFIG, resources) as node:
+            figures = await allocate_round_trip(
+                node.socket("cpupool.io/dedicated"), node.socket("cpupool.io/shared"), args.calls
+            )
+        cores = ("cpupool.io/cores",)
+        async with running_node(workdir / "cores", dual64, DUAL64_ALL_EXCLUSIVE, cores) as node:
+            figures.append(await preferred_rpc(node.socket("cpupool.io/cores"), args.preferred))
+        return figures
+
+    with tempfile.TemporaryDirectory(prefix="cpupool-rpc-") as workdir:
+        print(render(asyncio.run(run(Path(workdir)))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
