@@ -210,6 +210,8 @@ class KubeletPeer:
         self._uids: dict[tuple[str, str], str] = {}
         self._state: dict[str, Any] = {"resources": {}, "pods": []}
         self._state_error: str | None = None
+        # "state" events received so far: the peer's own snapshots, taken after every reply and log line.
+        self.state_events = 0
         self._unapplied: list[dict[str, Any]] = []
         self._kill_on: str | None = None
         self._waiters: set[asyncio.Event] = set()
@@ -404,6 +406,7 @@ class KubeletPeer:
         else:
             kind = message.get("event")
             if kind == "state":
+                self.state_events += 1
                 self._set_state(message)
             elif kind == "state_error":
                 self._state_error = str(message.get("error"))
