@@ -87,8 +87,12 @@ def preferred_allocation(
         anchors_by_node.setdefault(device.numa_node, []).append(device)
 
     picked: list[str] = []
-    for node, quota in _choose_nodes(free_by_node, anchors_by_node, remaining):
-        picks = _pick_in_node(free_by_node.get(node, []), anchors_by_node.get(node, []), quota)
+    # The node that closes the request was picked while it was scored: the same pick, not made twice.
+    scored: dict[tuple[int, int], list[ExclusiveDevice]] = {}
+    for node, quota in _choose_nodes(free_by_node, anchors_by_node, remaining, scored):
+        picks = scored.get((node, quota)) if node not in anchors_by_node else None
+        if picks is None:
+            picks = _pick_in_node(free_by_node.get(node, []), anchors_by_node.get(node, []), quota)
         picked.extend(device.id for device in picks)
     return sort_ids(chosen.union(picked))
 
@@ -133,8 +137,10 @@ def _choose_nodes(
     free_by_node: Mapping[int, list[ExclusiveDevice]],
     anchors_by_node: Mapping[int, list[ExclusiveDevice]],
     remaining: int,
+    scored: dict[tuple[int, int], list[ExclusiveDevice]],
 ) -> list[tuple[int, int]]:
-    """The NUMA nodes to draw from, in fill order, each with how many devices it gives."""
+    """The NUMA nodes to draw from, in fill order, each with how many devices it gives. `scored` receives
+    the pick of each node scored, by (node, quota), for nodes without must_include devices."""
     capacity = {node: len(devs) for node, devs in free_by_node.items()}
     # The must_include nodes are used in any case; the one holding most of them fills first.
     nodes = sorted(anchors_by_node, key=lambda n: (-len(anchors_by_node[n]), -capacity.get(n, 0), n))
@@ -144,7 +150,7 @@ def _choose_nodes(
         fitting = [n for n in others if capacity[n] >= need]
         if fitting:
             # One more node closes the request: pick the one where it packs best.
-            best = min(fitting, key=lambda n: _score(free_by_node[n], [], need))
+            best = min(fitting, key=lambda n: _score(free_by_node[n], [], need, scored, n))
             nodes.append(best)
             break
         # Nothing closes it alone: the biggest node keeps the node count minimal.
@@ -163,13 +169,17 @@ def _choose_nodes(
 
 
 def _score(
-    free: list[ExclusiveDevice], anchors: list[ExclusiveDevice], quota: int
+    free: list[ExclusiveDevice],
+    anchors: list[ExclusiveDevice],
+    quota: int,
+    scored: dict[tuple[int, int], list[ExclusiveDevice]],
+    node: int,
 ) -> tuple[int, int, int, list[_IdKey]]:
-    """How well a node takes ``quota`` devices; lower is better.
+    """How well a node takes ``quota`` devices; lower is better. The pick is kept in ``scored``.
 
     New cores opened, then cores left half used, then L3 caches touched, then the IDs themselves.
     """
-    picks = _pick_in_node(free, anchors, quota)
+    picks = scored[(node, quota)] = _pick_in_node(free, anchors, quota)
     anchor_cores = {d.core for d in anchors}
     free_per_core: dict[CoreKey, int] = {}
     for device in free:
@@ -207,9 +217,11 @@ def _pick_in_node(
     l3_free: dict[int | None, int] = {}
     l3_first: dict[int | None, _IdKey] = {}
     for devs in by_core.values():
-        l3 = devs[0].l3
+        l3, first = devs[0].l3, devs[0].key
         l3_free[l3] = l3_free.get(l3, 0) + len(devs)
-        l3_first[l3] = min(l3_first.get(l3, _device_key(devs[0])), _device_key(devs[0]))
+        known = l3_first.get(l3)
+        if known is None or first < known:
+            l3_first[l3] = first
 
     def l3_rank(l3: int | None) -> tuple[bool, bool, int, _IdKey]:
         # The must_include caches first, then one that holds the rest alone, then the biggest.
