@@ -435,6 +435,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     from agent.supervisor import AgentSettings, Supervisor, run_until_signalled  # noqa: PLC0415
 
+    _bound_h2_memory()
     settings = AgentSettings(
         config_path=args.config,
         root=args.root,
@@ -462,6 +463,22 @@ def cmd_agent(args: argparse.Namespace) -> int:
         log.error("agent.topology_unreadable", reason=str(exc))
         return EXIT_USAGE
     return EXIT_OK
+
+
+# How many closed streams each HTTP/2 connection remembers (h2's default is 2**16).
+CLOSED_STREAMS_KEPT = 256
+
+
+def _bound_h2_memory() -> None:
+    """h2 remembers how every closed stream ended, up to 2**16 per connection (about 8 MiB once full). The
+    kubelet keeps one connection per resource for as long as both run, and each Allocate and
+    GetPreferredAllocation is a stream: the agent's RSS crept by 1.9 MiB in 2,000 admissions and would have
+    grown by up to 8 MiB per resource. The record only tells a late frame on a closed stream apart (ignore it,
+    or answer with a stream reset); over a unix socket such frames arrive within milliseconds, so the last
+    CLOSED_STREAMS_KEPT are plenty. Process-wide: every connection of the agent, server and client side."""
+    import h2.connection  # noqa: PLC0415 - loaded already, with grpclib
+
+    h2.connection.H2Connection.MAX_CLOSED_STREAMS = CLOSED_STREAMS_KEPT
 
 
 def _label_source(
