@@ -31,8 +31,11 @@ def _timed_loop(client: PluginClient, method: str, requests: Sequence[Any], call
     return [client.timed(method, requests[i % len(requests)])[0] for i in range(calls)]
 
 
-async def allocate_round_trip(dedicated: Path, shared: Path, calls: int) -> list[Figure]:
-    """Allocate for one container, over the socket, as the kubelet sends it at pod admission."""
+async def allocate_round_trip(
+    dedicated: Path, shared: Path, calls: int, agent_cpu: Callable[[], float] | None = None
+) -> list[Figure]:
+    """Allocate for one container, over the socket, as the kubelet sends it at pod admission. With
+    `agent_cpu` (the agent's CPU seconds so far), each figure also gives the agent's CPU per call."""
     figures = []
     exclusive_ids = [str(c) for c in [*range(8, 32), *range(72, 96)]]
     pairs = [exclusive_ids[i : i + 2] for i in range(0, len(exclusive_ids), 2)]
@@ -47,14 +50,20 @@ async def allocate_round_trip(dedicated: Path, shared: Path, calls: int) -> list
         try:
             await asyncio.to_thread(client.wait_ready)
             requests = [allocate_request(ids) for ids in id_lists]
+            cpu_before = agent_cpu() if agent_cpu is not None else 0.0
             samples = await asyncio.to_thread(_timed_loop, client, "Allocate", requests, calls)
+            # The warm-up calls are in it too: (calls + warm-up) answers.
+            cpu_ms = (agent_cpu() - cpu_before) * 1000 / (calls + WARMUP_CALLS) if agent_cpu else None
         finally:
             client.close()
+        values: dict[str, Any] = dict(summary_ms(samples))
+        if cpu_ms is not None:
+            values["agent_cpu_ms_per_call"] = round(cpu_ms, 3)
         figures.append(
             Figure(
                 key,
                 title,
-                summary_ms(samples),
+                values,
                 [RPC_TARGET],
                 [
                     f"grpcio client in the benchmark process, agent in its own process; {WARMUP_CALLS} "
@@ -156,7 +165,10 @@ def main() -> int:
         resources = ("cpupool.io/dedicated", "cpupool.io/dedicated-ht", "cpupool.io/shared")
         async with running_node(workdir / "node", dual64, DUAL64_CONFIG, resources) as node:
             figures = await allocate_round_trip(
-                node.socket("cpupool.io/dedicated"), node.socket("cpupool.io/shared"), args.calls
+                node.socket("cpupool.io/dedicated"),
+                node.socket("cpupool.io/shared"),
+                args.calls,
+                node.agent.cpu_seconds,
             )
         cores = ("cpupool.io/cores",)
         async with running_node(workdir / "cores", dual64, DUAL64_ALL_EXCLUSIVE, cores) as node:
