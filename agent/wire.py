@@ -235,11 +235,21 @@ class AllocateRequestDecoder:
 
 
 def _text(number: int, value: str) -> bytes:
-    return field(number, value.encode())
+    raw = value.encode()
+    if len(raw) < 0x80:
+        # Tag and length fit a byte each (field numbers below 16): no varint loop.
+        return bytes((number << 3 | _LEN, len(raw))) + raw
+    return field(number, raw)
 
 
 def _map(number: int, entries: Mapping[str, str]) -> list[bytes]:
-    return [field(number, _text(1, key) + _text(2, value)) for key, value in entries.items()]
+    return [_entry(number, _text(1, key) + _text(2, value)) for key, value in entries.items()]
+
+
+def _entry(number: int, payload: bytes) -> bytes:
+    if len(payload) < 0x80:
+        return bytes((number << 3 | _LEN, len(payload))) + payload
+    return field(number, payload)
 
 
 def encode_container_allocate(response: ContainerAllocateResponse) -> bytes | None:
@@ -257,7 +267,7 @@ def encode_container_allocate(response: ContainerAllocateResponse) -> bytes | No
             )
             if value
         )
-        parts.append(field(3, spec))
+        parts.append(_entry(3, spec))
     parts += _map(4, response.annotations)
     return b"".join(parts)
 
