@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-# First of all: `cpupool agent` keeps OpenSSL out of its process (4.5 MiB), which needs this before anything
-# imports asyncio. Imported for that effect.
-import agent.nossl  # noqa: F401
+# First of all: `cpupool agent` keeps OpenSSL and importlib.metadata out of its process (6 MiB), which needs
+# this before anything imports asyncio or betterproto2. Imported for that effect.
+import agent.leanstart  # noqa: F401
 
 # isort: split
 import argparse

@@ -1,48 +1,101 @@
-"""`cpupool agent` keeps OpenSSL out of its process until it needs TLS.
+"""What `cpupool agent` keeps out of its process: OpenSSL until it needs TLS, and importlib.metadata.
 
-The agent speaks gRPC on unix sockets and plain HTTP on its health port, and signs its claims with
+Imported first by agent.cli, for its effect on an agent process (`cpupool agent ...`, the command first) that
+has not imported asyncio yet; other commands (the webhook serves TLS) and processes that did are left alone.
+Both are measured in docs/benchmarks.md, "RSS, start and idle: where they go".
+
+OpenSSL. The agent speaks gRPC on unix sockets and plain HTTP on its health port, and signs its claims with
 HMAC-SHA256, which CPython also implements without OpenSSL. Yet asyncio and grpclib import `ssl` whenever it
-can be imported, and hashlib prefers OpenSSL's `_hashlib`: together they map libssl and libcrypto into the
-agent and build OpenSSL's tables, 4.5 MiB of its RSS (14 % of the 32 MiB budget) and 10-20 ms of its start
-(docs/benchmarks.md, "RSS, start and idle: where they go").
+can be imported, and hashlib prefers OpenSSL's `_hashlib`: together they map libssl and libcrypto and build
+OpenSSL's tables, 4.5 MiB of the agent's RSS (14 % of its 32 MiB budget) and 10-20 ms of its start. Both are
+marked as not importable (None in sys.modules: Python's documented way to make an import fail), so asyncio and
+grpclib take their no-TLS path and hashlib its built-in hashes; each is written to handle that ImportError.
+The one part that needs TLS, the API client for node labels (lightkube, through httpx and anyio), calls
+`allow_tls()` before it loads; its TLS runs on memory BIOs of its own, not on asyncio's transports, so
+asyncio having seen no `ssl` does not matter.
 
-Imported first by agent.cli, this module marks both as not importable in an agent process (None in
-sys.modules: Python's documented way to make an import fail). asyncio and grpclib then take their no-TLS path
-and hashlib its built-in hashes; each is written to handle that ImportError. The one part that needs TLS,
-the API client for node labels (lightkube, through httpx and anyio), calls `allow()` before it loads; its TLS
-runs on memory BIOs of its own, not on asyncio's transports, so asyncio having seen no `ssl` does not matter.
-Other commands (the webhook serves TLS) and processes that imported asyncio already are left alone.
+importlib.metadata. betterproto2 reads its own version through it at import, for the generated code's
+compiler-version check; that loads email, csv, zipfile and 30 more modules: 1.6 MiB and about 15 ms. The
+version is the one in the name of betterproto2's dist-info directory, which is read here instead, and
+`betterproto2._version` is provided with the same two names and the same check. When the directory is not
+found (another kind of install), betterproto2 is left to read it itself.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+import types
+from pathlib import Path
 
 # The modules that load OpenSSL: the TLS module and hashlib's OpenSSL backend.
 OPENSSL_MODULES = ("ssl", "_hashlib")
+BETTERPROTO_VERSION_MODULE = "betterproto2._version"
 
 
-def keep_out(argv: list[str]) -> bool:
-    """For `cpupool agent ...` (the command first), before asyncio is imported: make the OpenSSL modules
-    unimportable. True when it did."""
+def is_agent_process(argv: list[str]) -> bool:
+    """`cpupool agent ...` that has imported nothing of what this module keeps out yet."""
     if len(argv) < 2 or argv[1] != "agent":
         return False
-    if "asyncio" in sys.modules or any(name in sys.modules for name in OPENSSL_MODULES):
-        return False  # too late to matter, or something here already uses them
+    return "asyncio" not in sys.modules and not any(name in sys.modules for name in OPENSSL_MODULES)
+
+
+def keep_tls_out() -> None:
     for name in OPENSSL_MODULES:
         sys.modules[name] = None  # type: ignore[assignment]
-    return True
 
 
-def kept_out() -> bool:
+def tls_kept_out() -> bool:
     return sys.modules.get("ssl", sys) is None
 
 
-def allow() -> None:
+def allow_tls() -> None:
     """Let TLS in again (before a client that needs it is imported)."""
     for name in OPENSSL_MODULES:
         if name in sys.modules and sys.modules[name] is None:
             del sys.modules[name]
 
 
-keep_out(sys.argv)
+def betterproto_version() -> str | None:
+    """betterproto2's installed version from its dist-info directory's name, without importing anything."""
+    spec = importlib.util.find_spec("betterproto2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    site = Path(next(iter(spec.submodule_search_locations))).parent
+    found = sorted(site.glob("betterproto2-*.dist-info"))
+    if len(found) != 1:
+        return None  # none, or stale ones beside the real one: let betterproto2 ask importlib.metadata
+    return found[0].name.removeprefix("betterproto2-").removesuffix(".dist-info")
+
+
+def provide_betterproto_version(version: str) -> None:
+    """`betterproto2._version` as betterproto2 0.10 has it: `__version__` and `check_compiler_version`."""
+    module = types.ModuleType(BETTERPROTO_VERSION_MODULE, "betterproto2's version, read by agent.leanstart")
+
+    def check_compiler_version(compiler_version: str) -> None:
+        # The rule of betterproto2's own check: code from compiler a.b.c runs on library x.y.z iff a.b == x.y.
+        ours = tuple(int(x) for x in version.split(".")[:2])
+        theirs = tuple(int(x) for x in compiler_version.split(".")[:2])
+        if ours != theirs:
+            raise ImportError(
+                f"the generated code needs betterproto2 {theirs[0]}.{theirs[1]}.x (compiled by "
+                f"betterproto2_compiler {compiler_version}); betterproto2 {version} is installed"
+            )
+
+    module.__dict__.update(__version__=version, check_compiler_version=check_compiler_version)
+    sys.modules[BETTERPROTO_VERSION_MODULE] = module
+
+
+def lean_start(argv: list[str]) -> bool:
+    """For an agent process: keep OpenSSL and importlib.metadata out. True when it did."""
+    if not is_agent_process(argv):
+        return False
+    keep_tls_out()
+    if BETTERPROTO_VERSION_MODULE not in sys.modules:
+        version = betterproto_version()
+        if version is not None:
+            provide_betterproto_version(version)
+    return True
+
+
+lean_start(sys.argv)

@@ -5,10 +5,10 @@ call leaves out is the empty string, which Prometheus treats as an absent label.
 is a dict lookup and a locked add: no task, no I/O, no wake-up.
 
 prometheus_client kept and rendered them before; it cost the agent 1.9 MiB of RSS, and its exposition module
-imports `ssl` unconditionally, which kept OpenSSL in the process (another 1.1 MiB, and no way to keep it out:
-agent/nossl.py). That is 3 of the 32 MiB target (docs/benchmarks.md, "RSS, start and idle: where they go"),
-so the format is written here, as the library wrote it (labels in name order, `le` first, float values, no
-`_created` series); tests parse it with prometheus_client's own parser.
+imports `ssl` unconditionally, which kept OpenSSL in the process (agent/leanstart.py keeps it out otherwise).
+That is 3 of the 32 MiB target (docs/benchmarks.md, "RSS, start and idle: where they go"), so the format is
+written here, as the library wrote it (labels in name order, `le` first, float values, no `_created` series);
+tests parse it with prometheus_client's own parser.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
 
-from agent import nossl
+from agent import leanstart
 
 if TYPE_CHECKING:
     from lightkube import AsyncClient
@@ -186,7 +186,7 @@ class NodeLabelWatch:
         if self._client_factory is not None:
             return self._client_factory()
         # The client's TLS needs OpenSSL, which an agent process keeps out until now.
-        nossl.allow()
+        leanstart.allow_tls()
         from lightkube import AsyncClient  # noqa: PLC0415 - loaded only when labels are needed
         from lightkube.config.kubeconfig import KubeConfig  # noqa: PLC0415
 
@@ -284,7 +284,7 @@ class NodeLabelWatch:
 
 def describe_api_failure(exc: BaseException, node: str) -> str:
     """What went wrong on the way to the Node object, in words an operator can act on."""
-    nossl.allow()
+    leanstart.allow_tls()
     from lightkube.core.exceptions import ApiError  # noqa: PLC0415
     from lightkube.core.exceptions import ConfigError as ClientConfigError  # noqa: PLC0415
 
@@ -312,7 +312,7 @@ def describe_api_failure(exc: BaseException, node: str) -> str:
 def _client_unusable(exc: BaseException) -> bool:
     # An API answer came through a working client; anything else (no token yet, a broken connection) gets
     # a fresh one, which also reads the service account files again.
-    nossl.allow()
+    leanstart.allow_tls()
     from lightkube.core.exceptions import ApiError  # noqa: PLC0415
 
     return not isinstance(exc, ApiError)

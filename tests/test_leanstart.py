@@ -1,25 +1,36 @@
-"""`cpupool agent` runs without OpenSSL in its process until the node-label client needs TLS."""
+"""`cpupool agent` runs without OpenSSL until the label client needs TLS, and without importlib.metadata."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
+
+import pytest
+
+from agent import leanstart
 
 REPO = Path(__file__).resolve().parent.parent
 
 # What an agent process loads on its way to serving, then what the label client would do.
 PROBE = """
-import json
+import json, sys
 import agent.cli, agent.supervisor, agent.health, agent.nri.plugin
-from agent import nossl
+import betterproto2
+from agent import leanstart
 
 def openssl_mapped():
     return any("libssl" in line or "libcrypto" in line for line in open("/proc/self/maps"))
 
-report = {"kept_out": nossl.kept_out(), "mapped_before": openssl_mapped()}
-nossl.allow()
+report = {
+    "kept_out": leanstart.tls_kept_out(),
+    "mapped_before": openssl_mapped(),
+    "metadata_loaded": "importlib.metadata" in sys.modules,
+    "betterproto2": betterproto2.__version__,
+}
+leanstart.allow_tls()
 import ssl
 ssl.create_default_context()
 report["mapped_after_allow"] = openssl_mapped()
@@ -35,18 +46,22 @@ def probe(*argv: str) -> dict[str, object]:
     return result
 
 
-def test_an_agent_process_loads_no_openssl_until_tls_is_allowed() -> None:
+def test_an_agent_process_loads_no_openssl_until_tls_is_allowed_and_no_importlib_metadata() -> None:
     report = probe("agent", "--config", "x")
     assert report["kept_out"] is True
     assert report["mapped_before"] is False
     assert report["mapped_after_allow"] is True
+    assert report["metadata_loaded"] is False
+    # The version read from the dist-info directory is the one importlib.metadata reports.
+    assert report["betterproto2"] == metadata.version("betterproto2")
 
 
-def test_other_commands_keep_openssl() -> None:
+def test_other_commands_are_left_alone() -> None:
     # The webhook serves TLS; `cpupool status` and the rest are left as they are.
     report = probe("webhook")
     assert report["kept_out"] is False
     assert report["mapped_before"] is True
+    assert report["metadata_loaded"] is True
 
 
 def test_claims_sign_and_verify_with_the_built_in_hashes() -> None:
@@ -54,9 +69,9 @@ def test_claims_sign_and_verify_with_the_built_in_hashes() -> None:
 import sys
 sys.argv = ["cpupool", "agent"]
 import agent.cli
-from agent import nossl
+from agent import leanstart
 from agent.claim import ClaimKey
-assert nossl.kept_out() and "_hashlib" not in {k for k, v in sys.modules.items() if v is not None}
+assert leanstart.tls_kept_out() and "_hashlib" not in {k for k, v in sys.modules.items() if v is not None}
 key = ClaimKey(b"k" * 32)
 print(key.issue("cpupool.io/fast", ["3", "5"]))
 """
@@ -68,3 +83,14 @@ print(key.issue("cpupool.io/fast", ["3", "5"]))
 
     claim = ClaimKey(b"k" * 32).verify(signed)
     assert (claim.resource, claim.device_ids) == ("cpupool.io/fast", ("3", "5"))
+
+
+def test_the_provided_version_check_refuses_code_of_another_minor_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delitem(sys.modules, leanstart.BETTERPROTO_VERSION_MODULE, raising=False)
+    leanstart.provide_betterproto_version("0.10.0")
+    module = sys.modules[leanstart.BETTERPROTO_VERSION_MODULE]
+    module.check_compiler_version("0.10.1")  # same minor: accepted, as betterproto2's own check does
+    with pytest.raises(ImportError, match=r"needs betterproto2 0\.11\.x"):
+        module.check_compiler_version("0.11.0")
