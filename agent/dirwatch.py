@@ -219,16 +219,17 @@ def _way_to(path: Path) -> tuple[Path, Path]:
     return directory, directory / path.relative_to(directory).parts[0]
 
 
-async def entry_created(path: Path, timeout_s: float) -> bool:
-    """Wait until an entry named `path` is created (or moved there), at most `timeout_s`; True when it was.
+async def entry_created(path: Path, timeout_s: float, *, anew: bool = False) -> bool:
+    """Wait until an entry named `path` exists, at most `timeout_s`; True when it does.
 
     Nothing runs meanwhile: the deepest existing directory on the way to `path` is watched for entries
-    appearing, so a runtime that creates /var/run/nri and then nri.sock in it is followed down. An entry
-    that is there already counts only once created anew (a stale socket is replaced by unlink and bind).
+    appearing, so a runtime that creates /var/run/nri and then nri.sock in it is followed down. With `anew`,
+    an entry that is there already counts only once it is created again (a stale socket is replaced by
+    unlink and bind); one replaced before the watch was in place is missed, so bound `timeout_s` then.
     Raises OSError when no inotify watch can be had: the caller then waits out its timeout by itself."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    present = _lexists(path)
+    present = anew
     while True:
         directory, wanted = _way_to(path)
         inotify = _Inotify([])

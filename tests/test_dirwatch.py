@@ -162,8 +162,10 @@ async def test_entry_created_follows_directories_that_do_not_exist_yet(tmp_path:
 async def test_entry_created_waits_for_a_present_entry_to_be_made_anew(tmp_path: Path) -> None:
     stale = tmp_path / "nri.sock"
     stale.write_text("")
-    assert await dirwatch.entry_created(stale, timeout_s=0.05) is False
-    waiting = asyncio.create_task(dirwatch.entry_created(stale, timeout_s=30))
+    # Without `anew` it is there, which is all that is asked.
+    assert await dirwatch.entry_created(stale, timeout_s=30) is True
+    assert await dirwatch.entry_created(stale, timeout_s=0.05, anew=True) is False
+    waiting = asyncio.create_task(dirwatch.entry_created(stale, timeout_s=30, anew=True))
     await asyncio.sleep(0.05)
     stale.unlink()
     await asyncio.sleep(0.05)

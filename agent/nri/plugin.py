@@ -251,13 +251,15 @@ class NriPlugin:
                 await conn.close()
 
     async def _socket_appears(self, exc: OSError, backoff_s: float) -> None:
-        """Return when the runtime may be listening now. No socket (ENOENT): when it is created, which a
-        watch reports the moment it happens (nothing runs meanwhile: a node without NRI costs no wake-ups);
+        """Return when the runtime may be listening now. No socket (ENOENT): once it exists, which a watch
+        reports the moment it is created (nothing runs meanwhile: a node without NRI costs no wake-ups);
         ABSENT_RECHECK_S at most. Otherwise after `backoff_s`, or sooner when the socket is created anew (a
         refused connection: a stale socket that a restarted runtime replaces, or one not listening yet)."""
         absent = exc.errno == errno.ENOENT
         try:
-            await entry_created(self.settings.socket, ABSENT_RECHECK_S if absent else backoff_s)
+            await entry_created(
+                self.settings.socket, ABSENT_RECHECK_S if absent else backoff_s, anew=not absent
+            )
         except OSError:
             # No watch can be had here (no inotify, a file where a directory should be): plain backoff.
             await asyncio.sleep(backoff_s)
