@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-# First of all: `cpupool agent` keeps OpenSSL and importlib.metadata out of its process (6 MiB), which needs
-# this before anything imports asyncio or betterproto2. Imported for that effect.
-import agent.leanstart  # noqa: F401
+# First of all: `cpupool agent` keeps OpenSSL and importlib.metadata out of its process (6 MiB) and pauses the
+# garbage collector for its start, which needs this before anything imports asyncio or betterproto2.
+from agent import leanstart
 
 # isort: split
 import argparse
@@ -540,6 +540,8 @@ async def _beside_the_device_plugin(
     for state in list(supervisor.states.values()):
         # A 200,000-device list takes a while to go out; an import now would slow it down.
         await state.server.servicer.flush(max(0.0, deadline - loop.time()))
+    # Start-up is over: the garbage collector, paused for it (agent.leanstart), runs again.
+    leanstart.started()
     # In a thread: an Allocate arriving meanwhile is answered between the import's GIL slices.
     await asyncio.to_thread(_import_beside, args)
     helpers: list[Callable[[], Coroutine[Any, Any, None]]] = []

@@ -24,12 +24,16 @@ from agent import leanstart
 def openssl_mapped():
     return any("libssl" in line or "libcrypto" in line for line in open("/proc/self/maps"))
 
+import gc
 report = {
+    "collector_during_start": gc.isenabled(),
     "kept_out": leanstart.tls_kept_out(),
     "mapped_before": openssl_mapped(),
     "metadata_loaded": "importlib.metadata" in sys.modules,
     "betterproto2": betterproto2.__version__,
 }
+leanstart.started()
+report["collector_after_start"] = gc.isenabled()
 leanstart.allow_tls()
 import ssl
 ssl.create_default_context()
@@ -52,6 +56,8 @@ def test_an_agent_process_loads_no_openssl_until_tls_is_allowed_and_no_importlib
     assert report["mapped_before"] is False
     assert report["mapped_after_allow"] is True
     assert report["metadata_loaded"] is False
+    # The collector is paused while the agent starts, and runs again once it has served its first plan.
+    assert (report["collector_during_start"], report["collector_after_start"]) == (False, True)
     # The version read from the dist-info directory is the one importlib.metadata reports.
     assert report["betterproto2"] == metadata.version("betterproto2")
 
@@ -62,6 +68,7 @@ def test_other_commands_are_left_alone() -> None:
     assert report["kept_out"] is False
     assert report["mapped_before"] is True
     assert report["metadata_loaded"] is True
+    assert report["collector_during_start"] is True
 
 
 def test_claims_sign_and_verify_with_the_built_in_hashes() -> None:
