@@ -14,11 +14,11 @@ The one part that needs TLS, the API client for node labels (lightkube, through 
 `allow_tls()` before it loads; its TLS runs on memory BIOs of its own, not on asyncio's transports, so
 asyncio having seen no `ssl` does not matter.
 
-The cyclic garbage collector. It runs about 200 times while the agent imports its modules and builds its
-first plan, each time walking everything allocated so far, and finds nothing: start-up allocates modules,
-functions and the plan's devices, which reference counting alone frees. It is off from here until the
-kubelet has every resource's first list (`started()`, from agent.cli), then on as usual: 8-10 ms less of the
-agent's start, more with a large pool.
+The cyclic garbage collector. Over the imports alone it runs 70 times, each time walking what was
+allocated so far, and frees 484 objects in all (a few cycles made by class creation): start-up's garbage is
+freed by reference counting. It is off from here until the kubelet has every resource's first list
+(`started()`, from agent.cli), then on as usual: 8-10 ms less of the agent's imports, and the first plan
+(12,000 or 200,000 devices) is built without collections either.
 
 importlib.metadata. betterproto2 reads its own version through it at import, for the generated code's
 compiler-version check; that loads email, csv, zipfile and 30 more modules: 1.6 MiB and about 15 ms. The
