@@ -176,7 +176,7 @@ class Supervisor:
         self._sync_again = False
         # Allocates answered lately (resource -> ID -> when): the kubelet records an allocation only after
         # our answer reaches it, so a read of its record can miss the newest ones.
-        self._answered: dict[str, dict[str, float]] = {}
+        self._answered: dict[str, list[tuple[float, Sequence[str] | IdSet]]] = {}
         # Decodes the kubelet's record, keeping each pod's part for the next read.
         self._held_reader = HeldReader()
         self._kubelet_restarted_at: float | None = None
@@ -488,20 +488,30 @@ class Supervisor:
             return held  # UNKNOWN already counts every served ID as held
         expired = time.monotonic() - ANSWER_HOLD_S
         merged = dict(held)
-        for name, answered in list(self._answered.items()):
-            have = merged.get(name, EMPTY)
-            missing = {i for i, at in answered.items() if at >= expired and (at >= read_at or i not in have)}
-            if len(missing) != len(answered):
+        for name, entries in list(self._answered.items()):
+            have = IdSet.of(merged.get(name, EMPTY))
+            kept: list[tuple[float, Sequence[str] | IdSet]] = []
+            extra = EMPTY
+            for at, answered in entries:
+                if at < expired:
+                    continue
+                # Whole sets at once: 500 millicpus are a few bitmap operations, not 500 lookups.
+                ids = IdSet.of(answered)
+                missing = ids if at >= read_at else ids - have
                 if missing:
-                    self._answered[name] = {i: answered[i] for i in missing}
-                else:
-                    del self._answered[name]
-            if missing:
-                merged[name] = IdSet.of(have) | IdSet.of(missing)
+                    kept.append((at, missing))
+                    extra |= missing
+            if kept:
+                self._answered[name] = kept
+            else:
+                del self._answered[name]
+            if extra:
+                merged[name] = have | extra
         return merged
 
     def allocated(self, name: str, ids: Sequence[str]) -> None:
-        """An Allocate was answered: those IDs are held from now on, whatever the kubelet says yet."""
+        """An Allocate was answered: those IDs are held from now on, whatever the kubelet says yet. Kept
+        as the answer's own list (one entry per Allocate, nothing per ID on the Allocate path)."""
         self._allocations += 1
         if self._confirm is None and not self._stopping.is_set():
             # One read of the record a little later, for a whole burst of Allocates: what it shows is the
@@ -509,10 +519,7 @@ class Supervisor:
             self._confirm = asyncio.get_running_loop().call_later(
                 self.settings.answer_confirm_s, self._confirm_answers
             )
-        now = time.monotonic()
-        answered = self._answered.setdefault(name, {})
-        for device_id in ids:
-            answered[device_id] = now
+        self._answered.setdefault(name, []).append((time.monotonic(), ids))
 
     def _confirm_answers(self) -> None:
         self._confirm = None
