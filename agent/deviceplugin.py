@@ -396,9 +396,6 @@ class ResourceServicer(DevicePluginBase):
             # The kubelet's view lags the list we sent: never hand a CPU that another container holds.
             refused = [f"{i!r}: {blocked[i]}" for i in ids if i in blocked]
             raise RequestError(f"{where}: devices not available: " + "; ".join(refused[:_QUOTED_IDS]))
-        if self._on_allocated is not None:
-            self._on_allocated(resource.name, ids)
-
         if (
             not resource.exclusive_pool
             and not resource.shared_groups
@@ -412,6 +409,9 @@ class ResourceServicer(DevicePluginBase):
         if not cpus:
             # A shared pool whose every CPU is held exclusively or offline right now.
             raise RequestError(f"{where}: {resource.name} has no CPU to give right now")
+        # Held from here on (a refused request above holds nothing).
+        if self._on_allocated is not None:
+            self._on_allocated(resource.name, ids)
         cpu_list = cpus.comma_list()
         base = resource.name.split("/", 1)[0]
         envs = {pool_env_name(resource.pool): cpu_list}
