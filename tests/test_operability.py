@@ -63,6 +63,8 @@ async def test_health_endpoints(tmp_path: Path) -> None:
             status, _, body = await http_get(port, "/readyz")
             assert status == 200 and json.loads(body)["ready"] is True
 
+            # Ready is the agent's view (registered, stream open); the kubelet may not have read the list yet.
+            await run.emu.wait_devices(FAST)
             await run.emu.allocate(FAST, 2)
             run.configmap.write('pools:\n  fast: {cpus: "99", pooltype: exclusive}\n')
             await run.emu.wait_for(
