@@ -137,18 +137,23 @@ async def watch_directories(
     stop: asyncio.Event,
     quiet_s: float,
     deletions_only: Callable[[Path], bool] | None = None,
+    portable_fallback: bool = True,
 ) -> AsyncIterator[set[Path]]:
     """Batches of changed paths in `directories` that `accept` keeps; an empty batch after `quiet_s`
     without any (callers use it for a slow content check). A directory itself in a batch means "anything
     in it may have changed". Ends when `stop` is set; raises WatchLost when a directory goes away.
 
     `deletions_only(directory)`, asked before every wait, says that only entries going away matter there
-    until the next batch: such a directory is watched for deletions only (inotify; watchfiles reports all)."""
+    until the next batch: such a directory is watched for deletions only (inotify; watchfiles reports all).
+    Without `portable_fallback`, no inotify means OSError rather than watchfiles (whose thread wakes every
+    WATCH_STEP_MS: a caller that can poll seldom does better)."""
     try:
         inotify = _Inotify(directories)
     except WatchLost:
         raise
     except OSError as exc:
+        if not portable_fallback:
+            raise
         log.warning("watch.inotify_unavailable", reason=str(exc), fallback="watchfiles")
         async for batch in _watchfiles(directories, accept=accept, stop=stop, quiet_s=quiet_s):
             yield batch

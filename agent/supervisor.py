@@ -39,6 +39,7 @@ from agent.deviceplugin import (
     register,
 )
 from agent.dirwatch import watch_directories
+from agent.hotplug import online_changes
 from agent.idset import EMPTY, IdSet
 from agent.ledger import STATE_FILE, LedgerError
 from agent.ledger import claim_key as ledger_claim_key
@@ -1040,14 +1041,13 @@ class Supervisor:
                 self.notify("recheck")
 
     async def _hotplug_loop(self) -> None:
-        """Compare the online CPU list now and then: one small read, no wake-up of anything else.
+        """Compare the online CPU list whenever it may have changed (agent.hotplug: the kernel's uevents, or
+        a poll every HOTPLUG_POLL_S where they cannot be had): one small read, no wake-up of anything else.
 
-        sysfs sends no inotify event when a CPU goes on- or offline, hence the poll. The read is done on
-        the loop: it takes about 11 us, where handing it to a worker thread took about 130 us of CPU and
-        woke a second thread every HOTPLUG_POLL_S (measured on this project's VM)."""
+        The read is done on the loop: it takes about 11 us, where handing it to a worker thread took about
+        130 us of CPU and woke a second thread (measured on this project's VM)."""
         path = self.settings.root / "sys" / "devices" / "system" / "cpu" / "online"
-        while True:
-            await asyncio.sleep(self.settings.hotplug_poll_s)
+        async for _ in online_changes(self.settings.root, self.settings.hotplug_poll_s):
             try:
                 online = CpuSet.parse(_read_small_file(path)).format()
             except (OSError, ValueError):
