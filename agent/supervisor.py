@@ -77,6 +77,8 @@ REREGISTER_SETTLE_S = 0.1
 KUBELET_SETTLE_S = 30.0
 # An Allocate the kubelet's record never showed counts as held this long (see Supervisor._with_answered).
 ANSWER_HOLD_S = 600.0
+# Answered Allocates the record did not show are kept folded per this much answer time.
+ANSWER_FOLD_S = 30.0
 ANSWER_CONFIRM_S = 5.0
 # Long pure work on the loop runs in slices this long, then lets the loop answer.
 SLICE_S = 0.001
@@ -492,16 +494,30 @@ class Supervisor:
         for name, entries in list(self._answered.items()):
             have = IdSet.of(merged.get(name, EMPTY))
             kept: list[tuple[float, Sequence[str] | IdSet]] = []
+            # What a record read after the answer did not show, folded per ANSWER_FOLD_S of answer time
+            # (each fold keeps its latest answer's time: held that much longer at most). Pods removed before
+            # any read never show, and a kubelet admitting 50 pods a second would otherwise leave 30,000
+            # entries here for ANSWER_HOLD_S.
+            folds: dict[int, tuple[float, IdSet]] = {}
             extra = EMPTY
             for at, answered in entries:
                 if at < expired:
                     continue
                 # Whole sets at once: 500 millicpus are a few bitmap operations, not 500 lookups.
                 ids = IdSet.of(answered)
-                missing = ids if at >= read_at else ids - have
+                if at >= read_at:
+                    kept.append((at, ids))
+                    extra |= ids
+                    continue
+                missing = ids - have
                 if missing:
-                    kept.append((at, missing))
                     extra |= missing
+                    slot = int(at // ANSWER_FOLD_S)
+                    folded = folds.get(slot)
+                    folds[slot] = (
+                        (at, missing) if folded is None else (max(at, folded[0]), folded[1] | missing)
+                    )
+            kept[:0] = sorted(folds.values(), key=lambda fold: fold[0])
             if kept:
                 self._answered[name] = kept
             else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from agent.config import ConfigError, parse_config, validate
 from agent.cpuset import CpuSet
-from agent.idset import IdSet
+from agent.idset import IdSet, shared_device_id
 from agent.ledger import STATE_FILE, dumps, loads
 from agent.ledger import load as ledger_load
 from agent.plan import UNKNOWN, Held, Plan
@@ -256,3 +257,23 @@ async def test_a_state_directory_removed_while_running_is_written_again(tmp_path
 
         # (A plan held back while the file cannot be written is retried: give it a few seconds.)
         assert await _eventually(written, 8.0)
+
+
+async def test_allocates_the_record_never_shows_stay_held_in_bounded_memory() -> None:
+    """Pods admitted and removed between two reads of the record never show in it: their IDs stay held for
+    ANSWER_HOLD_S, folded, not kept as one entry per Allocate (a node admitting 50 pods a second)."""
+    supervisor = Supervisor(AgentSettings(config_path=None, state_dir=None, pod_resources_socket=None))
+    try:
+        for i in range(2_000):
+            supervisor.allocated(SHARED, [shared_device_id(i)])
+        merged = supervisor._with_answered({}, time.monotonic())
+        assert isinstance(merged, Mapping)
+        assert merged[SHARED] == IdSet.from_indexes(range(2_000))
+        # Answered within one or two fold periods: one or two entries, every ID still in them.
+        assert len(supervisor._answered[SHARED]) <= 2
+        again = supervisor._with_answered({}, time.monotonic())
+        assert isinstance(again, Mapping) and again[SHARED] == merged[SHARED]
+    finally:
+        supervisor.stop()
+        if supervisor._confirm is not None:
+            supervisor._confirm.cancel()
