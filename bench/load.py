@@ -143,7 +143,12 @@ async def load_figure(node: Node, concurrency: int) -> Figure:
         wall = time.monotonic() - started
         calls = load.calls
         failed = [c for c in calls if c.error is not None]
-        # A call that hit the restart window is retried once, now that every resource registered again.
+        # A call that hit the restart window is retried once, now that every resource registered again,
+        # and, as a kubelet reconnects before it admits a pod again, once each channel is connected: a
+        # channel that failed during the restart is in grpcio's reconnect backoff (1 s), where every call
+        # fails at once with UNAVAILABLE.
+        for client in clients.values():
+            await asyncio.to_thread(client.wait_ready)
         final = await asyncio.to_thread(_retry, clients, failed)
     finally:
         for client in clients.values():
