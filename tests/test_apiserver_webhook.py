@@ -204,6 +204,19 @@ def test_a_forged_variable_is_refused_even_without_pool_resources(installed: Ins
     assert "CPUPOOL_FAST_CPUS" in answer.body["message"]
 
 
+def test_a_pod_carrying_a_claim_annotation_is_refused_even_without_pool_resources(
+    installed: Installed,
+) -> None:
+    # Claims are the agent's Allocate answers, which the kubelet puts on containers; on a pod they can only
+    # be forged. The matchCondition sends such a pod to the webhook, which refuses it.
+    pod = _pod("claimer", command=["/app"])
+    pod["metadata"]["annotations"] = {"cpupool.io/claim-fast": "1;cpupool.io/fast;bm9uY2U;r2-7;AAAA"}
+    answer = _create(installed, pod)
+
+    assert answer.status == 403, answer.body
+    assert "cpupool.io/claim-fast" in answer.body["message"]
+
+
 def test_a_pod_without_pools_is_stored_as_it_was_sent(installed: Installed) -> None:
     answer = _create(installed, _pod("plain", command=["/app"], limits={"cpu": "1"}))
 

@@ -736,6 +736,9 @@ SELECTION = [
     (_pod(requests={"{base}/shared": "200"}), True),
     (_pod(limits={"{base}/dedicated": "1"}, init=True), True),
     (_pod(annotations={"{base}/cpus": "[]"}), True),
+    # A claim is the agent's alone (the kubelet adds it to the container, never to the pod).
+    (_pod(annotations={"{base}/claim-dedicated": "1;x"}), True),
+    (_pod(annotations={"other.example.com/claim-dedicated": "1;x"}), False),
     (_pod(env=["EXCLUSIVE_CPUS"]), True),
     (_pod(env=["CPUPOOL_DEDICATED_CPUS"], init=True), True),
     (_pod(limits={"other.example.com/dedicated": "2"}, annotations={"other.example.com/cpus": "[]"}), False),

@@ -139,8 +139,9 @@ is guarded with has(): an expression error would apply the failure policy to unr
 {{- define "cpupool.webhook.matchExpression" -}}
 {{- $prefix := printf "%s/" .Values.resourceBaseName -}}
 {{- $key := printf "%s/cpus" .Values.resourceBaseName -}}
+{{- $claim := printf "%s/claim-" .Values.resourceBaseName -}}
 {{- $concerns := printf "(has(c.resources) && ((has(c.resources.limits) && c.resources.limits.exists(r, r.startsWith('%s'))) || (has(c.resources.requests) && c.resources.requests.exists(r, r.startsWith('%s'))))) || (has(c.env) && c.env.exists(e, e.name == 'EXCLUSIVE_CPUS' || e.name == 'SHARED_CPUS' || (e.name.startsWith('CPUPOOL_') && e.name.endsWith('_CPUS'))))" $prefix $prefix -}}
-(has(object.metadata.annotations) && '{{ $key }}' in object.metadata.annotations) || object.spec.containers.exists(c, {{ $concerns }}) || (has(object.spec.initContainers) && object.spec.initContainers.exists(c, {{ $concerns }}))
+(has(object.metadata.annotations) && ('{{ $key }}' in object.metadata.annotations || object.metadata.annotations.exists(k, k.startsWith('{{ $claim }}')))) || object.spec.containers.exists(c, {{ $concerns }}) || (has(object.spec.initContainers) && object.spec.initContainers.exists(c, {{ $concerns }}))
 {{- end }}
 
 {{/*
