@@ -157,7 +157,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         default=Path("/var/lib/cpupool"),
         help="host directory keeping what every served device ID means across restarts ('' to not keep it)",
     )
-    agent.add_argument("--health-port", type=int, default=8081, help="0 disables /healthz, /readyz, /metrics")
+    agent.add_argument(
+        "--health-port", type=int, default=8081, help="0 disables /healthz, /readyz, /metrics, /enforcement"
+    )
     agent.add_argument("--health-host", default="0.0.0.0")
     agent.add_argument(
         "--no-pin-self", dest="pin_self", action="store_false", help="do not move the agent off pooled CPUs"
