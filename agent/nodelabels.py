@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import re
-from collections.abc import AsyncGenerator, Callable, Mapping
+import sys
+import types
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -22,6 +25,7 @@ from agent import leanstart
 
 if TYPE_CHECKING:
     from lightkube import AsyncClient
+    from lightkube.generic_resource import GenericGlobalResource
 
 log = structlog.get_logger(__name__)
 
@@ -185,8 +189,7 @@ class NodeLabelWatch:
     def _make_client(self) -> AsyncClient:
         if self._client_factory is not None:
             return self._client_factory()
-        # The client's TLS needs OpenSSL, which an agent process keeps out until now.
-        leanstart.allow_tls()
+        load_client_modules()
         from lightkube import AsyncClient  # noqa: PLC0415 - loaded only when labels are needed
         from lightkube.config.kubeconfig import KubeConfig  # noqa: PLC0415
 
@@ -198,9 +201,9 @@ class NodeLabelWatch:
     async def _follow(self, client: AsyncClient) -> None:
         """One get, then watches from its resourceVersion until one fails (returns only by raising)."""
         from lightkube.core.exceptions import ApiError  # noqa: PLC0415
-        from lightkube.resources.core_v1 import Node  # noqa: PLC0415
 
         assert self.node_name is not None
+        Node = node_resource()
         node = await client.get(Node, self.node_name)
         version = node.metadata.resourceVersion if node.metadata is not None else None
         self._seen(node, "get")
@@ -210,7 +213,7 @@ class NodeLabelWatch:
         while True:
             # Typed as an AsyncIterable, made by an async generator (lightkube's GenericAsyncClient.watch).
             events = cast(
-                "AsyncGenerator[tuple[str, Node], None]",
+                "AsyncGenerator[tuple[str, GenericGlobalResource], None]",
                 client.watch(
                     Node,
                     fields={"metadata.name": self.node_name},
@@ -327,3 +330,122 @@ async def _close(client: AsyncClient) -> None:
 
 def node_name_from_env() -> str | None:
     return os.environ.get(NODE_NAME_ENV) or None
+
+
+# What the label client's import leaves out, each measured in the agent process (docs/nodeconfig.md,
+# "What the label client costs"): lightkube's generated core/v1 models and resources (every core type's
+# dataclass, 1.7 MiB; the agent reads one Node's metadata, which a generic resource decodes as well), and
+# `importlib.metadata` (0.7 MiB with zipfile, csv and importlib.resources), which httpx2 and httpcore2
+# import only to read their own version.
+_DEFERRED_LIGHTKUBE_MODULES = ("models", "resources")
+_DEFERRED_MODULE = "core_v1"
+_METADATA_MODULE = "importlib.metadata"
+
+
+def load_client_modules() -> None:
+    """Import lightkube and its HTTP stack for the agent's one Node watch, as lean as the agent can.
+
+    TLS is let in first (agent.leanstart keeps OpenSSL out until now). In a process that has not imported
+    lightkube yet, its two core/v1 modules are registered as lazy modules (importlib's LazyLoader):
+    lightkube imports them at its own import but uses them only in calls the agent never makes (pod logs,
+    evictions), and any attribute read loads them in full, so a lightkube that does use them only costs the
+    memory again. And `importlib.metadata` is stood in for while the client's libraries import, by one that
+    reads versions from the dist-info directories' names (falling back to the real module where a name is
+    not found once)."""
+    leanstart.allow_tls()
+    if "lightkube" in sys.modules:
+        return
+    _defer_core_models()
+    with _versions_from_dist_info():
+        import httpcore2  # noqa: F401, PLC0415 - imported by httpx2 only when the client is made
+        import lightkube  # noqa: F401, PLC0415
+
+
+def _defer_core_models() -> None:
+    spec = importlib.util.find_spec("lightkube")
+    if spec is None or spec.origin is None:
+        return
+    base = Path(spec.origin).parent
+    for package_name in _DEFERRED_LIGHTKUBE_MODULES:
+        name = f"lightkube.{package_name}"
+        init, module_file = (
+            base / package_name / "__init__.py",
+            base / package_name / f"{_DEFERRED_MODULE}.py",
+        )
+        if name in sys.modules or not init.is_file() or not module_file.is_file():
+            return
+        # The package itself is loaded in full (both hold only a version string); its lazy child is set as
+        # its attribute so that `from ..models import core_v1` takes it without looking into it (on Python
+        # 3.11 the import system's own look at a module's __spec__ would load a lazy module).
+        package_spec = importlib.util.spec_from_file_location(
+            name, init, submodule_search_locations=[str(init.parent)]
+        )
+        child_spec = importlib.util.spec_from_file_location(f"{name}.{_DEFERRED_MODULE}", module_file)
+        if (
+            package_spec is None
+            or package_spec.loader is None
+            or child_spec is None
+            or child_spec.loader is None
+        ):
+            return
+        package = importlib.util.module_from_spec(package_spec)
+        sys.modules[name] = package
+        package_spec.loader.exec_module(package)
+        lazy_loader = importlib.util.LazyLoader(child_spec.loader)
+        child_spec.loader = lazy_loader
+        child = importlib.util.module_from_spec(child_spec)
+        sys.modules[child_spec.name] = child
+        lazy_loader.exec_module(child)
+        setattr(package, _DEFERRED_MODULE, child)
+        log.debug("nodelabels.deferred_module", module=child_spec.name)
+
+
+@contextlib.contextmanager
+def _versions_from_dist_info() -> Iterator[None]:
+    if _METADATA_MODULE in sys.modules:
+        yield
+        return
+    stand_in = types.ModuleType(_METADATA_MODULE, "versions from dist-info names, by agent.nodelabels")
+
+    def version(distribution: str) -> str:
+        found = [
+            entry.name
+            for directory in sys.path
+            if Path(directory or ".").is_dir()
+            for entry in Path(directory or ".").glob(f"{distribution}-*.dist-info")
+        ]
+        if len(found) != 1:
+            # Another kind of install, or stale dist-info beside the real one: ask the real module.
+            del sys.modules[_METADATA_MODULE]
+            import importlib.metadata  # noqa: PLC0415
+
+            return importlib.metadata.version(distribution)
+        return found[0].removeprefix(f"{distribution}-").removesuffix(".dist-info")
+
+    stand_in.__dict__["version"] = version
+    sys.modules[_METADATA_MODULE] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get(_METADATA_MODULE) is stand_in:
+            del sys.modules[_METADATA_MODULE]
+
+
+_node_class: type[GenericGlobalResource] | None = None
+
+
+def node_resource() -> type[GenericGlobalResource]:
+    """lightkube's resource for core/v1 Node, generic (metadata typed, the rest a dict): it decodes the labels
+    without loading every core type's model. Where lightkube's own Node is already registered (another part
+    of the process loaded the core models), that one is used."""
+    global _node_class  # noqa: PLW0603 - one class per process, as lightkube's registry keeps it
+    if _node_class is None:
+        from lightkube.generic_resource import create_global_resource  # noqa: PLC0415
+
+        try:
+            _node_class = create_global_resource("", "v1", "Node", "nodes")
+        except ValueError:
+            from lightkube.resources.core_v1 import Node  # noqa: PLC0415
+
+            _node_class = cast("type[GenericGlobalResource]", Node)
+    return _node_class
