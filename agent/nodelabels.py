@@ -400,6 +400,20 @@ def _defer_core_models() -> None:
         log.debug("nodelabels.deferred_module", module=child_spec.name)
 
 
+def dist_info_version(distribution: str) -> str | None:
+    """An installed distribution's version from the name of its dist-info directory on sys.path (what
+    `importlib.metadata.version` reads for a wheel install); None unless exactly one is found."""
+    found = [
+        entry.name
+        for directory in sys.path
+        if Path(directory or ".").is_dir()
+        for entry in Path(directory or ".").glob(f"{distribution}-*.dist-info")
+    ]
+    if len(found) != 1:
+        return None
+    return found[0].removeprefix(f"{distribution}-").removesuffix(".dist-info")
+
+
 @contextlib.contextmanager
 def _versions_from_dist_info() -> Iterator[None]:
     if _METADATA_MODULE in sys.modules:
@@ -408,19 +422,15 @@ def _versions_from_dist_info() -> Iterator[None]:
     stand_in = types.ModuleType(_METADATA_MODULE, "versions from dist-info names, by agent.nodelabels")
 
     def version(distribution: str) -> str:
-        found = [
-            entry.name
-            for directory in sys.path
-            if Path(directory or ".").is_dir()
-            for entry in Path(directory or ".").glob(f"{distribution}-*.dist-info")
-        ]
-        if len(found) != 1:
-            # Another kind of install, or stale dist-info beside the real one: ask the real module.
+        found = dist_info_version(distribution)
+        if found is not None:
+            return found
+        # Another kind of install, or stale dist-info beside the real one: the real module answers.
+        if sys.modules.get(_METADATA_MODULE) is stand_in:
             del sys.modules[_METADATA_MODULE]
-            import importlib.metadata  # noqa: PLC0415
+        import importlib.metadata  # noqa: PLC0415
 
-            return importlib.metadata.version(distribution)
-        return found[0].removeprefix(f"{distribution}-").removesuffix(".dist-info")
+        return importlib.metadata.version(distribution)
 
     stand_in.__dict__["version"] = version
     sys.modules[_METADATA_MODULE] = stand_in
@@ -435,17 +445,17 @@ _node_class: type[GenericGlobalResource] | None = None
 
 
 def node_resource() -> type[GenericGlobalResource]:
-    """lightkube's resource for core/v1 Node, generic (metadata typed, the rest a dict): it decodes the labels
-    without loading every core type's model. Where lightkube's own Node is already registered (another part
-    of the process loaded the core models), that one is used."""
-    global _node_class  # noqa: PLW0603 - one class per process, as lightkube's registry keeps it
+    """lightkube's resource for core/v1 Node: its own where its core resources are loaded anyway (another
+    part of the process uses them), else a generic one (metadata typed, the rest a dict), which decodes
+    the labels without loading every core type's model. The generic one is registered in lightkube's
+    resource registry, as `create_global_resource` does: the agent's process has no other lightkube user."""
+    global _node_class  # noqa: PLW0603 - one class per process, as lightkube's registry keeps one
     if _node_class is None:
-        from lightkube.generic_resource import create_global_resource  # noqa: PLC0415
+        loaded = sys.modules.get(f"lightkube.resources.{_DEFERRED_MODULE}")
+        if type(loaded) is types.ModuleType:  # loaded in full (a lazy one is of LazyLoader's own type)
+            _node_class = cast("type[GenericGlobalResource]", loaded.Node)
+        else:
+            from lightkube.generic_resource import create_global_resource  # noqa: PLC0415
 
-        try:
             _node_class = create_global_resource("", "v1", "Node", "nodes")
-        except ValueError:
-            from lightkube.resources.core_v1 import Node  # noqa: PLC0415
-
-            _node_class = cast("type[GenericGlobalResource]", Node)
     return _node_class
