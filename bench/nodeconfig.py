@@ -182,7 +182,10 @@ async def labels_rss_figure(workdir: Path) -> Figure:
         plane.admin.create_node(node, {"node-group": "big"})
         kubeconfig = plane.kubeconfig(workdir / "kubeconfig")
         for mode in ("api", "flag"):
-            values[f"rss_mib_{mode}"] = await _agent_rss(workdir / mode, node, kubeconfig, mode)
+            rss_mib, tls_mib = await _agent_rss(workdir / mode, node, kubeconfig, mode)
+            values[f"rss_mib_{mode}"] = rss_mib
+            if mode == "api":
+                values["tls_libraries_mib_api"] = tls_mib
     values["client_mib"] = round(values["rss_mib_api"] - values["rss_mib_flag"], 1)
     return Figure(
         key,
@@ -193,12 +196,30 @@ async def labels_rss_figure(workdir: Path) -> Figure:
             "VmRSS of `cpupool agent` (separate process, dual32 fake host) once all three pools are "
             "registered; api: NODE_NAME and KUBECONFIG set, the agent reads and watches its Node through "
             "lightkube; flag: --node-labels node-group=big, the client never imported. The RSS target "
-            "itself is issue 14's (agent_rss)"
+            "itself is issue 14's (agent_rss)",
+            "tls_libraries_mib_api: the resident pages of libcrypto, libssl and _ssl in the api agent "
+            "(/proc/PID/smaps; mostly shared clean text), a floor any TLS client in the process pays; "
+            "docs/nodeconfig.md has the rest of client_mib item by item",
         ],
     )
 
 
-async def _agent_rss(workdir: Path, node: str, kubeconfig: Path, mode: str) -> float:
+def tls_libraries_kib(pid: int) -> int:
+    """Resident KiB of OpenSSL's libraries and CPython's _ssl module in process `pid`."""
+    total, counting = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        first = line.split(maxsplit=1)[0]
+        if not first.endswith(":"):  # a mapping's header line: address range, perms, ..., path
+            path = line.split()[-1] if len(line.split()) >= 6 else ""
+            name = path.rsplit("/", 1)[-1]
+            counting = name.startswith(("libcrypto.so", "libssl.so", "_ssl."))
+        elif counting and first == "Rss:":
+            total += int(line.split()[1])
+    return total
+
+
+async def _agent_rss(workdir: Path, node: str, kubeconfig: Path, mode: str) -> tuple[float, float]:
+    """The agent's VmRSS and its TLS libraries' share, both in MiB, once its three pools are served."""
     await asyncio.to_thread(workdir.mkdir, parents=True)
     plugin_dir = workdir / "device-plugins"
     await asyncio.to_thread(plugin_dir.mkdir)
@@ -220,7 +241,8 @@ async def _agent_rss(workdir: Path, node: str, kubeconfig: Path, mode: str) -> f
             for resource in THREE_RESOURCES:
                 await emu.wait_devices(resource, timeout=60)
             await asyncio.sleep(1.0)  # start-up settles (the watch is open, logs written)
-            return round(agent.rss_kib() / 1024, 1)
+            tls_kib = await asyncio.to_thread(tls_libraries_kib, agent.pid)
+            return round(agent.rss_kib() / 1024, 1), round(tls_kib / 1024, 1)
     finally:
         for name, value in saved.items():
             if value is None:
