@@ -337,8 +337,8 @@ def node_name_from_env() -> str | None:
 # dataclass, 1.7 MiB; the agent reads one Node's metadata, which a generic resource decodes as well), and
 # `importlib.metadata` (0.7 MiB with zipfile, csv and importlib.resources), which httpx2 and httpcore2
 # import only to read their own version.
-_DEFERRED_LIGHTKUBE_MODULES = ("models", "resources")
-_DEFERRED_MODULE = "core_v1"
+_DEFERRED_LIGHTKUBE_PACKAGES = ("models", "resources")
+_DEFERRED_MODULES = ("core_v1", "apiextensions_v1")
 _METADATA_MODULE = "importlib.metadata"
 
 
@@ -358,7 +358,12 @@ def load_client_modules() -> None:
     _defer_core_models()
     with _versions_from_dist_info():
         import httpcore2  # noqa: F401, PLC0415 - imported by httpx2 only when the client is made
-        import lightkube  # noqa: F401, PLC0415
+        import lightkube  # noqa: PLC0415
+    # The import system names a package's children on it when it loads them itself; these it did not.
+    for package_name in _DEFERRED_LIGHTKUBE_PACKAGES:
+        package = sys.modules.get(f"lightkube.{package_name}")
+        if package is not None and not hasattr(lightkube, package_name):
+            setattr(lightkube, package_name, package)
 
 
 def _defer_core_models() -> None:
@@ -366,38 +371,34 @@ def _defer_core_models() -> None:
     if spec is None or spec.origin is None:
         return
     base = Path(spec.origin).parent
-    for package_name in _DEFERRED_LIGHTKUBE_MODULES:
+    for package_name in _DEFERRED_LIGHTKUBE_PACKAGES:
         name = f"lightkube.{package_name}"
-        init, module_file = (
-            base / package_name / "__init__.py",
-            base / package_name / f"{_DEFERRED_MODULE}.py",
-        )
-        if name in sys.modules or not init.is_file() or not module_file.is_file():
+        init = base / package_name / "__init__.py"
+        if name in sys.modules or not init.is_file():
             return
-        # The package itself is loaded in full (both hold only a version string); its lazy child is set as
-        # its attribute so that `from ..models import core_v1` takes it without looking into it (on Python
-        # 3.11 the import system's own look at a module's __spec__ would load a lazy module).
+        # The package itself is loaded in full (both hold only a version string); its lazy children are set
+        # as its attributes so that `from ..models import core_v1` takes them without looking into them (on
+        # Python 3.11 the import system's own look at a module's __spec__ would load a lazy module).
         package_spec = importlib.util.spec_from_file_location(
             name, init, submodule_search_locations=[str(init.parent)]
         )
-        child_spec = importlib.util.spec_from_file_location(f"{name}.{_DEFERRED_MODULE}", module_file)
-        if (
-            package_spec is None
-            or package_spec.loader is None
-            or child_spec is None
-            or child_spec.loader is None
-        ):
+        if package_spec is None or package_spec.loader is None:
             return
         package = importlib.util.module_from_spec(package_spec)
         sys.modules[name] = package
         package_spec.loader.exec_module(package)
-        lazy_loader = importlib.util.LazyLoader(child_spec.loader)
-        child_spec.loader = lazy_loader
-        child = importlib.util.module_from_spec(child_spec)
-        sys.modules[child_spec.name] = child
-        lazy_loader.exec_module(child)
-        setattr(package, _DEFERRED_MODULE, child)
-        log.debug("nodelabels.deferred_module", module=child_spec.name)
+        for module_name in _DEFERRED_MODULES:
+            module_file = base / package_name / f"{module_name}.py"
+            child_spec = importlib.util.spec_from_file_location(f"{name}.{module_name}", module_file)
+            if not module_file.is_file() or child_spec is None or child_spec.loader is None:
+                continue  # not in this lightkube: it imports what it has, as it would anyway
+            lazy_loader = importlib.util.LazyLoader(child_spec.loader)
+            child_spec.loader = lazy_loader
+            child = importlib.util.module_from_spec(child_spec)
+            sys.modules[child_spec.name] = child
+            lazy_loader.exec_module(child)
+            setattr(package, module_name, child)
+            log.debug("nodelabels.deferred_module", module=child_spec.name)
 
 
 def dist_info_version(distribution: str) -> str | None:
@@ -451,7 +452,7 @@ def node_resource() -> type[GenericGlobalResource]:
     resource registry, as `create_global_resource` does: the agent's process has no other lightkube user."""
     global _node_class  # noqa: PLW0603 - one class per process, as lightkube's registry keeps one
     if _node_class is None:
-        loaded = sys.modules.get(f"lightkube.resources.{_DEFERRED_MODULE}")
+        loaded = sys.modules.get("lightkube.resources.core_v1")
         if type(loaded) is types.ModuleType:  # loaded in full (a lazy one is of LazyLoader's own type)
             _node_class = cast("type[GenericGlobalResource]", loaded.Node)
         else:
