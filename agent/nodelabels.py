@@ -419,6 +419,8 @@ def dist_info_version(distribution: str) -> str | None:
 
 @contextlib.contextmanager
 def _versions_from_dist_info() -> Iterator[None]:
+    # The stand-in is in sys.modules only while the client's libraries import, on the event loop's thread;
+    # the agent's other threads (asyncio's workers for file reads) import nothing of importlib.metadata.
     if _METADATA_MODULE in sys.modules:
         yield
         return
