@@ -77,8 +77,6 @@ REREGISTER_SETTLE_S = 0.1
 KUBELET_SETTLE_S = 30.0
 # An Allocate the kubelet's record never showed counts as held this long (see Supervisor._with_answered).
 ANSWER_HOLD_S = 600.0
-# Answered Allocates the record did not show are kept folded per this much answer time.
-ANSWER_FOLD_S = 30.0
 ANSWER_CONFIRM_S = 5.0
 # Long pure work on the loop runs in slices this long, then lets the loop answer.
 SLICE_S = 0.001
@@ -179,7 +177,7 @@ class Supervisor:
         self._sync_again = False
         # Allocates answered lately (resource -> ID -> when): the kubelet records an allocation only after
         # our answer reaches it, so a read of its record can miss the newest ones.
-        self._answered: dict[str, list[tuple[float, Sequence[str] | IdSet]]] = {}
+        self._answered: dict[str, dict[str, float]] = {}
         # Decodes the kubelet's record, keeping each pod's part for the next read.
         self._held_reader = HeldReader()
         self._kubelet_restarted_at: float | None = None
@@ -491,44 +489,25 @@ class Supervisor:
             return held  # UNKNOWN already counts every served ID as held
         expired = time.monotonic() - ANSWER_HOLD_S
         merged = dict(held)
-        for name, entries in list(self._answered.items()):
-            have = IdSet.of(merged.get(name, EMPTY))
-            kept: list[tuple[float, Sequence[str] | IdSet]] = []
-            # What a record read after the answer did not show, folded per ANSWER_FOLD_S of answer time
-            # (each fold keeps its latest answer's time: held that much longer at most). Pods removed before
-            # any read never show, and a kubelet admitting 50 pods a second would otherwise leave 30,000
-            # entries here for ANSWER_HOLD_S.
-            folds: dict[int, tuple[float, IdSet]] = {}
-            extra = EMPTY
-            for at, answered in entries:
-                if at < expired:
-                    continue
-                # Whole sets at once: 500 millicpus are a few bitmap operations, not 500 lookups.
-                ids = IdSet.of(answered)
-                if at >= read_at:
-                    kept.append((at, ids))
-                    extra |= ids
-                    continue
-                missing = ids - have
+        for name, answered in list(self._answered.items()):
+            have = merged.get(name, EMPTY)
+            missing = {i for i, at in answered.items() if at >= expired and (at >= read_at or i not in have)}
+            if len(missing) != len(answered):
                 if missing:
-                    extra |= missing
-                    slot = int(at // ANSWER_FOLD_S)
-                    folded = folds.get(slot)
-                    folds[slot] = (
-                        (at, missing) if folded is None else (max(at, folded[0]), folded[1] | missing)
-                    )
-            kept[:0] = sorted(folds.values(), key=lambda fold: fold[0])
-            if kept:
-                self._answered[name] = kept
-            else:
-                del self._answered[name]
-            if extra:
-                merged[name] = have | extra
+                    self._answered[name] = {i: answered[i] for i in missing}
+                else:
+                    del self._answered[name]
+            if missing:
+                merged[name] = IdSet.of(have) | IdSet.of(missing)
         return merged
 
     def allocated(self, name: str, ids: Sequence[str]) -> None:
-        """An Allocate was answered: those IDs are held from now on, whatever the kubelet says yet. Kept
-        as the answer's own list (one entry per Allocate, nothing per ID on the Allocate path)."""
+        """An Allocate was answered: those IDs are held from now on, whatever the kubelet says yet.
+
+        Kept per ID (its latest answer's time): bounded by the resource's devices however many pods come
+        and go. One entry per answer instead kept every answer's own 500 strings until the next read of
+        the record, 3 MiB of RSS at 50 admissions a second (measured), and checked each ID once per
+        answer rather than once."""
         self._allocations += 1
         if self._confirm is None and not self._stopping.is_set():
             # One read of the record a little later, for a whole burst of Allocates: what it shows is the
@@ -536,7 +515,10 @@ class Supervisor:
             self._confirm = asyncio.get_running_loop().call_later(
                 self.settings.answer_confirm_s, self._confirm_answers
             )
-        self._answered.setdefault(name, []).append((time.monotonic(), ids))
+        now = time.monotonic()
+        answered = self._answered.setdefault(name, {})
+        for device_id in ids:
+            answered[device_id] = now
 
     def _confirm_answers(self) -> None:
         self._confirm = None
