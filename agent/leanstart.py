@@ -67,10 +67,17 @@ _collector_paused = False
 
 
 def started() -> None:
-    """The agent has served its first plan: the garbage collector runs again (if lean_start paused it)."""
+    """The agent has served its first plan: the garbage collector runs again (if lean_start paused it).
+
+    What the start made (modules, classes, the first plan) lives as long as the process: one collection now,
+    then `gc.freeze()` moves the survivors out of the collector's generations, so no later full collection
+    walks them again. A full collection is one pause of the event loop, as long as what it walks is large
+    (docs/benchmarks.md, the replan's loop gap)."""
     global _collector_paused  # noqa: PLW0603
     if _collector_paused:
         _collector_paused = False
+        gc.collect()
+        gc.freeze()
         gc.enable()
 
 

@@ -1076,6 +1076,9 @@ async def run_in_slices(steps: Iterator[None], slice_s: float = SLICE_S) -> None
         if time.perf_counter() >= deadline:
             await asyncio.sleep(0)
             deadline = time.perf_counter() + slice_s
+    # The generator's last step (it fills the result) ran in the last slice: a turn for the loop before
+    # the caller's own work (a build, the state file) adds to it.
+    await asyncio.sleep(0)
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:
