@@ -391,7 +391,7 @@ class Supervisor:
             log.warning("agent.nothing_to_serve", reason="the config has no pools, or no CPU is isolated")
         await self._apply(plan)
 
-    async def _serve_memory(self, reason: str) -> None:
+    async def _serve_memory(self, reason: str, until: str = "the config file is valid again") -> None:
         """At start, with no usable config: serve what the previous run served, as it served it, so that
         a bad edit followed by a restart does not take every resource away from the kubelet."""
         if self.plan is not None or self._memory is None:
@@ -400,7 +400,7 @@ class Supervisor:
             "config.serving_remembered_plan",
             reason=reason,
             resources=sorted(self._memory.resources),
-            until="the config file is valid again",
+            until=until,
         )
         await self._apply(self._memory)
 
@@ -688,6 +688,11 @@ class Supervisor:
         diff = diff_plans(old, plan)
         # On disk before anything answers from it (no await from here to the servicers' swap below).
         if not self._write_memory(plan):
+            if self.plan is None and self._memory is not None:
+                # At start: serve what the file says (its meanings are on disk) rather than nothing.
+                await self._serve_memory(
+                    "the new plan cannot be written to the state file", until="the state file can be written"
+                )
             return
         self.plan = plan
         # Every servicer answers from the new plan before anything here waits: an Allocate answered from the

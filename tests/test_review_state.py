@@ -276,3 +276,34 @@ async def test_allocates_the_record_never_shows_stay_held_in_bounded_memory() ->
         supervisor.stop()
         if supervisor._confirm is not None:
             supervisor._confirm.cancel()
+
+
+async def test_a_restart_that_cannot_write_its_state_serves_the_remembered_plan(tmp_path: Path) -> None:
+    """An edit made while the agent was down, and a state file that cannot be written at its start: the
+    kubelet keeps the resources the file describes (never nothing), the edit waits for the disk."""
+    start = 'pools:\n  fast: {cpus: "2-7", pooltype: exclusive}\n  s: {cpus: "12-13", pooltype: shared}\n'
+    async with running_agent(tmp_path, start) as run:
+        await run.emu.wait_devices(SHARED)
+        held = await run.emu.allocate(SHARED, 500, pod="shared-holder")
+        await run.stop()
+        state = tmp_path / "state"
+        blocker = state / f".{STATE_FILE}.tmp"
+        blocker.mkdir()
+        run.configmap.write(_S_SPLIT)
+        run.supervisor = Supervisor(run.supervisor.settings)
+        run.task = asyncio.create_task(run.supervisor.run())
+        await run.emu.wait_for(lambda: run.supervisor.ready, 10, "the remembered plan to be served")
+        assert run.supervisor.state_error is not None
+        assert run.emu.resource("cpupool.io/e") is None
+        shared = await run.emu.wait_devices(SHARED)
+        assert len(shared.devices) == 2000
+        # The disk is fixed: the edit is served at the next retry, and the holder's CPUs stay its own.
+        blocker.rmdir()
+        e = await run.emu.wait_devices("cpupool.io/e", timeout=10)
+        assert run.supervisor.state_error is None
+        healthy = [d.id for d in e.devices if d.health == "Healthy"]
+        if healthy:
+            second = await run.emu.allocate("cpupool.io/e", 1, pod="second")
+            assert CpuSet.parse(second.envs["EXCLUSIVE_CPUS"]).isdisjoint(
+                CpuSet.parse(held.envs["SHARED_CPUS"])
+            )
