@@ -23,7 +23,6 @@ _SHARED_ID_BYTES = re.compile(rb"0|[1-9a-z][0-9a-z]{0,7}")
 # one odd ID must not turn the bitmap into megabytes.
 MAX_BIT = 1 << 22
 _ONE = re.compile("1")
-_RUN = re.compile("1+")
 
 
 def shared_device_id(index: int) -> str:
@@ -73,12 +72,6 @@ class IdSetBuilder:
             self._other.add(device_id)
         else:
             self._indexes.append(index)
-
-    def add_index(self, index: int) -> None:
-        if index < MAX_BIT:
-            self._indexes.append(index)
-        else:
-            self._other.add(shared_device_id(index))
 
     def build(self) -> IdSet:
         return IdSet(_bitmap(self._indexes), frozenset(self._other))
@@ -221,15 +214,6 @@ class IdSet(AbstractSet[str]):
             if limit is not None and n >= limit:
                 return
             yield match.start() + start
-
-    def runs(self) -> Iterator[tuple[int, int]]:
-        """The millicpu indexes in the set as runs (first, last), ascending: a few runs for 200,000 IDs,
-        found by one regular-expression scan in C rather than a Python step per index."""
-        if not self._bits:
-            return
-        text = format(self._bits, "b")[::-1]
-        for match in _RUN.finditer(text):
-            yield match.start(), match.end() - 1
 
     def count_from(self, start: int) -> int:
         """How many millicpu indexes at or above `start` the set holds."""

@@ -182,8 +182,8 @@ def load(state_dir: Path) -> Plan | None:
 
 def write(state_dir: Path, text: str) -> None:
     """Replace the state file with `text` atomically (temporary file, rename): a crash of the agent leaves
-    the old file or the new one. Fast enough to run before a plan is served (a few KB into the page cache, a
-    rename); that the file also survives a crash of the node is `sync`'s part."""
+    the old file or the new one. Fast enough to run before a plan is served (tens of KB at most into the page
+    cache, a rename); that the file also survives a crash of the node is `sync`'s part."""
     # Made again if it was removed while the agent runs (one mkdir call when it is there).
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = state_dir / f".{STATE_FILE}.tmp"
@@ -200,12 +200,6 @@ def sync(state_dir: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def save(state_dir: Path, text: str) -> None:
-    """`write` then `sync`."""
-    write(state_dir, text)
-    sync(state_dir)
 
 
 CLAIM_KEY_FILE = "claim.key"

@@ -493,11 +493,11 @@ def build_plan(
         else:
             resource = _shared_resource(name, spec.name, cpus, online, before.get(name), held, claims)
             # Checked for the worst list this pool's IDs can ever need (all held, listed Unhealthy while the
-            # pool drains or changes type, next to an exclusive device per CPU of the host): a config that
-            # passes here never needs a list the kubelet cannot receive later.
-            # From the pool's CPUs, not from what it serves now (less while some are held elsewhere or
-            # offline): accepted once, a config stays accepted whoever comes and goes.
-            size = shared_list_bound(max(len(cpus) * MILLICPUS_PER_CPU, resource.shared_count), topology.cpus)
+            # pool drains or changes type, next to an exclusive device per CPU of the host), counted from the
+            # pool's CPUs, not from what it serves now (fewer while some are held elsewhere or offline): a
+            # config accepted once stays accepted whoever comes and goes, and never needs a list the kubelet
+            # cannot receive.
+            size = shared_list_bound(len(cpus) * MILLICPUS_PER_CPU, topology.cpus)
             if size >= MAX_MESSAGE_BYTES:
                 per_cpu = size // max(1, len(cpus))
                 problems.append(

@@ -585,10 +585,6 @@ class Supervisor:
             )
             return
         try:
-            await asyncio.to_thread(state_dir.mkdir, parents=True, exist_ok=True)
-        except OSError as exc:
-            log.error("state.dir_unusable", path=str(state_dir), reason=str(exc), retry="at every plan")
-        try:
             self._memory = await asyncio.to_thread(ledger_load, state_dir)
             if self._memory is not None:
                 self._saved = ledger_dumps(self._memory)  # what the file holds: it round-trips exactly
@@ -608,9 +604,9 @@ class Supervisor:
         """Write the meanings of `plan` to the state file BEFORE it is served: from the moment a servicer
         answers from it, the kubelet may hold IDs in its meanings, and an agent killed then must read them
         back so after its restart. So this runs on the loop, between the plan's last check for Allocates
-        and the servicers' swap, where nothing may wait: the text and a rename of a few KB (about 1 ms
-        measured with 200,000 held millicpus); the fsync that makes it outlive a node crash follows in a
-        worker thread (after a node crash no container survives to hold anything anyway).
+        and the servicers' swap, where nothing may wait: the text and a rename of tens of KB at most (1-2 ms
+        measured with 200,000 held millicpus). The fsync that makes it outlive a node crash follows in a
+        worker thread: a crash of the node within those milliseconds can lose the newest file (docs/held.md).
 
         False: the plan must not be served. It could not be written, and it changes what IDs mean against
         the file a restarted agent would read, which would then read IDs handed out from it wrongly."""

@@ -3,8 +3,6 @@ for, whatever mix of our base-36 IDs and other names it holds."""
 
 from __future__ import annotations
 
-import itertools
-
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,15 +27,6 @@ def test_set_operations_match_plain_sets(a: frozenset[str], b: frozenset[str]) -
     assert (x == IdSet.of(a)) and (x == a)
     for device_id in a | b | {"zz", "0"}:
         assert (device_id in x) == (device_id in a)
-
-
-@given(st.frozensets(st.integers(0, 3000)))
-def test_runs_cover_exactly_the_indexes(indexes: frozenset[int]) -> None:
-    runs = list(IdSet.from_indexes(indexes).runs())
-    covered = [i for low, high in runs for i in range(low, high + 1)]
-    assert covered == sorted(indexes)
-    # Maximal runs: two runs never touch.
-    assert all(high + 1 < low for (_, high), (low, _) in itertools.pairwise(runs))
 
 
 def test_indexes_ranges() -> None:
