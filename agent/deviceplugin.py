@@ -27,7 +27,7 @@ from agent.claim import ClaimKey
 from agent.claim import annotation_key as claim_annotation_key
 from agent.config import pool_env_name
 from agent.cpuset import CpuSet
-from agent.idset import shared_device_index
+from agent.idset import SHARED_ID_PATTERN, shared_device_index
 from agent.kubeletapi.v1beta1 import (
     AllocateRequest,
     AllocateResponse,
@@ -105,7 +105,7 @@ def _requests(items: Sequence[object], kind: type[_Req]) -> list[_Req]:
 # From this many IDs on, a shared pool's Allocate checks them in one pass (_shared_indexes) rather than one by
 # one: 500 millicpus took about 0.5 ms ID by ID.
 _BATCH_MIN = 16
-_SHARED_IDS = re.compile(r"(?:0|[1-9a-z][0-9a-z]{0,7})(?:,(?:0|[1-9a-z][0-9a-z]{0,7}))*")
+_SHARED_IDS = re.compile(f"(?:{SHARED_ID_PATTERN})(?:,(?:{SHARED_ID_PATTERN}))*")
 
 
 def _shared_indexes(ids: Sequence[str]) -> list[int] | None:

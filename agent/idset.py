@@ -17,8 +17,9 @@ from collections.abc import Set as AbstractSet
 
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 # Our shared IDs: lower-case base 36 without leading zeros, 8 digits at most.
-_SHARED_ID = re.compile(r"0|[1-9a-z][0-9a-z]{0,7}")
-_SHARED_ID_BYTES = re.compile(rb"0|[1-9a-z][0-9a-z]{0,7}")
+SHARED_ID_PATTERN = "0|[1-9a-z][0-9a-z]{0,7}"
+_SHARED_ID = re.compile(SHARED_ID_PATTERN)
+_SHARED_ID_BYTES = re.compile(SHARED_ID_PATTERN.encode())
 # An ID above this (4.7 million millicpus, far beyond what a kubelet message can list) is kept as a string:
 # one odd ID must not turn the bitmap into megabytes.
 MAX_BIT = 1 << 22
