@@ -22,6 +22,9 @@ def varint(value: int) -> bytes:
 
 def field(number: int, payload: bytes) -> bytes:
     """A length-delimited field: tag, length, payload."""
+    if number < 16 and len(payload) < 0x80:
+        # Tag and length fit a byte each, the common case of the Allocate answers: no varint loop.
+        return bytes((number << 3 | LEN, len(payload))) + payload
     return varint(number << 3 | LEN) + varint(len(payload)) + payload
 
 

@@ -235,21 +235,11 @@ class AllocateRequestDecoder:
 
 
 def _text(number: int, value: str) -> bytes:
-    raw = value.encode()
-    if len(raw) < 0x80:
-        # Tag and length fit a byte each (field numbers below 16): no varint loop.
-        return bytes((number << 3 | _LEN, len(raw))) + raw
-    return field(number, raw)
+    return field(number, value.encode())
 
 
 def _map(number: int, entries: Mapping[str, str]) -> list[bytes]:
-    return [_entry(number, _text(1, key) + _text(2, value)) for key, value in entries.items()]
-
-
-def _entry(number: int, payload: bytes) -> bytes:
-    if len(payload) < 0x80:
-        return bytes((number << 3 | _LEN, len(payload))) + payload
-    return field(number, payload)
+    return [field(number, _text(1, key) + _text(2, value)) for key, value in entries.items()]
 
 
 def encode_container_allocate(response: ContainerAllocateResponse) -> bytes | None:
@@ -267,7 +257,7 @@ def encode_container_allocate(response: ContainerAllocateResponse) -> bytes | No
             )
             if value
         )
-        parts.append(_entry(3, spec))
+        parts.append(field(3, spec))
     parts += _map(4, response.annotations)
     return b"".join(parts)
 
