@@ -33,6 +33,7 @@ import gc
 import importlib.util
 import sys
 import types
+from collections.abc import Iterable
 from pathlib import Path
 
 # The modules that load OpenSSL: the TLS module and hashlib's OpenSSL backend.
@@ -81,16 +82,29 @@ def started() -> None:
         gc.enable()
 
 
+def dist_info_version(distribution: str, where: Iterable[str] | None = None) -> str | None:
+    """An installed distribution's version from the name of its dist-info directory in `where` (default:
+    every directory on sys.path), what `importlib.metadata.version` reads for a wheel install, without
+    importing anything. None unless exactly one is found: none, or stale ones beside the real one, and the
+    caller lets importlib.metadata answer."""
+    found = [
+        entry.name
+        for directory in (sys.path if where is None else where)
+        if Path(directory or ".").is_dir()
+        for entry in Path(directory or ".").glob(f"{distribution}-*.dist-info")
+    ]
+    if len(found) != 1:
+        return None
+    return found[0].removeprefix(f"{distribution}-").removesuffix(".dist-info")
+
+
 def betterproto_version() -> str | None:
-    """betterproto2's installed version from its dist-info directory's name, without importing anything."""
+    """betterproto2's installed version, looked up only beside the package (the agent's start path: the
+    standard library's directories on sys.path are large)."""
     spec = importlib.util.find_spec("betterproto2")
     if spec is None or not spec.submodule_search_locations:
         return None
-    site = Path(next(iter(spec.submodule_search_locations))).parent
-    found = sorted(site.glob("betterproto2-*.dist-info"))
-    if len(found) != 1:
-        return None  # none, or stale ones beside the real one: let betterproto2 ask importlib.metadata
-    return found[0].name.removeprefix("betterproto2-").removesuffix(".dist-info")
+    return dist_info_version("betterproto2", [str(Path(next(iter(spec.submodule_search_locations))).parent)])
 
 
 def provide_betterproto_version(version: str) -> None:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import structlog
 
 from agent import leanstart
+from agent.leanstart import dist_info_version
 
 if TYPE_CHECKING:
     from lightkube import AsyncClient
@@ -401,20 +402,6 @@ def _defer_core_models() -> None:
             lazy_loader.exec_module(child)
             setattr(package, module_name, child)
             log.debug("nodelabels.deferred_module", module=child_spec.name)
-
-
-def dist_info_version(distribution: str) -> str | None:
-    """An installed distribution's version from the name of its dist-info directory on sys.path (what
-    `importlib.metadata.version` reads for a wheel install); None unless exactly one is found."""
-    found = [
-        entry.name
-        for directory in sys.path
-        if Path(directory or ".").is_dir()
-        for entry in Path(directory or ".").glob(f"{distribution}-*.dist-info")
-    ]
-    if len(found) != 1:
-        return None
-    return found[0].removeprefix(f"{distribution}-").removesuffix(".dist-info")
 
 
 @contextlib.contextmanager
