@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import os
 import re
@@ -132,11 +133,17 @@ def _guarded(
 
     Each call's task stays in `calls` until it has ended (its answer sent), for ResourceServer.close()."""
 
+    has_sequel = path == _PREFERRED_PATH
+
     async def handler(stream: Any) -> None:
         task = asyncio.current_task()
         if task is not None and task not in calls:
             calls.add(task)
             task.add_done_callback(calls.discard)
+        if has_sequel:
+            # This task's context only (grpclib runs each call in a task of its own): its answer's writes,
+            # trailers included, tell the transport that an Allocate follows.
+            _answer_has_sequel.set(True)
         try:
             await func(stream)
         except (GRPCError, asyncio.CancelledError):
@@ -151,9 +158,10 @@ def _guarded(
     return handler
 
 
+_PREFERRED_PATH = "/v1beta1.DevicePlugin/GetPreferredAllocation"
 _DECODERS: dict[str, type] = {
     "/v1beta1.DevicePlugin/Allocate": AllocateRequestDecoder,
-    "/v1beta1.DevicePlugin/GetPreferredAllocation": PreferredAllocationRequestDecoder,
+    _PREFERRED_PATH: PreferredAllocationRequestDecoder,
 }
 
 
@@ -493,6 +501,18 @@ if not callable(getattr(Server, "_protocol_factory", None)):
 # limits must keep telling grpclib to pause a big ListAndWatch list.
 _COALESCE_MAX = 64 * 1024
 
+# A PING's acknowledgement as h2 writes it when nothing else is due: the 9-byte frame header (length 8,
+# type PING, flag ACK, stream 0) and the 8 bytes of the PING it answers.
+_PING_ACK_HEADER = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"
+_PING_ACK_SIZE = len(_PING_ACK_HEADER) + 8
+# The longest a PING's acknowledgement waits for the answer it rides with. The kubelet sends Allocate within
+# a millisecond or two of the GetPreferredAllocation answer; this only bounds a kubelet that does not.
+ACK_HOLD_S = 0.1
+
+# Set in the task that answers a GetPreferredAllocation: that answer's writes tell the connection's
+# transport that an Allocate follows on it.
+_answer_has_sequel: contextvars.ContextVar[bool] = contextvars.ContextVar("answer_has_sequel", default=False)
+
 
 class _CoalescingTransport(asyncio.Transport):
     """A socket transport whose writes of one loop turn leave in a single send.
@@ -500,7 +520,15 @@ class _CoalescingTransport(asyncio.Transport):
     grpclib writes a unary answer as three frames, each straight to the socket: HEADERS, DATA, then the
     trailers' HEADERS. Each send is a system call of its own (about 0.15 ms on a 2-vCPU VM) and wakes the
     kubelet's reader, which can do nothing until the trailers are in. Writes made while one handler step
-    runs are kept and sent together once that step is over (loop.call_soon), in order."""
+    runs are kept and sent together once that step is over (loop.call_soon), in order.
+
+    A PING acknowledged after a GetPreferredAllocation answer rides with the Allocate answer that follows
+    (ACK_HOLD_S at most). The kubelet's gRPC client sends a PING (its bandwidth probe) whenever an answer's
+    DATA arrives and no PING of its is unanswered: acknowledged at once, each admission cost two PINGs, each
+    a wake-up of the agent and a send. Acknowledged after the Allocate answer's frames, the Allocate answer
+    finds its PING still out and starts none: one PING per admission, and no send of its own. HTTP/2 asks
+    for a prompt acknowledgement (a SHOULD, RFC 9113 6.7); the kubelet uses these PINGs only to size its
+    flow-control windows, and a PING sent while data flows is acknowledged with that data."""
 
     def __init__(self, transport: asyncio.Transport) -> None:
         super().__init__()
@@ -508,13 +536,25 @@ class _CoalescingTransport(asyncio.Transport):
         self._pending: list[bytes] = []
         self._size = 0
         self._loop = asyncio.get_running_loop()
+        # Acknowledgements held for the next answer, and the timer that sends them if none comes.
+        self._acks: list[bytes] = []
+        self._ack_timer: asyncio.TimerHandle | None = None
+        # The last answer written was a GetPreferredAllocation's: its Allocate comes next.
+        self._sequel_due = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
+        data = bytes(data)
+        if self._sequel_due and len(data) == _PING_ACK_SIZE and data.startswith(_PING_ACK_HEADER):
+            self._acks.append(data)
+            if self._ack_timer is None:
+                self._ack_timer = self._loop.call_later(ACK_HOLD_S, self._flush)
+            return
+        self._sequel_due = _answer_has_sequel.get()
         if not self._pending:
             self._loop.call_soon(self._flush)
-        self._pending.append(bytes(data))
+        self._pending.append(data)
         self._size += len(data)
         if self._size >= _COALESCE_MAX:
             self._flush()
@@ -525,6 +565,14 @@ class _CoalescingTransport(asyncio.Transport):
 
     def _flush(self) -> None:
         pending, self._pending, self._size = self._pending, [], 0
+        if self._acks:
+            # After the answer's frames: its DATA must reach the kubelet while its PING is still out.
+            pending += self._acks
+            self._acks = []
+            self._sequel_due = False
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         if pending and not self._transport.is_closing():
             self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
@@ -534,7 +582,10 @@ class _CoalescingTransport(asyncio.Transport):
         self._transport.close()
 
     def abort(self) -> None:
-        self._pending, self._size = [], 0
+        self._pending, self._size, self._acks = [], 0, []
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         self._transport.abort()
 
     def write_eof(self) -> None:

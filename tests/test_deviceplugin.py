@@ -15,10 +15,11 @@ from grpclib.const import Status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import agent.deviceplugin
 from agent.allocation import ExclusiveDevice
 from agent.config import parse_config, validate
 from agent.cpuset import CpuSet
-from agent.deviceplugin import ResourceServicer, _CoalescingTransport
+from agent.deviceplugin import ResourceServicer, _answer_has_sequel, _CoalescingTransport
 from agent.idset import shared_device_id, shared_device_index
 from agent.kubeletapi.v1beta1 import AllocateRequest, AllocateResponse, ContainerAllocateRequest
 from agent.metrics import Metrics
@@ -174,3 +175,69 @@ async def test_close_sends_what_was_written_first_and_big_writes_go_at_once() ->
     transport.write(b"late")
     await asyncio.sleep(0)
     assert recorder.writes[-1] == b"goaway"
+
+
+# A PING's acknowledgement as h2 writes it: length 8, type PING, flag ACK, stream 0, then the PING's 8 bytes.
+PING_ACK = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00" + bytes([2, 4, 16, 16, 9, 14, 7, 7])
+
+
+async def _answer(transport: _CoalescingTransport, data: bytes, *, preferred: bool) -> None:
+    """A write made by a call's own task, as grpclib makes it (a GetPreferredAllocation's if `preferred`)."""
+
+    async def call() -> None:
+        if preferred:
+            _answer_has_sequel.set(True)
+        transport.write(data)
+
+    await asyncio.create_task(call())
+
+
+async def test_a_ping_after_a_preferred_answer_is_acknowledged_with_the_allocate_answer() -> None:
+    recorder = _Recorder()
+    transport = _CoalescingTransport(recorder)  # type: ignore[arg-type]
+    await _answer(transport, b"preferred", preferred=True)
+    await asyncio.sleep(0)
+    assert recorder.writes == [b"preferred"]
+    # The kubelet's bandwidth PING arrives; its acknowledgement waits for the Allocate answer.
+    transport.write(PING_ACK)
+    await asyncio.sleep(0.01)
+    assert recorder.writes == [b"preferred"]
+    await _answer(transport, b"allocate", preferred=False)
+    await asyncio.sleep(0)
+    # One send, the acknowledgement after the answer: its DATA reaches the kubelet while the PING is out.
+    assert recorder.writes == [b"preferred", b"allocate" + PING_ACK]
+    # The next PING (after an Allocate answer) is acknowledged at once.
+    transport.write(PING_ACK)
+    await asyncio.sleep(0)
+    assert recorder.writes[-1] == PING_ACK
+
+
+async def test_a_held_acknowledgement_goes_out_alone_when_no_answer_follows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(agent.deviceplugin, "ACK_HOLD_S", 0.02)
+    recorder = _Recorder()
+    transport = _CoalescingTransport(recorder)  # type: ignore[arg-type]
+    await _answer(transport, b"preferred", preferred=True)
+    transport.write(PING_ACK)
+    transport.write(PING_ACK)
+    await asyncio.sleep(0)
+    assert recorder.writes == [b"preferred"]
+    await asyncio.sleep(0.1)
+    assert recorder.writes == [b"preferred", PING_ACK + PING_ACK]
+
+
+async def test_closing_sends_held_acknowledgements_and_other_frames_are_never_held() -> None:
+    recorder = _Recorder()
+    transport = _CoalescingTransport(recorder)  # type: ignore[arg-type]
+    await _answer(transport, b"preferred", preferred=True)
+    # A PING acknowledgement together with other frames (a WINDOW_UPDATE) is not a lone acknowledgement.
+    window_update = b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x10\x00"
+    transport.write(PING_ACK + window_update)
+    await asyncio.sleep(0)
+    assert recorder.writes[-1] == PING_ACK + window_update
+    await _answer(transport, b"preferred", preferred=True)
+    transport.write(PING_ACK)
+    transport.write(b"goaway")
+    transport.close()
+    assert recorder.writes[-2:] == [b"preferred", b"goaway" + PING_ACK] and recorder.closed
