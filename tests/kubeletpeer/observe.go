@@ -12,6 +12,7 @@ import (
 
 	"k8s.io/apimachinery/pkg/util/sets"
 	pluginapi "k8s.io/kubelet/pkg/apis/deviceplugin/v1beta1"
+	"k8s.io/kubernetes/pkg/kubelet/cm/devicemanager"
 	plugin "k8s.io/kubernetes/pkg/kubelet/cm/devicemanager/plugin/v1beta1"
 )
 
@@ -120,54 +121,43 @@ func (p *peer) snapshot() (result map[string]any, err error) {
 		return v
 	}
 
+	// Under the device manager's mutex only references are taken (and the small sets it changes in place
+	// are copied); the walk over every device ID runs after the unlock. With a 200,000-device pool the walk
+	// takes a few hundred milliseconds, and held under the mutex it delayed the device manager's own work:
+	// the update that follows a new list (genericDeviceUpdateCallback, then writeCheckpoint, both take the
+	// mutex) and Allocate. No kubelet has this observer, so it must not slow what the tests and benchmarks
+	// time. Safe because the device manager (v1.37.2, manager.go) never changes a healthy or unhealthy set,
+	// or a resource's device map, after it released the mutex: every update makes new ones
+	// (genericDeviceUpdateCallback, markResourceUnhealthy, readCheckpoint). allocatedDevices is changed in
+	// place (Allocate inserts into it): it is copied under the mutex.
+	type deviceRefs struct {
+		healthy, unhealthy sets.Set[string]
+		devices            devicemanager.DeviceInstances
+	}
+	refs := map[string]*deviceRefs{}
+	ref := func(name string) *deviceRefs {
+		r := refs[name]
+		if r == nil {
+			r = &deviceRefs{}
+			refs[name] = r
+		}
+		return r
+	}
 	mu := field(m, "mutex").Addr().Interface().(*sync.Mutex)
+	lockedAt := time.Now()
 	mu.Lock()
 	func() {
 		defer mu.Unlock()
-		all := field(m, "allDevices").Interface()
-		healthy := field(m, "healthyDevices").Interface().(map[string]sets.Set[string])
-		unhealthy := field(m, "unhealthyDevices").Interface().(map[string]sets.Set[string])
-		allocated := field(m, "allocatedDevices").Interface().(map[string]sets.Set[string])
-		allDevices := reflect.ValueOf(all)
-		add := func(name, id string, isHealthy bool) {
-			v := view(name)
-			if isHealthy {
-				v.Healthy = append(v.Healthy, id)
-			} else {
-				v.Unhealthy = append(v.Unhealthy, id)
-			}
-			byID := allDevices.MapIndex(reflect.ValueOf(name))
-			if !byID.IsValid() {
-				return
-			}
-			dev := byID.MapIndex(reflect.ValueOf(id))
-			if !dev.IsValid() {
-				return
-			}
-			pd := dev.Interface().(*pluginapi.Device)
-			if pd.Health != pluginapi.Healthy {
-				v.Reported[id] = pd.Health
-			}
-			if pd.Topology != nil {
-				for _, n := range pd.Topology.Nodes {
-					node := strconv.FormatInt(n.ID, 10)
-					v.NUMA[node] = append(v.NUMA[node], id)
-				}
-			}
+		for name, ids := range field(m, "healthyDevices").Interface().(map[string]sets.Set[string]) {
+			ref(name).healthy = ids
 		}
-		for name, ids := range healthy {
-			view(name)
-			for id := range ids {
-				add(name, id, true)
-			}
+		for name, ids := range field(m, "unhealthyDevices").Interface().(map[string]sets.Set[string]) {
+			ref(name).unhealthy = ids
 		}
-		for name, ids := range unhealthy {
-			view(name)
-			for id := range ids {
-				add(name, id, false)
-			}
+		for name, devices := range field(m, "allDevices").Interface().(devicemanager.ResourceDeviceInstances) {
+			ref(name).devices = devices
 		}
-		for name, ids := range allocated {
+		for name, ids := range field(m, "allocatedDevices").Interface().(map[string]sets.Set[string]) {
 			view(name).InUse = sets.List(ids)
 		}
 		endpoints := field(m, "endpoints")
@@ -183,6 +173,37 @@ func (p *peer) snapshot() (result map[string]any, err error) {
 			}
 		}
 	}()
+	held := time.Since(lockedAt)
+
+	for name, r := range refs {
+		v := view(name)
+		add := func(id string, isHealthy bool) {
+			if isHealthy {
+				v.Healthy = append(v.Healthy, id)
+			} else {
+				v.Unhealthy = append(v.Unhealthy, id)
+			}
+			pd := r.devices[id]
+			if pd == nil {
+				return
+			}
+			if pd.Health != pluginapi.Healthy {
+				v.Reported[id] = pd.Health
+			}
+			if pd.Topology != nil {
+				for _, n := range pd.Topology.Nodes {
+					node := strconv.FormatInt(n.ID, 10)
+					v.NUMA[node] = append(v.NUMA[node], id)
+				}
+			}
+		}
+		for id := range r.healthy {
+			add(id, true)
+		}
+		for id := range r.unhealthy {
+			add(id, false)
+		}
+	}
 
 	server := field(m, "server").Elem()
 	if server.Kind() == reflect.Pointer {
@@ -206,7 +227,11 @@ func (p *peer) snapshot() (result map[string]any, err error) {
 		sort.Strings(v.Clients)
 		out[name] = v
 	}
-	return map[string]any{"resources": out, "pods": p.podsWithDevices(), "log_seq": covered}, nil
+	return map[string]any{
+		"resources": out, "pods": p.podsWithDevices(), "log_seq": covered,
+		// How long the device manager's mutex was held for this snapshot (waiting for it included).
+		"manager_lock_s": held.Seconds(),
+	}, nil
 }
 
 // stateEmitter sends a "state" event after changes (log lines, commands), coalescing bursts. It never runs
