@@ -28,7 +28,7 @@ from agent.claim import ClaimKey
 from agent.claim import annotation_key as claim_annotation_key
 from agent.config import pool_env_name
 from agent.cpuset import CpuSet
-from agent.idset import SHARED_ID_PATTERN, shared_device_index
+from agent.idset import SHARED_ID_PATTERN, shared_device_id, shared_device_index
 from agent.kubeletapi.v1beta1 import (
     AllocateRequest,
     AllocateResponse,
@@ -103,21 +103,30 @@ def _requests(items: Sequence[object], kind: type[_Req]) -> list[_Req]:
     return checked
 
 
-# From this many IDs on, a shared pool's Allocate checks them in one pass (_shared_indexes) rather than one by
+# From this many IDs on, a shared pool's Allocate checks them in one pass (_all_shared_ids) rather than one by
 # one: 500 millicpus took about 0.5 ms ID by ID.
 _BATCH_MIN = 16
 _SHARED_IDS = re.compile(f"(?:{SHARED_ID_PATTERN})(?:,(?:{SHARED_ID_PATTERN}))*")
 
 
-def _shared_indexes(ids: Sequence[str]) -> list[int] | None:
-    """The millicpu index of every ID when all of them are ours (what shared_device_index accepts), else None.
+def _all_shared_ids(ids: Sequence[str]) -> bool:
+    """Whether every ID is of a millicpu's form (what shared_device_index accepts).
 
     One regular expression over the joined IDs replaces one match per ID; an ID holding a comma would pass
     as two, so the comma count must be exactly the separators'."""
     joined = ",".join(ids)
-    if joined.count(",") != len(ids) - 1 or _SHARED_IDS.fullmatch(joined) is None:
-        return None
-    return list(map(int, ids, itertools.repeat(36, len(ids))))
+    return joined.count(",") == len(ids) - 1 and _SHARED_IDS.fullmatch(joined) is not None
+
+
+def _all_below(ids: Sequence[str], limit: int) -> bool:
+    """Whether every ID of a millicpu's form is below millicpu `limit`. Base 36 without leading zeros orders
+    as (length, text): IDs shorter than the limit's are below it, and only when the longest is as long does
+    max() (in C) pick the largest."""
+    longest = max(map(len, ids))
+    bound = len(shared_device_id(limit))
+    if longest != bound:
+        return longest < bound
+    return int(max(zip(map(len, ids), ids, strict=True))[1], 36) < limit
 
 
 def _check_ids(ids: Sequence[object], where: str) -> None:
@@ -445,13 +454,15 @@ class ResourceServicer(DevicePluginBase):
         resource = self._resource
         if resource.exclusive_pool or len(ids) < _BATCH_MIN:
             return all(self._knows(i) for i in ids)
-        indexes = _shared_indexes(ids)
-        if indexes is not None:
+        if _all_shared_ids(ids):
             limit = resource.shared_count
             if resource.configured and resource.cpus:
                 limit = max(limit, resource.shared_recent)
+            withheld = resource.shared_withheld
             # Below the limit and not withheld is what _knows accepts for an ID that is a millicpu's.
-            if max(indexes) < limit and resource.shared_withheld.isdisjoint(indexes):
+            if _all_below(ids, limit) and (
+                not withheld or withheld.isdisjoint(map(int, ids, itertools.repeat(36, len(ids))))
+            ):
                 return True
         return all(self._knows(i) for i in ids)
 

@@ -515,10 +515,7 @@ class Supervisor:
             self._confirm = asyncio.get_running_loop().call_later(
                 self.settings.answer_confirm_s, self._confirm_answers
             )
-        now = time.monotonic()
-        answered = self._answered.setdefault(name, {})
-        for device_id in ids:
-            answered[device_id] = now
+        self._answered.setdefault(name, {}).update(dict.fromkeys(ids, time.monotonic()))
 
     def _confirm_answers(self) -> None:
         self._confirm = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from agent.idset import IdSet, IdSetBuilder, shared_device_id
@@ -189,23 +190,24 @@ def _messages(data: bytes, number: int) -> list[list[tuple[int, int | bytes]]]:
 def _short_strings(data: bytes) -> list[str] | None:
     """Every field of `data` as text, when each one is field 1 (key 0x0a) with a one-byte length and the
     whole message is ASCII: how the kubelet lists device IDs. None for anything else, which the generic
-    reader then decodes (or rejects). One pass, no per-field tuples: about a third of the generic cost."""
+    reader then decodes (or rejects).
+
+    Split at each 0x0a and the byte after it, the message is (key, length byte, text) pieces; when every
+    length byte is its text's length, the message is exactly the encoding of those texts, whatever they
+    hold. Every step runs in C: a loop over the fields in Python cost about 0.2 ms for 500 millicpus on a
+    small VM, this about 60 µs."""
     if not data.isascii():
         return None
-    text = data.decode("ascii")
-    out: list[str] = []
-    append = out.append
-    pos, end = 0, len(data)
-    while pos < end:
-        if data[pos] != 0x0A or pos + 1 == end:
-            return None
-        length = data[pos + 1]
-        start = pos + 2
-        pos = start + length
-        if length & 0x80 or pos > end:
-            return None
-        append(text[start:pos])
-    return out
+    parts = _KEY_AND_LENGTH.split(data.decode("ascii"))
+    if parts[0]:
+        return None
+    texts = parts[2::2]
+    if "".join(parts[1::2]).encode("ascii") != bytes(map(len, texts)):
+        return None
+    return texts
+
+
+_KEY_AND_LENGTH = re.compile("\n(.)", re.DOTALL)
 
 
 def _device_ids_of(container: bytes) -> list[str]:

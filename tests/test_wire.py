@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,6 +54,21 @@ def test_ids_of_our_form_round_trip(containers: list[list[str]]) -> None:
     message = AllocateRequest(
         container_requests=[ContainerAllocateRequest(devices_ids=c) for c in containers]
     )
+    assert AllocateRequestDecoder.FromString(bytes(message)) == message
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        ["a\nb", "c"],  # a newline inside an ID: the split sees three pieces
+        ["0123456789", "7"],  # a length of 10 is the newline byte itself
+        ["", "x", ""],  # empty IDs are pieces of their length byte alone
+        ["\n", "\n\n"],
+        ["y" * 127, "z"],  # the longest one-byte length
+    ],
+)
+def test_ids_the_split_cannot_read_alone_still_read_as_protobuf_reads_them(ids: list[str]) -> None:
+    message = AllocateRequest(container_requests=[ContainerAllocateRequest(devices_ids=ids)])
     assert AllocateRequestDecoder.FromString(bytes(message)) == message
 
 
