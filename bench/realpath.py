@@ -10,7 +10,11 @@ Times:
   the driver's round trip also holds JSON lines and the peer's state snapshots, which a kubelet never pays.
 - Start is from just before the agent's exec until the peer logged the last resource's first device list
   with every device healthy ("Processed device updates"; stamped with CLOCK_MONOTONIC, this process's
-  time.monotonic()), i.e. every resource allocatable at the kubelet.
+  time.monotonic()), i.e. every resource allocatable at the kubelet. The peer's state snapshots are paused
+  over the start series (`KubeletPeer.observe`): a kubelet takes none, and with the 200,000-device pool
+  each one (a walk, a sort and megabytes of JSON for this process to parse) competed with the device
+  manager and the agent for the two CPUs, 50-80 ms of Register -> allocatable and more when the previous
+  agent's disconnect was snapshotted during the next start.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from bench.report import Figure, Target
 from bench.stats import summary_ms
 from tests.harness import ConfigMapDir
 from tests.peers import KubeletPeer, PeerBuildError, PeerUnavailable, find_or_build
+from tests.peers.real import _MSG_CONNECTED, _MSG_PROCESSED
 
 MIB = 1024
 EXCLUSIVE = "cpupool.io/dedicated"
@@ -92,39 +97,61 @@ class _RealNode:
         )
 
     async def start_agent(self, agent: AgentProcess, expected: dict[str, int]) -> _Started:
-        """Spawn the agent and wait until every resource has all its devices healthy at the kubelet."""
-        seen = len(self.kubelet.list_and_watch_messages)
+        """Spawn the agent and wait until every resource has all its devices healthy at the kubelet.
+
+        Read from the device manager's own log lines, which the peer sends whether or not its state
+        snapshots are paused."""
+        seen = len(self.kubelet.log_lines)
         spawned = time.monotonic()
         agent.start()
 
-        def ready_at() -> float | None:
+        def times() -> tuple[dict[str, float], dict[str, float]]:
             agent.check_alive()
-            stamps = []
-            for name, count in expected.items():
-                stamp = next(
-                    (
-                        r.at
-                        for r in self.kubelet.list_and_watch_messages[seen:]
-                        if r.resource == name and r.healthy_count == count
-                    ),
-                    None,
-                )
-                if stamp is None:
-                    return None
-                stamps.append(stamp)
-            return max(stamps)
+            listed: dict[str, float] = {}
+            registered: dict[str, float] = {}
+            for line in self.kubelet.log_lines[seen:]:
+                kv = line.get("kv") or {}
+                at = float(line.get("t", 0.0))
+                if at < spawned:
+                    continue
+                if line.get("msg") == _MSG_PROCESSED:
+                    name = kv.get("resourceName", "")
+                    if name in expected and int(kv.get("healthyCount", 0)) == expected[name]:
+                        listed.setdefault(name, at)
+                elif line.get("msg") == _MSG_CONNECTED and kv.get("resource", "") in expected:
+                    registered.setdefault(kv["resource"], at)
+            return listed, registered
 
         await self.kubelet.wait_for(
-            lambda: ready_at() is not None, timeout=60, what="every resource allocatable at the kubelet"
+            lambda: len(times()[0]) == len(expected),
+            timeout=60,
+            what="every resource allocatable at the kubelet",
         )
-        ready = ready_at()
-        assert ready is not None
-        registered: dict[str, float] = {}
-        for record in self.kubelet.registrations:
-            if record.accepted and record.at >= spawned and record.resource in expected:
-                registered.setdefault(record.resource, record.at)
+        listed, registered = times()
         events = agent.log_events()
-        return _Started(spawned, ready, registered, events[0][0] if events else None)
+        return _Started(spawned, max(listed.values()), registered, events[0][0] if events else None)
+
+    async def start_series(
+        self, expected: dict[str, int], starts: int
+    ) -> tuple[list[_Started], AgentProcess]:
+        """A warm-up start, then `starts` fresh agents, each stopped before the next; the last one is
+        returned running. The peer's snapshots are paused meanwhile (see the module's docstring)."""
+        await self.kubelet.observe(False)
+        try:
+            await _warm_up(self, expected)
+            runs: list[_Started] = []
+            for run in range(1, starts + 1):
+                agent = self.agent(run)
+                try:
+                    runs.append(await self.start_agent(agent, expected))
+                except BaseException:
+                    await agent.stop()
+                    raise
+                if run < starts:
+                    await agent.stop()
+        finally:
+            await self.kubelet.observe(True)
+        return runs, agent
 
 
 def _ms(seconds: float) -> float:
@@ -227,16 +254,8 @@ async def three_pools(workdir: Path, binary: Path, sizes: RealSizes) -> list[Fig
     node = _RealNode(workdir, binary, dual64(workdir / "host"), DUAL64_CONFIG)
     figures: list[Figure] = []
     async with node.kubelet:
-        await _warm_up(node, THREE_POOLS)
-        runs: list[_Started] = []
-        for run in range(1, sizes.starts + 1):
-            agent = node.agent(run)
-            try:
-                runs.append(await node.start_agent(agent, THREE_POOLS))
-            finally:
-                if run < sizes.starts:
-                    await agent.stop()
         # The last agent stays for the figures below.
+        runs, agent = await node.start_series(THREE_POOLS, sizes.starts)
         try:
             rss_start = agent.rss_kib()
             await asyncio.sleep(6.0)  # the held record's confirming read after start-up, and garbage
@@ -342,17 +361,13 @@ async def comparison_pools(workdir: Path, binary: Path, sizes: RealSizes) -> lis
 async def big_pool(workdir: Path, binary: Path, sizes: RealSizes) -> list[Figure]:
     node = _RealNode(workdir, binary, wide200(workdir / "host"), shared_pool_config("0-199"))
     async with node.kubelet:
-        await _warm_up(node, BIG_POOL)
-        runs: list[_Started] = []
-        for run in range(1, sizes.starts + 1):
-            agent = node.agent(run)
-            try:
-                runs.append(await node.start_agent(agent, BIG_POOL))
-                await asyncio.sleep(1.0)
-                rss = agent.rss_kib()
-                peak = agent.peak_rss_kib()
-            finally:
-                await agent.stop()
+        runs, agent = await node.start_series(BIG_POOL, sizes.starts)
+        try:
+            await asyncio.sleep(1.0)
+            rss = agent.rss_kib()
+            peak = agent.peak_rss_kib()
+        finally:
+            await agent.stop()
     return [
         Figure(
             "real_start_200k",
@@ -367,6 +382,28 @@ async def big_pool(workdir: Path, binary: Path, sizes: RealSizes) -> list[Figure
             [Target("rss_mib", 48.0, "MiB")],
         ),
     ]
+
+
+async def start_figures(workdir: Path, binary: Path, sizes: RealSizes) -> list[Figure]:
+    """Only the two start figures (`--start`): the start series of the three-pool and 200,000-device nodes."""
+    figures: list[Figure] = []
+    for name, host, config, expected, key, target in (
+        ("three", dual64, DUAL64_CONFIG, THREE_POOLS, "real_start_three_pools", 250.0),
+        ("big", wide200, shared_pool_config("0-199"), BIG_POOL, "real_start_200k", 500.0),
+    ):
+        node = _RealNode(workdir / name, binary, host(workdir / name / "host"), config)
+        async with node.kubelet:
+            runs, agent = await node.start_series(expected, sizes.starts)
+            await agent.stop()
+        figures.append(
+            Figure(
+                key,
+                f"Real path: agent exec -> allocatable ({name})",
+                _start_values(runs),
+                [Target("max_ms", target, "ms")],
+            )
+        )
+    return figures
 
 
 async def real_path_figures(workdir: Path, sizes: RealSizes) -> list[Figure]:
@@ -393,10 +430,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.realpath", description=main.__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (agent logs)")
+    parser.add_argument("--start", action="store_true", help="only the two start figures")
     args = parser.parse_args()
     setup_logging("error", "console")
     workdir = Path(tempfile.mkdtemp(prefix="cpupool-real-", dir="/tmp"))
-    figures = asyncio.run(real_path_figures(workdir, REAL_QUICK if args.quick else RealSizes()))
+    sizes = REAL_QUICK if args.quick else RealSizes()
+    if args.start:
+        binary = find_or_build()
+        figures = asyncio.run(start_figures(workdir, binary, sizes))
+    else:
+        figures = asyncio.run(real_path_figures(workdir, sizes))
     print(render(figures))
     if args.keep:
         print(f"work directory kept: {workdir}")

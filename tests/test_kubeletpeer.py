@@ -228,6 +228,33 @@ async def real(
         yield peer
 
 
+async def test_paused_snapshots_hold_records_back_until_resumed(
+    real: KubeletPeer, make_plugin: Callable[..., FakePlugin]
+) -> None:
+    """bench.realpath times starts from the device manager's log lines with the peer's snapshots paused:
+    the lines still come, nothing is snapshotted meanwhile, and resuming brings the records up to date."""
+    await real.observe(False)
+    plugin = make_plugin([dev("a", numa=[0]), dev("b", numa=[1])])
+    await plugin.register(real.socket_path)
+    await real.wait_for(
+        lambda: any(
+            line.get("msg") == "Processed device updates for resource"
+            and (line.get("kv") or {}).get("resourceName") == RESOURCE
+            for line in real.log_lines
+        ),
+        what="the device manager's log line for the first list",
+    )
+    # Two round trips: an unpaused peer would have sent the snapshot after that line by their replies.
+    await real.node_status()
+    await real.node_status()
+    assert real.list_and_watch_messages == ()
+    assert real.registrations == ()
+    await real.observe(True)
+    snap = await real.wait_devices(RESOURCE)
+    assert snap.healthy_ids == {"a", "b"}
+    assert [r.healthy_count for r in real.list_and_watch_messages if r.resource == RESOURCE] == [2]
+
+
 async def test_topology_hints_and_numa_aligned_allocation(
     real: KubeletPeer, make_plugin: Callable[..., FakePlugin]
 ) -> None:

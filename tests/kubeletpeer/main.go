@@ -334,6 +334,8 @@ type request struct {
 	Container    string           `json:"container"`
 	Resources    map[string]int64 `json:"resources"`
 	NUMAAffinity []int            `json:"numa_affinity"`
+	// For "observe": whether state snapshots are sent after changes.
+	On bool `json:"on"`
 }
 
 func (p *peer) serve(stdin *os.File) int {
@@ -385,6 +387,9 @@ func (p *peer) handle(req *request) (map[string]any, error) {
 	case "pods":
 		return map[string]any{"pods": p.podsWithDevices()}, nil
 	case "ping":
+		return map[string]any{}, nil
+	case "observe":
+		p.states.observe(req.On)
 		return map[string]any{}, nil
 	}
 	return nil, fmt.Errorf("unknown op %q", req.Op)

@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -236,9 +237,15 @@ func (p *peer) snapshot() (result map[string]any, err error) {
 
 // stateEmitter sends a "state" event after changes (log lines, commands), coalescing bursts. It never runs
 // inside a log call: the device manager logs while holding its mutex, which the snapshot takes.
+//
+// The driver can pause it (op "observe"): a benchmark that times the device manager's own work from its log
+// lines pauses it, since each snapshot of a 200,000-device pool is a walk, a sort and megabytes of JSON
+// (for the driver to parse as well) that compete with the device manager for the CPUs. A kubelet has no such
+// observer. Changes while paused are snapshotted when it resumes.
 type stateEmitter struct {
-	p    *peer
-	wake chan struct{}
+	p      *peer
+	wake   chan struct{}
+	paused atomic.Bool
 }
 
 func newStateEmitter(p *peer) *stateEmitter {
@@ -248,14 +255,28 @@ func newStateEmitter(p *peer) *stateEmitter {
 }
 
 func (s *stateEmitter) poke() {
+	if s.paused.Load() {
+		return
+	}
 	select {
 	case s.wake <- struct{}{}:
 	default:
 	}
 }
 
+// observe pauses (false) or resumes (true) the snapshots; resuming takes one at once.
+func (s *stateEmitter) observe(on bool) {
+	s.paused.Store(!on)
+	if on {
+		s.poke()
+	}
+}
+
 func (s *stateEmitter) run() {
 	for range s.wake {
+		if s.paused.Load() {
+			continue // poked before the pause
+		}
 		snap, err := s.p.snapshot()
 		if err != nil {
 			s.p.out.event("state_error", map[string]any{"error": err.Error()})

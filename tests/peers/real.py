@@ -519,6 +519,15 @@ class KubeletPeer:
         self._set_state(result)
         self._changed()
 
+    async def observe(self, on: bool) -> None:
+        """Pause (False) or resume (True) the peer's state snapshots after changes; resuming takes one.
+
+        For timing the device manager's own work from its log lines (`log_lines`, which keep coming): a
+        snapshot of a large pool costs a walk, a sort and megabytes of JSON in both processes, CPU a kubelet
+        does not spend. While paused, records derived from log lines (registrations, lists) wait for the next
+        snapshot, and so do the waiters on them."""
+        await self._command({"op": "observe", "on": on})
+
     # -- observing ----------------------------------------------------------------------------------------
 
     def peer_resource(self, name: str) -> PeerResource | None:
