@@ -241,3 +241,19 @@ async def test_closing_sends_held_acknowledgements_and_other_frames_are_never_he
     transport.write(b"goaway")
     transport.close()
     assert recorder.writes[-2:] == [b"preferred", b"goaway" + PING_ACK] and recorder.closed
+
+
+async def test_an_answers_trailers_send_it_at_once() -> None:
+    recorder = _Recorder()
+    transport = _CoalescingTransport(recorder)  # type: ignore[arg-type]
+    headers = b"\x00\x00\x01\x01\x04\x00\x00\x00\x01" + b"\x88"  # HEADERS, END_HEADERS, stream 1
+    data = b"\x00\x00\x02\x00\x00\x00\x00\x00\x01" + b"\x00\x00"  # DATA, stream 1
+    trailers = b"\x00\x00\x01\x01\x05\x00\x00\x00\x01" + b"\xbe"  # HEADERS, END_STREAM | END_HEADERS
+    transport.write(headers)
+    transport.write(data)
+    assert recorder.writes == []
+    # The trailers end the call's answer: it leaves in the same loop turn, in one send.
+    transport.write(trailers)
+    assert recorder.writes == [headers + data + trailers]
+    await asyncio.sleep(0)
+    assert recorder.writes == [headers + data + trailers]
