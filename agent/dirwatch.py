@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import functools
 import os
 import struct
@@ -65,9 +64,17 @@ class WatchLost(OSError):
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
-    # find_library runs `ldconfig -p` in a child process: once per process, not once per watch (the NRI
-    # plugin sets up a watch on every reconnection attempt).
-    libc_name = ctypes.util.find_library("c")
+    # The interpreter is linked with the C library: its functions are found in the process's own symbols
+    # (dlopen(NULL)). Looking the library up instead (find_library, which imports ctypes.util and runs
+    # `ldconfig -p` in a child process) was 2-3 ms of the agent's start; it stays for an interpreter whose
+    # symbols lack inotify. Once per process either way (the NRI plugin sets up a watch on every
+    # reconnection attempt).
+    own = ctypes.CDLL(None, use_errno=True)
+    if hasattr(own, "inotify_init1"):
+        return own
+    from ctypes.util import find_library  # noqa: PLC0415
+
+    libc_name = find_library("c")
     if libc_name is None:
         raise OSError("no C library to call inotify through")
     return ctypes.CDLL(libc_name, use_errno=True)

@@ -234,14 +234,19 @@ def test_check_config_accepts_present_but_offline_cpus(
 
 def test_agent_start_path_leaves_out_the_webhook_status_nri_and_http() -> None:
     """`cpupool agent` loads what the device plugin needs before its first registration; the webhook, the
-    status client, NRI's generated protocol and aiohttp load later or never (they were half its start-up)."""
+    status client, NRI's generated protocol and aiohttp load later or never (they were half its start-up),
+    and so do smaller things that together were 10 ms of it: NRI's policy module, the generated PodResources
+    API (the start reads the kubelet's record as bytes), shutil (argparse's width) and ctypes.util (the C
+    library's lookup, which also ran `ldconfig` in a child process)."""
     probe = (
-        "import sys; from agent import cli; "
+        "import sys; sys.argv[1:] = ['agent']; from agent import cli; "
         "args = cli.build_parser(cli._command_of(['agent'])).parse_args(['agent']); "
-        "import agent.supervisor; "
+        "import agent.supervisor; from agent.dirwatch import _libc; _libc(); "
         "late = ('agent.webhook', 'agent.status', 'agent.mutation', 'agent.nri.plugin', 'agent.nriapi', "
-        "'aiohttp', 'watchfiles'); "
-        "print(sorted(m for m in late if m in sys.modules)); print(args.nri_socket, args.nri_index)"
+        "'aiohttp', 'watchfiles', 'agent.nri.policy', 'agent.kubeletapi.v1', 'shutil', 'ctypes.util', "
+        "'agent.health', 'agent.nri.accounting', 'h11'); "
+        "print(sorted(m for m in late if sys.modules.get(m) is not None)); "
+        "print(args.nri_socket, args.nri_index, args.nri_policy, *cli.NRI_POLICIES)"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
@@ -249,9 +254,25 @@ def test_agent_start_path_leaves_out_the_webhook_status_nri_and_http() -> None:
     loaded, defaults = done.stdout.splitlines()
     assert loaded == "[]"
     from agent.nri.plugin import DEFAULT_INDEX, DEFAULT_SOCKET  # noqa: PLC0415
+    from agent.nri.policy import Policy  # noqa: PLC0415
 
-    # The command line's NRI defaults are NRI's own, though the agent does not import the plugin to parse.
-    assert defaults == f"{DEFAULT_SOCKET} {DEFAULT_INDEX}"
+    # The command line's NRI defaults and policy names are NRI's own, though the agent does not import
+    # the plugin or the policy module to parse them.
+    policies = " ".join(str(p) for p in Policy)
+    assert defaults == f"{DEFAULT_SOCKET} {DEFAULT_INDEX} {Policy.STRICT} {policies}"
+
+
+def test_help_is_as_wide_as_argparse_makes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's help formatter finds the width without shutil, and finds the same one."""
+    import argparse  # noqa: PLC0415
+
+    from agent.cli import _HelpFormatter  # noqa: PLC0415
+
+    for columns in ("120", "41", "0", "not a number"):
+        monkeypatch.setenv("COLUMNS", columns)
+        assert _HelpFormatter("cpupool")._width == argparse.HelpFormatter("cpupool")._width
+    monkeypatch.delenv("COLUMNS")
+    assert _HelpFormatter("cpupool")._width == argparse.HelpFormatter("cpupool")._width
 
 
 def test_every_command_parses_its_own_options_when_named_first() -> None:
