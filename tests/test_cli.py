@@ -236,15 +236,17 @@ def test_agent_start_path_leaves_out_the_webhook_status_nri_and_http() -> None:
     """`cpupool agent` loads what the device plugin needs before its first registration; the webhook, the
     status client, NRI's generated protocol and aiohttp load later or never (they were half its start-up),
     and so do smaller things that together were 10 ms of it: NRI's policy module, the generated PodResources
-    API (the start reads the kubelet's record as bytes), shutil (argparse's width) and ctypes.util (the C
-    library's lookup, which also ran `ldconfig` in a child process)."""
+    API (the start reads the kubelet's record as bytes), shutil (argparse's width), ctypes.util (the C
+    library's lookup, which also ran `ldconfig` in a child process) and the IDNA codec (the health port's
+    address)."""
     probe = (
         "import sys; sys.argv[1:] = ['agent']; from agent import cli; "
         "args = cli.build_parser(cli._command_of(['agent'])).parse_args(['agent']); "
         "import agent.supervisor; from agent.dirwatch import _libc; _libc(); "
+        "cli._listen('127.0.0.1', 0).close(); "
         "late = ('agent.webhook', 'agent.status', 'agent.mutation', 'agent.nri.plugin', 'agent.nriapi', "
         "'aiohttp', 'watchfiles', 'agent.nri.policy', 'agent.kubeletapi.v1', 'shutil', 'ctypes.util', "
-        "'agent.health', 'agent.nri.accounting', 'h11'); "
+        "'agent.health', 'agent.nri.accounting', 'h11', 'encodings.idna'); "
         "print(sorted(m for m in late if sys.modules.get(m) is not None)); "
         "print(args.nri_socket, args.nri_index, args.nri_policy, *cli.NRI_POLICIES)"
     )
