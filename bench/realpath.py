@@ -204,9 +204,10 @@ def _start_values(runs: list[_Started]) -> dict[str, object]:
 async def _peer_settled(kubelet: KubeletPeer, timeout_s: float = SETTLE_S) -> bool:
     """Wait until the peer has sent the state snapshot that follows its last reply (False: none came).
 
-    After every reply the peer snapshots the device manager for its driver: every device ID of 12,080, read
-    by reflection under the device manager's own mutex. A kubelet has no such observer. An admission sent
-    while a snapshot runs waits for that mutex: on this VM that doubled the median Allocate time."""
+    After every reply the peer snapshots the device manager for its driver: every device ID of 12,080. A
+    kubelet has no such observer. An admission sent while a snapshot ran waited for the device manager's
+    mutex, which the walk held: on this VM that doubled the median Allocate time. The walk now runs after
+    the mutex is released (tests/kubeletpeer/observe.go), but it and its JSON still take CPU."""
     seen = kubelet.state_events
     deadline = time.monotonic() + timeout_s
     while kubelet.state_events == seen:
