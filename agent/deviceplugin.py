@@ -55,6 +55,7 @@ from agent.wire import (
     AllocateRequestDecoder,
     EncodedAllocateResponse,
     EncodedListAndWatchResponse,
+    EncodedPreferredAllocationResponse,
     PreferredAllocationRequestDecoder,
     encode_resource,
 )
@@ -339,7 +340,7 @@ class ResourceServicer(DevicePluginBase):
             log.warning("preferred_allocation.rejected", resource=self._resource.name, reason=str(exc))
             raise GRPCError(Status.INVALID_ARGUMENT, f"{self._resource.name}: {exc}") from None
         self._count("GetPreferredAllocation", started, ok=True)
-        return PreferredAllocationResponse(container_responses=responses)
+        return EncodedPreferredAllocationResponse(container_responses=responses)
 
     def _prefer(self, available: list[str], must_include: list[str], size: int) -> list[str]:
         resource = self._resource

@@ -15,11 +15,18 @@ from agent.kubeletapi.v1beta1 import (
     ContainerAllocateRequest,
     ContainerAllocateResponse,
     ContainerPreferredAllocationRequest,
+    ContainerPreferredAllocationResponse,
     DeviceSpec,
     Mount,
     PreferredAllocationRequest,
+    PreferredAllocationResponse,
 )
-from agent.wire import AllocateRequestDecoder, EncodedAllocateResponse, PreferredAllocationRequestDecoder
+from agent.wire import (
+    AllocateRequestDecoder,
+    EncodedAllocateResponse,
+    EncodedPreferredAllocationResponse,
+    PreferredAllocationRequestDecoder,
+)
 
 ids = st.lists(st.text(max_size=12), max_size=20)
 
@@ -104,6 +111,18 @@ def test_allocate_answers_encode_as_protobuf_does(containers: list[ContainerAllo
     assert EncodedAllocateResponse(containers).SerializeToString() == bytes(
         AllocateResponse(container_responses=containers)
     )
+
+
+# IDs of any length and text, long ones past the one-byte length included.
+preferred_ids = st.lists(st.text(max_size=3) | st.text(min_size=120, max_size=140), max_size=6)
+
+
+@given(st.lists(preferred_ids, max_size=3))
+def test_preferred_answers_encode_as_protobuf_does(containers: list[list[str]]) -> None:
+    responses = [ContainerPreferredAllocationResponse(device_i_ds=ids) for ids in containers]
+    expected = bytes(PreferredAllocationResponse(container_responses=responses))
+    assert bytes(EncodedPreferredAllocationResponse(container_responses=responses)) == expected
+    assert EncodedPreferredAllocationResponse(container_responses=responses).SerializeToString() == expected
 
 
 def test_allocate_answers_with_mounts_or_cdi_devices_take_the_generic_encoder() -> None:
