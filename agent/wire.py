@@ -208,9 +208,13 @@ def _short_strings(data: bytes) -> list[str] | None:
     if parts[0]:
         return None
     texts = parts[2::2]
-    if "".join(parts[1::2]).encode("ascii") != bytes(map(len, texts)):
+    try:
+        exact = "".join(parts[1::2]).encode("ascii") == bytes(map(len, texts))
+    except ValueError:
+        # A piece of 256 characters or more (bytes() refuses its length): no one-byte length says it, so
+        # the message holds something else, such as an unknown field, which the generic reader skips.
         return None
-    return texts
+    return texts if exact else None
 
 
 _KEY_AND_LENGTH = re.compile("\n(.)", re.DOTALL)
