@@ -119,6 +119,43 @@ def test_shared_allocate_accepts_exactly_what_the_per_id_rules_accept(
     assert answer.envs["CPUPOOL_SHARED_CPUS"] == resource.grant(ids).cpus.comma_list()
 
 
+# Base 36 changes width at 36, 1,296 and 46,656: the one-pass range check compares IDs by (length, text), so
+# counts and requests around those widths, and a count of 0 (a drained pool the kubelet still asks about).
+_WIDTHS = [0, 1, 35, 36, 37, 1295, 1296, 1297, 46655, 46656, 46657]
+edge_resources = st.builds(
+    lambda count, recent, withheld: replace(
+        shared_resource(),
+        shared_count=count,
+        shared_recent=recent,
+        shared_withheld=frozenset(i for i in withheld if i < count),
+    ),
+    count=st.sampled_from(_WIDTHS),
+    recent=st.sampled_from(_WIDTHS),
+    withheld=st.sets(st.sampled_from(_WIDTHS), max_size=2),
+)
+edge_requests = st.builds(
+    lambda end, length: [shared_device_id(i) for i in range(max(0, end - length), end)],
+    end=st.sampled_from([w + d for w in _WIDTHS for d in (-1, 0, 1) if w + d >= 16]),
+    length=st.integers(16, 40),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(resource=edge_resources, ids=edge_requests)
+def test_shared_allocate_at_the_id_width_boundaries_accepts_what_the_per_id_rules_accept(
+    resource: Resource, ids: list[str]
+) -> None:
+    servicer = ResourceServicer(resource, CpuSet(), Metrics())
+    # A request for more IDs than the pool has now is refused before any ID is looked at.
+    fits = len(ids) <= max(resource.device_count, resource.shared_count)
+    if fits and all(known(resource, i) for i in ids):
+        assert allocate(servicer, ids).container_responses[0].envs["CPUPOOL_SHARED_CPUS"] == "6,7,14,15"
+    else:
+        with pytest.raises(GRPCError) as info:
+            allocate(servicer, ids)
+        assert info.value.status is Status.INVALID_ARGUMENT
+
+
 def test_an_unknown_millicpu_among_five_hundred_is_named() -> None:
     resource = replace(shared_resource(), shared_withheld=frozenset({250}))
     servicer = ResourceServicer(resource, CpuSet(), Metrics())
