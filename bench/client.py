@@ -37,7 +37,10 @@ def preferred_request(available: Sequence[str], must_include: Sequence[str], siz
 # grpcio shares one connection between every channel of a process that dials the same target: without a
 # pool of its own, a benchmark channel would share the emulator's connection, and a wedged connection
 # (see the load benchmark) would stall the emulator's registration too.
-OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+# Each client keeps a connection of its own, and redials within a second after losing it: a kubelet dials
+# each plugin again as soon as it registers, where grpcio's own backoff grows to 4 s and more after a few
+# failed attempts during a restart (the load figure's channels once took over 10 s to be ready again).
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class PluginClient:
