@@ -39,7 +39,7 @@ from agent.deviceplugin import (
     register,
 )
 from agent.dirwatch import watch_directories
-from agent.hotplug import online_changes
+from agent.hotplug import cpu_dir, online_changes
 from agent.idset import EMPTY, IdSet
 from agent.ledger import STATE_FILE, LedgerError
 from agent.ledger import claim_key as ledger_claim_key
@@ -1042,7 +1042,7 @@ class Supervisor:
 
         The read is done on the loop: it takes about 11 us, where handing it to a worker thread took about
         130 us of CPU and woke a second thread (measured on this project's VM)."""
-        path = self.settings.root / "sys" / "devices" / "system" / "cpu" / "online"
+        path = cpu_dir(self.settings.root) / "online"
         async for _ in online_changes(self.settings.root, self.settings.hotplug_poll_s):
             try:
                 online = CpuSet.parse(_read_small_file(path)).format()
