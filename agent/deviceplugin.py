@@ -579,13 +579,13 @@ class _CoalescingTransport(asyncio.Transport):
                 self._ack_timer = self._loop.call_later(ACK_HOLD_S, self._flush)
             return
         self._sequel_due = _answer_has_sequel.get()
-        if not self._pending:
-            self._loop.call_soon(self._flush)
         self._pending.append(data)
         self._size += len(data)
         if self._size >= _COALESCE_MAX or (len(data) >= 9 and data[3] == _HEADERS and data[4] & _END_STREAM):
             # A call's trailers end its answer: nothing of it is left to wait for.
             self._flush()
+        elif len(self._pending) == 1:
+            self._loop.call_soon(self._flush)
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
