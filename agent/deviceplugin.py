@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import itertools
 import os
 import re
 import time
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +18,12 @@ from grpclib import GRPCError
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import ProtocolError, StreamTerminatedError
-from grpclib.protocol import H2Protocol
-from grpclib.server import Server
 
 from agent.allocation import AllocationError, preferred_allocation
 from agent.claim import ClaimKey
 from agent.claim import annotation_key as claim_annotation_key
 from agent.config import pool_env_name
+from agent.connection import Direct, TrackingServer, answer_has_sequel
 from agent.cpuset import CpuSet
 from agent.idset import SHARED_ID_PATTERN, shared_device_id, shared_device_index
 from agent.kubeletapi.v1beta1 import (
@@ -147,10 +144,21 @@ def _check_ids(ids: Sequence[object], where: str) -> None:
         raise RequestError(f"{where}: device IDs must be strings (malformed message)")
 
 
+def _as_status(path: str, exc: Exception) -> GRPCError:
+    """A failure other than a gRPC status, as one (logged): a bad request never surfaces as a crash."""
+    if isinstance(exc, GRPCError):
+        return exc
+    if isinstance(exc, (ValueError, TypeError, AttributeError, IndexError, KeyError)):
+        log.warning("request.malformed", method=path, reason=repr(exc))
+        return GRPCError(Status.INVALID_ARGUMENT, f"{path}: malformed request: {exc}")
+    log.exception("request.failed", method=path)
+    return GRPCError(Status.INTERNAL, f"{path}: {exc!r}")
+
+
 def _guarded(
     path: str, func: Callable[[Any], Awaitable[None]], calls: set[asyncio.Task[Any]]
 ) -> Callable[[Any], Awaitable[None]]:
-    """Any failure other than a gRPC status becomes one, logged: a bad request never surfaces as a crash.
+    """Any failure other than a gRPC status becomes one (_as_status).
 
     Each call's task stays in `calls` until it has ended (its answer sent), for ResourceServer.close()."""
 
@@ -164,24 +172,33 @@ def _guarded(
         if has_sequel:
             # This task's context only (grpclib runs each call in a task of its own): its answer's writes,
             # trailers included, tell the transport that an Allocate follows.
-            _answer_has_sequel.set(True)
+            answer_has_sequel.set(True)
         try:
             await func(stream)
-        except (GRPCError, asyncio.CancelledError):
+        except asyncio.CancelledError:
             raise
-        except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-            log.warning("request.malformed", method=path, reason=repr(exc))
-            raise GRPCError(Status.INVALID_ARGUMENT, f"{path}: malformed request: {exc}") from None
         except Exception as exc:
-            log.exception("request.failed", method=path)
-            raise GRPCError(Status.INTERNAL, f"{path}: {exc!r}") from None
+            raise _as_status(path, exc) from None
 
     return handler
 
 
+def _direct(path: str, decode: Callable[[bytes], _Req], answer: Callable[[_Req], bytes]) -> Direct:
+    """`answer` as a direct method of the connection (agent.connection.ServerProtocol)."""
+
+    def call(data: bytes) -> bytes:
+        try:
+            return answer(decode(data))
+        except Exception as exc:
+            raise _as_status(path, exc) from None
+
+    return Direct(call, has_sequel=path == _PREFERRED_PATH)
+
+
 _PREFERRED_PATH = "/v1beta1.DevicePlugin/GetPreferredAllocation"
+_ALLOCATE_PATH = "/v1beta1.DevicePlugin/Allocate"
 _DECODERS: dict[str, type] = {
-    "/v1beta1.DevicePlugin/Allocate": AllocateRequestDecoder,
+    _ALLOCATE_PATH: AllocateRequestDecoder,
     _PREFERRED_PATH: PreferredAllocationRequestDecoder,
 }
 
@@ -322,9 +339,27 @@ class ResourceServicer(DevicePluginBase):
                 await asyncio.wait_for(self._progress.wait(), remaining)
         return True
 
+    def direct_answers(self) -> dict[str, Direct]:
+        """The admission path's calls, answered by the connection as soon as a request is in whole."""
+        return {
+            _PREFERRED_PATH: _direct(
+                _PREFERRED_PATH,
+                PreferredAllocationRequestDecoder.FromString,
+                lambda message: bytes(self.preferred(message)),
+            ),
+            _ALLOCATE_PATH: _direct(
+                _ALLOCATE_PATH,
+                AllocateRequestDecoder.FromString,
+                lambda message: bytes(self.allocate_now(message)),
+            ),
+        }
+
     async def get_preferred_allocation(
         self, message: PreferredAllocationRequest
     ) -> PreferredAllocationResponse:
+        return self.preferred(message)
+
+    def preferred(self, message: PreferredAllocationRequest) -> PreferredAllocationResponse:
         started = time.perf_counter()
         try:
             responses = [
@@ -393,6 +428,9 @@ class ResourceServicer(DevicePluginBase):
         return must + rest[: size - len(must)]
 
     async def allocate(self, message: AllocateRequest) -> AllocateResponse:
+        return self.allocate_now(message)
+
+    def allocate_now(self, message: AllocateRequest) -> AllocateResponse:
         started = time.perf_counter()
         try:
             requests = _requests(message.container_requests, ContainerAllocateRequest)
@@ -510,212 +548,13 @@ async def _socket_answers(path: Path) -> bool:
     return True
 
 
-# The one grpclib internal the agent relies on (docs/lifecycle.md): grpclib has no public hook for the
-# connections it accepts, and one left open after close() would let the kubelet call a servicer whose plan
-# is gone. A grpclib without it stops the agent at import; tests/test_hardening.py checks it is still called.
-if not callable(getattr(Server, "_protocol_factory", None)):
-    raise ImportError(
-        "grpclib.server.Server._protocol_factory no longer exists: ResourceServer.close() could not drop "
-        "the kubelet's connections; see docs/lifecycle.md"
-    )
-
-
-# A write at least this big goes out at once (with whatever is pending before it) instead of waiting for the
-# end of the loop turn: the kernel's socket buffer takes it in pieces anyway, and the transport's own buffer
-# limits must keep telling grpclib to pause a big ListAndWatch list.
-_COALESCE_MAX = 64 * 1024
-
-# A PING's acknowledgement as h2 writes it when nothing else is due: the 9-byte frame header (length 8,
-# type PING, flag ACK, stream 0) and the 8 bytes of the PING it answers.
-_PING_ACK_HEADER = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"
-_PING_ACK_SIZE = len(_PING_ACK_HEADER) + 8
-# A HEADERS frame with END_STREAM: a call's trailers (or its whole answer when it fails at once).
-_HEADERS = 0x1
-_END_STREAM = 0x1
-# The longest a PING's acknowledgement waits for the answer it rides with. The kubelet sends Allocate within
-# a millisecond or two of the GetPreferredAllocation answer; this only bounds a kubelet that does not.
-ACK_HOLD_S = 0.1
-
-# Set in the task that answers a GetPreferredAllocation: that answer's writes tell the connection's
-# transport that an Allocate follows on it.
-_answer_has_sequel: contextvars.ContextVar[bool] = contextvars.ContextVar("answer_has_sequel", default=False)
-
-
-class _CoalescingTransport(asyncio.Transport):
-    """A socket transport whose writes of one loop turn leave in a single send.
-
-    grpclib writes a unary answer as three frames, each straight to the socket: HEADERS, DATA, then the
-    trailers' HEADERS. Each send is a system call of its own (about 0.15 ms on a 2-vCPU VM) and wakes the
-    kubelet's reader, which can do nothing until the trailers are in. Writes made while one handler step
-    runs are kept and sent together once that step is over (loop.call_soon), in order.
-
-    A PING acknowledged after a GetPreferredAllocation answer rides with the Allocate answer that follows
-    (ACK_HOLD_S at most). The kubelet's gRPC client sends a PING (its bandwidth probe) whenever an answer's
-    DATA arrives and no PING of its is unanswered: acknowledged at once, each admission cost two PINGs, each
-    a wake-up of the agent and a send. Acknowledged after the Allocate answer's frames, the Allocate answer
-    finds its PING still out and starts none: one PING per admission, and no send of its own. HTTP/2 asks
-    for a prompt acknowledgement (a SHOULD, RFC 9113 6.7); the kubelet uses these PINGs only to size its
-    flow-control windows, and a PING sent while data flows is acknowledged with that data."""
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        super().__init__()
-        self._transport = transport
-        self._pending: list[bytes] = []
-        self._size = 0
-        self._loop = asyncio.get_running_loop()
-        # Acknowledgements held for the next answer, and the timer that sends them if none comes.
-        self._acks: list[bytes] = []
-        self._ack_timer: asyncio.TimerHandle | None = None
-        # The last answer written was a GetPreferredAllocation's: its Allocate comes next.
-        self._sequel_due = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        data = bytes(data)
-        if self._sequel_due and len(data) == _PING_ACK_SIZE and data.startswith(_PING_ACK_HEADER):
-            self._acks.append(data)
-            if self._ack_timer is None:
-                self._ack_timer = self._loop.call_later(ACK_HOLD_S, self._flush)
-            return
-        self._sequel_due = _answer_has_sequel.get()
-        self._pending.append(data)
-        self._size += len(data)
-        if self._size >= _COALESCE_MAX or (len(data) >= 9 and data[3] == _HEADERS and data[4] & _END_STREAM):
-            # A call's trailers end its answer: nothing of it is left to wait for.
-            self._flush()
-        elif len(self._pending) == 1:
-            self._loop.call_soon(self._flush)
-
-    def writelines(self, list_of_data: Any) -> None:
-        for data in list_of_data:
-            self.write(data)
-
-    def _flush(self) -> None:
-        pending, self._pending, self._size = self._pending, [], 0
-        if self._acks:
-            # After the answer's frames: its DATA must reach the kubelet while its PING is still out.
-            pending += self._acks
-            self._acks = []
-            self._sequel_due = False
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def close(self) -> None:
-        # What grpclib wrote before closing (an answer's trailers, a GOAWAY) still goes out first.
-        self._flush()
-        self._transport.close()
-
-    def abort(self) -> None:
-        self._pending, self._size, self._acks = [], 0, []
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        self._transport.abort()
-
-    def write_eof(self) -> None:
-        self._flush()
-        self._transport.write_eof()
-
-    def can_write_eof(self) -> bool:
-        return self._transport.can_write_eof()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._transport.get_extra_info(name, default)
-
-    def get_write_buffer_size(self) -> int:
-        return self._size + self._transport.get_write_buffer_size()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._transport.get_write_buffer_limits()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._transport.set_write_buffer_limits(high, low)
-
-    def is_reading(self) -> bool:
-        return self._transport.is_reading()
-
-    def pause_reading(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._transport.resume_reading()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._transport.set_protocol(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._transport.get_protocol()
-
-
-class _CoalescingProtocol(asyncio.Protocol):
-    """Hands grpclib's protocol a _CoalescingTransport; everything else passes straight through."""
-
-    def __init__(self, inner: H2Protocol) -> None:
-        self.inner = inner
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if isinstance(transport, asyncio.Transport):
-            transport = _CoalescingTransport(transport)
-        self.inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.inner.resume_writing()
-
-
-class _TrackingServer(Server):
-    """grpclib's Server, remembering its connections so that close() can end them.
-
-    grpclib's own close() cancels in-flight calls without answering them and leaves the connections open:
-    a client then waits forever. The agent lets calls finish first and closes the connections after, so a
-    client sees either its answer or a closed connection it can redial at once. Each connection's writes are
-    coalesced per loop turn (_CoalescingTransport).
-    """
-
-    def __init__(self, handlers: list[Any]) -> None:
-        super().__init__(handlers)
-        self.protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
-
-    def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
-        self.protocols.add(protocol)
-        # grpclib hands this factory to loop.create_unix_server, which only needs an asyncio protocol.
-        return _CoalescingProtocol(protocol)  # type: ignore[return-value]
-
-    def open_connections(self) -> list[H2Protocol]:
-        # `connection` is set once the transport is made; Connection.is_closing() is grpclib's public test.
-        return [p for p in list(self.protocols) if hasattr(p, "connection") and not p.connection.is_closing()]
-
-    def drop_connections(self) -> None:
-        for protocol in self.open_connections():
-            protocol.connection.close()
-
-
 class ResourceServer:
     """One resource's grpclib server on its own unix socket. Owns the socket file while it runs."""
 
     def __init__(self, servicer: ResourceServicer, path: Path) -> None:
         self.servicer = servicer
         self.path = path
-        self._server: _TrackingServer | None = None
+        self._server: TrackingServer | None = None
         self._inode: int | None = None
 
     async def start(self) -> None:
@@ -726,7 +565,7 @@ class ResourceServer:
                 raise SocketInUseError(f"{self.path}: another process already serves this socket")
             log.info("socket.stale_removed", path=str(self.path))
             self.path.unlink(missing_ok=True)
-        server = _TrackingServer([self.servicer])
+        server = TrackingServer([self.servicer], self.servicer.direct_answers())
         # The socket is born 0600: only root (the kubelet) may call Allocate or ListAndWatch.
         previous_umask = os.umask(0o177)
         try:
@@ -773,6 +612,9 @@ class ResourceServer:
             in_flight = self.servicer.in_flight()
             if in_flight:
                 await asyncio.wait(in_flight, timeout=grace_s)
+            # A direct answer (agent.connection) whose message waits for the kubelet's flow-control window.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.answers_sent(), timeout=grace_s)
             server.close()
             server.drop_connections()
             try:

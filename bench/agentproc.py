@@ -26,6 +26,9 @@ def _pycache() -> Path:
     return Path(base) / "cpupool" / "bench-pycache"
 
 
+_ROOT = Path(__file__).resolve().parents[1]
+
+
 def agent_environment() -> dict[str, str]:
     """The agent's environment: this one, with compiled bytecode kept (outside the repository).
 
@@ -112,8 +115,10 @@ class AgentProcess:
 
     def start(self) -> None:
         with self.log_path.open("wb") as log_file:
+            # From this tree's root: `-m agent.cli` imports the agent of the directory it starts in, and a
+            # benchmark of another checkout (a worktree, for a before/after) must run that checkout's agent.
             self._proc = subprocess.Popen(
-                self.argv, stdout=log_file, stderr=subprocess.STDOUT, env=agent_environment()
+                self.argv, stdout=log_file, stderr=subprocess.STDOUT, env=agent_environment(), cwd=_ROOT
             )
         log.info("agent_process.started", pid=self._proc.pid, log=str(self.log_path))
 

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 import agent.deviceplugin
 from agent.allocation import ExclusiveDevice
 from agent.config import parse_config, validate
+from agent.connection import CoalescingTransport, answer_has_sequel
 from agent.cpuset import CpuSet
-from agent.deviceplugin import ResourceServicer, _answer_has_sequel, _CoalescingTransport
+from agent.deviceplugin import ResourceServicer
 from agent.idset import shared_device_id, shared_device_index
 from agent.kubeletapi.v1beta1 import AllocateRequest, AllocateResponse, ContainerAllocateRequest
 from agent.metrics import Metrics
@@ -57,16 +58,9 @@ def known(resource: Resource, device_id: str) -> bool:
 
 
 def allocate(servicer: ResourceServicer, ids: list[str]) -> AllocateResponse:
-    request = AllocateRequest(container_requests=[ContainerAllocateRequest(devices_ids=ids)])
-    coro = servicer.allocate(request)
-    # The servicer never waits on anything: one step answers.
-    answer: object = None
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        answer = done.value
-    assert isinstance(answer, AllocateResponse), "allocate() suspended"
-    return answer
+    return servicer.allocate_now(
+        AllocateRequest(container_requests=[ContainerAllocateRequest(devices_ids=ids)])
+    )
 
 
 FOREIGN = ExclusiveDevice("7", CpuSet([7]), 0, CoreKey(0, 3), 0)
@@ -167,7 +161,7 @@ def test_an_unknown_millicpu_among_five_hundred_is_named() -> None:
 
 
 class _Recorder:
-    """The socket transport under a _CoalescingTransport: records each write as the kernel would see it."""
+    """The socket transport under a CoalescingTransport: records each write as the kernel would see it."""
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
@@ -185,7 +179,7 @@ class _Recorder:
 
 async def test_writes_of_one_loop_turn_leave_in_one_send_in_order() -> None:
     recorder = _Recorder()
-    transport = _CoalescingTransport(recorder)  # type: ignore[arg-type]
+    transport = CoalescingTransport(recorder)  # type: ignore[arg-type]
     transport.write(b"headers")
     transport.write(b"data")
     transport.write(b"trailers")
@@ -199,7 +193,7 @@ async def test_writes_of_one_loop_turn_leave_in_one_send_in_order() -> None:
 
 async def test_close_sends_what_was_written_first_and_big_writes_go_at_once() -> None:
     recorder = _Recorder()
-    transport = _CoalescingTransport(recorder)  # type: ignore[arg-type]
+    transport = CoalescingTransport(recorder)  # type: ignore[arg-type]
     transport.write(b"small")
     big = b"x" * (64 * 1024)
     transport.write(big)
@@ -218,12 +212,12 @@ async def test_close_sends_what_was_written_first_and_big_writes_go_at_once() ->
 PING_ACK = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00" + bytes([2, 4, 16, 16, 9, 14, 7, 7])
 
 
-async def _answer(transport: _CoalescingTransport, data: bytes, *, preferred: bool) -> None:
+async def _answer(transport: CoalescingTransport, data: bytes, *, preferred: bool) -> None:
     """A write made by a call's own task, as grpclib makes it (a GetPreferredAllocation's if `preferred`)."""
 
     async def call() -> None:
         if preferred:
-            _answer_has_sequel.set(True)
+            answer_has_sequel.set(True)
         transport.write(data)
 
     await asyncio.create_task(call())
@@ -231,7 +225,7 @@ async def _answer(transport: _CoalescingTransport, data: bytes, *, preferred: bo
 
 async def test_a_ping_after_a_preferred_answer_is_acknowledged_with_the_allocate_answer() -> None:
     recorder = _Recorder()
-    transport = _CoalescingTransport(recorder)  # type: ignore[arg-type]
+    transport = CoalescingTransport(recorder)  # type: ignore[arg-type]
     await _answer(transport, b"preferred", preferred=True)
     await asyncio.sleep(0)
     assert recorder.writes == [b"preferred"]
@@ -252,9 +246,9 @@ async def test_a_ping_after_a_preferred_answer_is_acknowledged_with_the_allocate
 async def test_a_held_acknowledgement_goes_out_alone_when_no_answer_follows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(agent.deviceplugin, "ACK_HOLD_S", 0.02)
+    monkeypatch.setattr(agent.connection, "ACK_HOLD_S", 0.02)
     recorder = _Recorder()
-    transport = _CoalescingTransport(recorder)  # type: ignore[arg-type]
+    transport = CoalescingTransport(recorder)  # type: ignore[arg-type]
     await _answer(transport, b"preferred", preferred=True)
     transport.write(PING_ACK)
     transport.write(PING_ACK)
@@ -266,7 +260,7 @@ async def test_a_held_acknowledgement_goes_out_alone_when_no_answer_follows(
 
 async def test_closing_sends_held_acknowledgements_and_other_frames_are_never_held() -> None:
     recorder = _Recorder()
-    transport = _CoalescingTransport(recorder)  # type: ignore[arg-type]
+    transport = CoalescingTransport(recorder)  # type: ignore[arg-type]
     await _answer(transport, b"preferred", preferred=True)
     # A PING acknowledgement together with other frames (a WINDOW_UPDATE) is not a lone acknowledgement.
     window_update = b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x10\x00"
@@ -282,7 +276,7 @@ async def test_closing_sends_held_acknowledgements_and_other_frames_are_never_he
 
 async def test_an_answers_trailers_send_it_at_once() -> None:
     recorder = _Recorder()
-    transport = _CoalescingTransport(recorder)  # type: ignore[arg-type]
+    transport = CoalescingTransport(recorder)  # type: ignore[arg-type]
     headers = b"\x00\x00\x01\x01\x04\x00\x00\x00\x01" + b"\x88"  # HEADERS, END_HEADERS, stream 1
     data = b"\x00\x00\x02\x00\x00\x00\x00\x00\x01" + b"\x00\x00"  # DATA, stream 1
     trailers = b"\x00\x00\x01\x01\x05\x00\x00\x00\x01" + b"\xbe"  # HEADERS, END_STREAM | END_HEADERS

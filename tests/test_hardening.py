@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+import agent.connection
 from tests.emulator import DEVICEPLUGIN, PluginCallError
 from tests.harness import Running, running_agent
 
@@ -107,3 +108,31 @@ async def test_the_one_grpclib_internal_of_the_graceful_close_is_still_called(tm
         await resource_server.close()
         assert all(p.connection.is_closing() for p in connections), "close() left a connection open"
         assert not resource_server.servicer.in_flight()
+
+
+async def test_the_admission_path_is_answered_by_the_connection(tmp_path: Path) -> None:
+    """GetPreferredAllocation and Allocate are answered by agent.connection.ServerProtocol, which reaches h2
+    through grpclib's `Connection._connection` (docs/lifecycle.md). If a grpclib release moves it, the agent
+    leaves every call to grpclib (slower, still correct; test below) and this test fails loudly."""
+    async with running_agent(tmp_path) as run:
+        await run.emu.wait_devices(FAST)
+        server = run.supervisor.states[FAST].server._server
+        assert server is not None
+        before = server.answered_directly()
+        await still_serving(run)
+        assert server.answered_directly() >= before + 2, "GetPreferredAllocation and Allocate went to grpclib"
+
+
+async def test_without_the_h2_internal_every_call_goes_to_grpclib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As if a grpclib release had moved h2's connection object.
+    monkeypatch.setattr(agent.connection, "_h2_of", lambda protocol: None)
+    async with running_agent(tmp_path) as run:
+        await run.emu.wait_devices(FAST)
+        server = run.supervisor.states[FAST].server._server
+        assert server is not None
+        await still_serving(run)
+        assert server.answered_directly() == 0
+    captured = capsys.readouterr()
+    assert "grpclib.internals_moved" in captured.out + captured.err

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-import agent.deviceplugin
-from agent.deviceplugin import _CoalescingTransport
+import agent.connection
+from agent.connection import CoalescingTransport
 from tests.harness import running_agent
 
 FAST = "cpupool.io/fast"
@@ -39,7 +39,7 @@ def ping_acks(data: bytes) -> int:
 
 
 class _Tap:
-    """The socket transport under the agent's _CoalescingTransport: records every send."""
+    """The socket transport under the agent's CoalescingTransport: records every send."""
 
     def __init__(self, transport: asyncio.Transport, sends: list[bytes]) -> None:
         self._transport = transport
@@ -58,14 +58,14 @@ async def test_an_exclusive_admission_costs_one_ping_and_no_send_for_it(
 ) -> None:
     sends: list[bytes] = []
 
-    class Tapped(_CoalescingTransport):
+    class Tapped(CoalescingTransport):
         def __init__(self, transport: asyncio.Transport) -> None:
             super().__init__(_Tap(transport, sends))  # type: ignore[arg-type]
 
-    monkeypatch.setattr(agent.deviceplugin, "_CoalescingTransport", Tapped)
+    monkeypatch.setattr(agent.connection, "CoalescingTransport", Tapped)
     # On a loaded machine the kubelet's Allocate can follow its GetPreferredAllocation by more than the
     # usual 100 ms; the count must not depend on it.
-    monkeypatch.setattr(agent.deviceplugin, "ACK_HOLD_S", 1.0)
+    monkeypatch.setattr(agent.connection, "ACK_HOLD_S", 1.0)
     async with running_agent(tmp_path, FAST_ONLY, peer="kubelet") as run:
         await run.emu.wait_devices(FAST)
         # The connection's start (SETTINGS, the first list, the first PINGs) is not counted.
@@ -77,8 +77,12 @@ async def test_an_exclusive_admission_costs_one_ping_and_no_send_for_it(
             result = await run.emu.allocate(FAST, 1, pod=f"p{i}")
             assert len(result.device_ids) == 1
             await run.emu.remove_pod(f"p{i}")
+        server = run.supervisor.states[FAST].server._server
+        assert server is not None
+        # The kubelet's requests come whole: its calls are answered by the connection (agent.connection).
+        assert server.answered_directly() >= 2 * ADMISSIONS
         # Every PING held is acknowledged by now (ACK_HOLD_S at most).
-        await asyncio.sleep(agent.deviceplugin.ACK_HOLD_S * 1.5)
+        await asyncio.sleep(agent.connection.ACK_HOLD_S * 1.5)
     acks = sum(ping_acks(s) for s in sends)
     alone = [s for s in sends if ping_acks(s) and all(kind == _PING for kind, _ in frames(s))]
     # Acknowledged at once, each admission cost two PINGs and two sends of an acknowledgement alone.

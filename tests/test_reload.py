@@ -203,8 +203,6 @@ def failing_without_traceback() -> Iterator[None]:
         pytest.fail(str(exc), pytrace=False)
 
 
-
-
 async def test_kubelet_dying_during_register_does_not_stop_registration(
     tmp_path: Path, kubelet_peer_binary: Path
 ) -> None:

@@ -1,0 +1,180 @@
+"""The device plugin server's connections (agent.connection), driven by a raw HTTP/2 client.
+
+GetPreferredAllocation and Allocate are answered by the connection itself when a request comes whole in one
+read; a request split over reads goes through grpclib's own path. Both must give the kubelet the same bytes,
+the same headers and the same status, for answers and refusals alike; an answer the kubelet's flow-control
+window cannot take yet waits for it, and a call the kubelet gives up on costs nothing but that call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from agent.config import parse_config, validate
+from agent.cpuset import CpuSet
+from agent.deviceplugin import ResourceServer, ResourceServicer
+from agent.kubeletapi.v1beta1 import (
+    AllocateRequest,
+    AllocateResponse,
+    ContainerAllocateRequest,
+    ContainerPreferredAllocationRequest,
+    PreferredAllocationRequest,
+    PreferredAllocationResponse,
+)
+from agent.metrics import Metrics
+from agent.plan import build_plan
+from tests.rawh2 import RawClient
+from tests.topologies import make_topology
+
+TOPO = make_topology(isolated="2-7,10-15")
+CONFIG = """\
+resourceBaseName: cpupool.io
+pools:
+  fast: {cpus: "2-5,10-13", pooltype: exclusive}
+"""
+FAST = "cpupool.io/fast"
+ALLOCATE = "/v1beta1.DevicePlugin/Allocate"
+PREFERRED = "/v1beta1.DevicePlugin/GetPreferredAllocation"
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path) -> AsyncIterator[ResourceServer]:
+    plan = build_plan(validate(parse_config(CONFIG, "test.yaml"), TOPO), TOPO)
+    server = ResourceServer(
+        ResourceServicer(plan.resources[FAST], CpuSet(), Metrics()), tmp_path / "fast.sock"
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+@asynccontextmanager
+async def client(server: ResourceServer, window: int | None = None) -> AsyncIterator[RawClient]:
+    reader, writer = await asyncio.open_unix_connection(str(server.path))
+    raw = RawClient(reader, writer, window)
+    try:
+        yield raw
+    finally:
+        await raw.close()
+
+
+def answered_directly(server: ResourceServer) -> int:
+    assert server._server is not None
+    return server._server.answered_directly()
+
+
+def preferred(available: list[str], size: int, must: list[str] | None = None) -> bytes:
+    return bytes(
+        PreferredAllocationRequest(
+            container_requests=[
+                ContainerPreferredAllocationRequest(
+                    available_deviceIDs=available, must_include_deviceIDs=must or [], allocation_size=size
+                )
+            ]
+        )
+    )
+
+
+def allocate(*ids: str) -> bytes:
+    return bytes(AllocateRequest(container_requests=[ContainerAllocateRequest(devices_ids=list(ids))]))
+
+
+CALLS = [
+    pytest.param(PREFERRED, preferred(["2", "3", "4", "5", "10", "11"], 2), "0", id="preferred"),
+    pytest.param(ALLOCATE, allocate("3"), "0", id="allocate"),
+    pytest.param(ALLOCATE, allocate("2", "10"), "0", id="allocate-two"),
+    # Refusals: a trailers-only answer with the status and message grpclib would give.
+    pytest.param(ALLOCATE, allocate("99"), "3", id="unknown-id"),
+    pytest.param(ALLOCATE, allocate(), "3", id="no-ids"),
+    pytest.param(PREFERRED, preferred(["2"], 2), "3", id="too-many"),
+    pytest.param(ALLOCATE, b"\x0a\x05\x0a\x03\xff\xfe\x00", "3", id="malformed"),
+]
+
+
+@pytest.mark.parametrize(("path", "message", "status"), CALLS)
+async def test_a_whole_request_is_answered_directly_with_grpclibs_own_bytes(
+    tmp_path: Path, path: str, message: bytes, status: str
+) -> None:
+    async with serving(tmp_path) as server, client(server) as raw:
+        before = answered_directly(server)
+        direct = await raw.call(path, message)
+        assert answered_directly(server) == before + 1
+        through_grpclib = await raw.call(path, message, split=True)
+        assert answered_directly(server) == before + 1, "a split request was answered directly"
+    assert direct.status == status
+    assert (direct.headers, direct.data, direct.trailers) == (
+        through_grpclib.headers,
+        through_grpclib.data,
+        through_grpclib.trailers,
+    )
+    assert not direct.reset and not through_grpclib.reset
+
+
+async def test_the_answers_are_the_servicers(tmp_path: Path) -> None:
+    async with serving(tmp_path) as server, client(server) as raw:
+        chosen = PreferredAllocationResponse.parse(
+            (await raw.call(PREFERRED, preferred(["2", "10", "3", "11"], 2))).message()
+        )
+        ids = list(chosen.container_responses[0].device_i_ds)
+        # Hyperthread siblings 2 and 10 (make_topology: sibling = cpu + 8) make one whole core.
+        assert sorted(ids) == ["10", "2"]
+        given = AllocateResponse.parse((await raw.call(ALLOCATE, allocate(*ids))).message())
+        envs = given.container_responses[0].envs
+        assert envs["EXCLUSIVE_CPUS"] == "2,10"
+
+
+async def test_an_answer_waits_for_the_kubelets_flow_control_window(tmp_path: Path) -> None:
+    """A kubelet whose stream window is 16 bytes gets the answer in pieces, as it gives window back; the
+    server neither fails the call nor sends beyond the window."""
+    async with serving(tmp_path) as server:
+        async with client(server) as raw:
+            expected = await raw.call(ALLOCATE, allocate("4"), split=True)
+        async with client(server, window=16) as raw:
+            await asyncio.sleep(0.05)  # the server has our SETTINGS
+            answer = await raw.call(ALLOCATE, allocate("4"))
+            assert answered_directly(server) == 1
+    assert answer.data_frames > 1
+    assert (answer.headers, answer.data, answer.trailers) == (
+        expected.headers,
+        expected.data,
+        expected.trailers,
+    )
+
+
+async def test_close_lets_a_waiting_answer_go_out_first(tmp_path: Path) -> None:
+    async with serving(tmp_path) as server, client(server, window=16) as raw:
+        await asyncio.sleep(0.05)
+        raw.acknowledge = False
+        stream_id, headers, data = raw.request(ALLOCATE, allocate("5"))
+        raw.writer.write(headers + data)
+        await asyncio.sleep(0.1)
+        assert not raw.ended[stream_id].is_set(), "the answer did not wait for the window"
+        closing = asyncio.create_task(server.close(grace_s=2.0))
+        await asyncio.sleep(0.1)
+        assert not closing.done(), "close() did not wait for the answer still due"
+        raw.acknowledge = True
+        raw.give_window()
+        await asyncio.wait_for(closing, 5)
+        await asyncio.wait_for(raw.ended[stream_id].wait(), 5)
+        answer = raw.answers[stream_id]
+    assert answer.status == "0"
+    assert AllocateResponse.parse(answer.message()).container_responses[0].envs["EXCLUSIVE_CPUS"] == "5"
+
+
+async def test_a_call_reset_in_the_same_read_costs_only_that_call(tmp_path: Path) -> None:
+    async with serving(tmp_path) as server, client(server) as raw:
+        stream_id, headers, data = raw.request(ALLOCATE, allocate("2"))
+        raw.h2.reset_stream(stream_id)
+        raw.writer.write(headers + data + raw.h2.data_to_send())
+        await raw.writer.drain()
+        await asyncio.sleep(0.1)
+        # The connection still serves, directly.
+        answer = await raw.call(ALLOCATE, allocate("3"))
+        assert answer.status == "0"
+        assert answered_directly(server) == 2
