@@ -16,7 +16,7 @@ from grpclib import GRPCError
 from grpclib.metadata import Deadline, encode_grpc_message
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.events import DataReceived, PriorityUpdated, RequestReceived, StreamEnded, WindowUpdated
 from h2.exceptions import ProtocolError as H2ProtocolError
 
@@ -299,6 +299,12 @@ class ServerProtocol(asyncio.Protocol):
             except ValueError:
                 return None
         stream_id = event.stream_id
+        stream = h2.streams.get(stream_id)
+        if stream is None or stream.closed or h2.state_machine.state is ConnectionState.CLOSED:
+            # The kubelet reset the call, or ended the connection, in this same read: grpclib cancels such
+            # a call before it runs. Answering it here would count its IDs as held (on_allocated) and issue
+            # a claim for an answer nobody receives.
+            return None
         body: list[bytes] = []
         for later in itertools.islice(events, index + 1, None):
             if getattr(later, "stream_id", None) != stream_id:
@@ -343,25 +349,37 @@ class ServerProtocol(asyncio.Protocol):
         return direct.has_sequel
 
     def _send_waiting(self, h2: H2Connection) -> None:
-        """Send the waiting answers, in order, as far as the kubelet's flow-control windows allow."""
-        waiting = self._waiting
-        while waiting:
-            stream_id, rest = waiting[0]
+        """Send the waiting answers as far as the kubelet's flow-control windows allow. Each stream has a
+        window of its own, as each grpclib call sends on its own: one answer waiting for its stream's window
+        does not hold back another's (the connection's window, shared, goes to the oldest answer first)."""
+        still: collections.deque[tuple[int, bytes]] = collections.deque()
+        for stream_id, unsent in self._waiting:
+            rest = unsent
+            stream = h2.streams.get(stream_id)
+            if stream is None or stream.closed:
+                # The kubelet reset the stream (it gave up on the call): nothing is left to send on it, and
+                # its window may never open again.
+                log.info("answer.dropped", stream=stream_id, reason="stream closed by the client")
+                continue
             try:
                 while rest:
                     size = min(len(rest), h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
                     if size <= 0:
                         # Sent on when a WINDOW_UPDATE (or new SETTINGS) comes in: data_received calls again.
-                        waiting[0] = (stream_id, rest)
-                        return
+                        break
                     h2.send_data(stream_id, rest if size == len(rest) else rest[:size])
                     rest = rest[size:]
-                h2.send_headers(stream_id, _OK_TRAILERS, end_stream=True)
+                if not rest:
+                    h2.send_headers(stream_id, _OK_TRAILERS, end_stream=True)
             except H2ProtocolError as exc:
-                # The kubelet reset the stream (it gave up on the call): nothing is left to send on it.
+                # The connection is closing: nothing is left to send on it.
                 log.info("answer.dropped", stream=stream_id, reason=repr(exc))
-            waiting.popleft()
-        self.all_sent.set()
+                continue
+            if rest:
+                still.append((stream_id, rest))
+        self._waiting = still
+        if not still:
+            self.all_sent.set()
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received()
