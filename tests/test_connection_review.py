@@ -297,3 +297,26 @@ async def test_a_big_answer_respects_the_kubelets_frame_size_and_window(
     assert answer.status == "0" and not answer.reset
     assert AllocateResponse.parse(answer.message()) == big
     assert len(answer.data) > 100_000 and answer.data_frames >= 7
+
+
+async def test_request_bytes_answered_directly_are_given_back_to_the_kubelets_window(
+    tmp_path: Path, answered_by: str
+) -> None:
+    """grpclib gives a request's bytes back to the connection's window once read. The direct path leaves
+    that to grpclib's unknown-stream path: if it did not, a kubelet would stop sending after 4 MiB of
+    requests on one connection (grpclib's connection window) and every later admission would hang."""
+    request = allocate(*map(str, range(2700)))  # refused (too many IDs), as big as one frame allows
+    assert 15_000 < len(request) < 16_384 - 5
+    calls = 150  # 2.3 MB: more than half of the window, where h2 hands it back
+    async with serving(tmp_path) as server, client(server) as raw:
+        assert server._server is not None
+        before = server._server.answered_directly()
+        window = raw.h2.outbound_flow_control_window
+        for _ in range(calls):
+            answer = await raw.call(ALLOCATE, request)
+            assert answer.status == "3"
+        await raw.synced()
+        sent = calls * (len(request) + 5)
+        given_back = raw.h2.outbound_flow_control_window - (window - sent)
+        assert given_back > 0, "the requests' bytes were never given back"
+        assert server._server.answered_directly() - before == (calls if answered_by == "direct" else 0)
