@@ -301,10 +301,19 @@ class ServerProtocol(asyncio.Protocol):
         stream_id = event.stream_id
         stream = h2.streams.get(stream_id)
         if stream is None or stream.closed or h2.state_machine.state is ConnectionState.CLOSED:
-            # The kubelet reset the call, or ended the connection, in this same read: grpclib cancels such
-            # a call before it runs. Answering it here would count its IDs as held (on_allocated) and issue
-            # a claim for an answer nobody receives.
-            return None
+            # The kubelet reset the call, or ended the connection, in this same read: nothing can be sent on
+            # it. grpclib cancels such a call before it runs, so it is not answered here either (that would
+            # count its IDs as held and issue a claim for an answer nobody receives). Nor is it handed to
+            # grpclib, whose task, cancelled unstarted, never releases the call's stream nor gives its
+            # request's bytes back to the connection's window: left out of grpclib's streams, the request's
+            # DATA goes through grpclib's unknown-stream path, which gives them back.
+            log.info(
+                "call.abandoned",
+                stream=stream_id,
+                path=headers[":path"],
+                reason="the client reset the stream or ended the connection in the same read",
+            )
+            return False
         body: list[bytes] = []
         for later in itertools.islice(events, index + 1, None):
             if getattr(later, "stream_id", None) != stream_id:
