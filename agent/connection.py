@@ -204,9 +204,17 @@ class Direct(NamedTuple):
 
 
 def _h2_of(protocol: H2Protocol) -> H2Connection | None:
-    """The h2 connection under grpclib's protocol: grpclib keeps it private (`Connection._connection`)."""
-    h2 = getattr(getattr(protocol, "connection", None), "_connection", None)
-    return h2 if isinstance(h2, H2Connection) else None
+    """The h2 connection under grpclib's protocol, if grpclib is still made as ServerProtocol expects: its
+    h2 connection is private (`Connection._connection`), and its `Connection.feed()`/`flush()` and event
+    processor's `process()`/`close()` are what its own data_received calls."""
+    connection = getattr(protocol, "connection", None)
+    processor = getattr(protocol, "processor", None)
+    h2 = getattr(connection, "_connection", None)
+    parts = [getattr(connection, "feed", None), getattr(connection, "flush", None)]
+    parts += [getattr(processor, "process", None), getattr(processor, "close", None)]
+    if not isinstance(h2, H2Connection) or not all(map(callable, parts)):
+        return None
+    return h2
 
 
 class ServerProtocol(asyncio.Protocol):

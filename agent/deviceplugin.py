@@ -609,12 +609,15 @@ class ResourceServer:
         self.servicer.end_streams()
         server, self._server = self._server, None
         if server is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + grace_s
             in_flight = self.servicer.in_flight()
             if in_flight:
                 await asyncio.wait(in_flight, timeout=grace_s)
-            # A direct answer (agent.connection) whose message waits for the kubelet's flow-control window.
+            # A direct answer (agent.connection) whose message waits for the kubelet's flow-control window:
+            # within the same grace.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.answers_sent(), timeout=grace_s)
+                await asyncio.wait_for(server.answers_sent(), timeout=max(0.0, deadline - loop.time()))
             server.close()
             server.drop_connections()
             try:
