@@ -425,13 +425,10 @@ class TrackingServer(Server):
     def __init__(self, handlers: list[Any], direct: Mapping[str, Direct] | None = None) -> None:
         super().__init__(handlers)
         self._direct: Mapping[str, Direct] = direct or {}
-        self.protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
         self.connections: weakref.WeakSet[ServerProtocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
-        self.protocols.add(protocol)
-        outer = ServerProtocol(protocol, self._direct)
+        outer = ServerProtocol(super()._protocol_factory(), self._direct)
         self.connections.add(outer)
         # grpclib hands this factory to loop.create_unix_server, which only needs an asyncio protocol.
         return outer  # type: ignore[return-value]
@@ -446,7 +443,8 @@ class TrackingServer(Server):
 
     def open_connections(self) -> list[H2Protocol]:
         # `connection` is set once the transport is made; Connection.is_closing() is grpclib's public test.
-        return [p for p in list(self.protocols) if hasattr(p, "connection") and not p.connection.is_closing()]
+        protocols = [c.inner for c in list(self.connections)]
+        return [p for p in protocols if hasattr(p, "connection") and not p.connection.is_closing()]
 
     def drop_connections(self) -> None:
         for protocol in self.open_connections():
