@@ -99,23 +99,29 @@ class RawClient:
 
     async def _read(self) -> None:
         while data := await self.reader.read(65536):
-            for event in self.h2.receive_data(data):
-                stream_id = getattr(event, "stream_id", 0)
-                answer = self.answers.get(stream_id)
-                if isinstance(event, h2.events.ResponseReceived) and answer is not None:
-                    answer.headers = list(event.headers)  # type: ignore[arg-type]
-                elif isinstance(event, h2.events.DataReceived) and answer is not None:
-                    answer.data += event.data
-                    answer.data_frames += 1
-                    self.unacknowledged.append((stream_id, event.flow_controlled_length))
-                    if self.acknowledge:
-                        self.give_window()
-                elif isinstance(event, h2.events.TrailersReceived) and answer is not None:
-                    answer.trailers = list(event.headers)  # type: ignore[arg-type]
-                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)) and answer is not None:
-                    answer.reset = isinstance(event, h2.events.StreamReset)
-                    self.ended[stream_id].set()
+            self._dispatch(self.h2.receive_data(data))
             self.flush()
+
+    def _dispatch(self, events: list[h2.events.Event]) -> None:
+        """Record each event of one read on the answer of its stream."""
+        for event in events:
+            stream_id = getattr(event, "stream_id", 0)
+            answer = self.answers.get(stream_id)
+            if answer is None:
+                continue
+            if isinstance(event, h2.events.ResponseReceived):
+                answer.headers = list(event.headers)  # type: ignore[arg-type]
+            elif isinstance(event, h2.events.DataReceived):
+                answer.data += event.data
+                answer.data_frames += 1
+                self.unacknowledged.append((stream_id, event.flow_controlled_length))
+                if self.acknowledge:
+                    self.give_window()
+            elif isinstance(event, h2.events.TrailersReceived):
+                answer.trailers = list(event.headers)  # type: ignore[arg-type]
+            elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                answer.reset = isinstance(event, h2.events.StreamReset)
+                self.ended[stream_id].set()
 
     async def close(self) -> None:
         self._reading.cancel()

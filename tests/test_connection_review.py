@@ -73,36 +73,13 @@ class PingingClient(RawClient):
         self.goaway = False
         super().__init__(reader, writer, window)
 
-    async def _read(self) -> None:
-        while data := await self.reader.read(65536):
-            events = self.h2.receive_data(data)
-            for event in events:
-                if isinstance(event, h2.events.PingAckReceived):
-                    self.acked.setdefault(event.ping_data, asyncio.Event()).set()
-                elif isinstance(event, h2.events.ConnectionTerminated):
-                    self.goaway = True
-            self._dispatch(events)
-            self.flush()
-
     def _dispatch(self, events: list[h2.events.Event]) -> None:
         for event in events:
-            stream_id = getattr(event, "stream_id", 0)
-            answer = self.answers.get(stream_id)
-            if answer is None:
-                continue
-            if isinstance(event, h2.events.ResponseReceived):
-                answer.headers = list(event.headers)  # type: ignore[arg-type]
-            elif isinstance(event, h2.events.DataReceived):
-                answer.data += event.data
-                answer.data_frames += 1
-                self.unacknowledged.append((stream_id, event.flow_controlled_length))
-                if self.acknowledge:
-                    self.give_window()
-            elif isinstance(event, h2.events.TrailersReceived):
-                answer.trailers = list(event.headers)  # type: ignore[arg-type]
-            elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
-                answer.reset = isinstance(event, h2.events.StreamReset)
-                self.ended[stream_id].set()
+            if isinstance(event, h2.events.PingAckReceived):
+                self.acked.setdefault(event.ping_data, asyncio.Event()).set()
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.goaway = True
+        super()._dispatch(events)
 
     def ping_bytes(self) -> bytes:
         key = next(self._ids).to_bytes(8, "big")
