@@ -433,10 +433,10 @@ class TrackingServer(Server):
         # grpclib hands this factory to loop.create_unix_server, which only needs an asyncio protocol.
         return outer  # type: ignore[return-value]
 
-    async def answers_sent(self) -> None:
-        """Returns once no direct answer waits for the kubelet's flow-control window."""
-        for connection in list(self.connections):
-            await connection.all_sent.wait()
+    def answers_waiting(self) -> list[asyncio.Event]:
+        """The connections' `all_sent` events not set yet: direct answers still wait for the kubelet's
+        flow-control window there."""
+        return [c.all_sent for c in list(self.connections) if not c.all_sent.is_set()]
 
     def answered_directly(self) -> int:
         return sum(c.answered_directly for c in self.connections)

@@ -615,9 +615,14 @@ class ResourceServer:
             if in_flight:
                 await asyncio.wait(in_flight, timeout=grace_s)
             # A direct answer (agent.connection) whose message waits for the kubelet's flow-control window:
-            # within the same grace.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.answers_sent(), timeout=max(0.0, deadline - loop.time()))
+            # within the same grace. Waited for only when there is one: each loop turn spent here is one in
+            # which the kubelet could still call a servicer whose resource is gone.
+            waiting = server.answers_waiting()
+            if waiting:
+                sent = [asyncio.ensure_future(event.wait()) for event in waiting]
+                _, unsent = await asyncio.wait(sent, timeout=max(0.0, deadline - loop.time()))
+                for task in unsent:
+                    task.cancel()
             server.close()
             server.drop_connections()
             try:
