@@ -40,6 +40,12 @@ if not callable(getattr(Server, "_protocol_factory", None)):
     )
 
 
+# What one read from a kubelet connection takes at most. The socket is read into one buffer per connection:
+# asyncio's default read allocates 256 KiB for each recv and shrinks it to the bytes received, which for a
+# request of a few hundred bytes costs glibc an mmap, an mremap and an munmap per read, three system calls
+# of each read's five (docs/benchmarks.md). A longer burst just takes more reads.
+READ_SIZE = 64 * 1024
+
 # A write at least this big goes out at once (with whatever is pending before it) instead of waiting for the
 # end of the loop turn: the kernel's socket buffer takes it in pieces anyway, and the transport's own buffer
 # limits must keep telling grpclib to pause a big ListAndWatch list.
@@ -59,6 +65,38 @@ ACK_HOLD_S = 0.1
 # Set in the task that answers a GetPreferredAllocation: that answer's writes tell the connection's
 # transport that an Allocate follows on it.
 answer_has_sequel: contextvars.ContextVar[bool] = contextvars.ContextVar("answer_has_sequel", default=False)
+
+
+# The calls made while a connection answers one read, to run once that read's answers are sent: one list
+# while ServerProtocol.data_received runs, none otherwise.
+_after_send: list[list[Callable[[], object]]] = []
+
+
+def after_send(call: Callable[[], object]) -> None:
+    """Run `call` once the answer being made has been sent, keeping it (a log line's rendering and write) off
+    the admission's path. Within a read a connection answers directly, it runs right after that read's send,
+    in the same loop turn: a call_soon would cost each Allocate a loop turn of its own, an epoll_wait and
+    the loop's bookkeeping. Otherwise it runs on the next loop turn (grpclib's path writes the answer's
+    last frame as the handler returns), or at once without a running loop (tests drive servicers so)."""
+    if _after_send:
+        _after_send[-1].append(call)
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        call()
+        return
+    loop.call_soon(call)
+
+
+def _run_after_send(calls: list[Callable[[], object]]) -> None:
+    for call in calls:
+        try:
+            call()
+        except Exception as exc:  # as the loop treats a failing callback: reported, the rest still run
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": "a call made after an answer was sent failed", "exception": exc}
+            )
 
 
 class CoalescingTransport(asyncio.Transport):
@@ -217,7 +255,7 @@ def _h2_of(protocol: H2Protocol) -> H2Connection | None:
     return h2
 
 
-class ServerProtocol(asyncio.Protocol):
+class ServerProtocol(asyncio.BufferedProtocol):
     """grpclib's HTTP/2 protocol for one kubelet connection, with the admission path's calls answered at once.
 
     Each read from the socket goes through h2 as grpclib would feed it. A call to one of the `direct` methods
@@ -230,7 +268,10 @@ class ServerProtocol(asyncio.Protocol):
     did. The reply's frames, headers and status are grpclib's, byte for byte (tests/test_connection.py).
 
     h2 itself is reached through grpclib's Connection, one internal (docs/lifecycle.md): without it the
-    protocol logs a warning and leaves every call to grpclib, and tests/test_hardening.py fails."""
+    protocol logs a warning and leaves every call to grpclib, and tests/test_hardening.py fails.
+
+    The socket is read into a buffer the protocol keeps (READ_SIZE); each read's bytes are copied out of it
+    before h2 sees them, so nothing h2 or grpclib keeps refers to the buffer the next read overwrites."""
 
     def __init__(self, inner: H2Protocol, direct: Mapping[str, Direct]) -> None:
         self.inner = inner
@@ -243,6 +284,8 @@ class ServerProtocol(asyncio.Protocol):
         self.all_sent = asyncio.Event()
         self.all_sent.set()
         self.answered_directly = 0
+        self._buffer = bytearray(READ_SIZE)
+        self._view = memoryview(self._buffer)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if isinstance(transport, asyncio.Transport):
@@ -254,6 +297,12 @@ class ServerProtocol(asyncio.Protocol):
         elif self._direct:
             log.warning("grpclib.internals_moved", effect="every call answered by grpclib's own path")
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self._view[:nbytes]))
+
     def data_received(self, data: bytes) -> None:
         h2, transport = self._h2, self._transport
         if h2 is None or transport is None:
@@ -263,6 +312,8 @@ class ServerProtocol(asyncio.Protocol):
         connection = inner.connection
         transport.hold()
         sequel = False
+        deferred: list[Callable[[], object]] = []
+        _after_send.append(deferred)
         try:
             # grpclib's own data_received, with the direct calls taken out of the event stream.
             try:
@@ -284,7 +335,10 @@ class ServerProtocol(asyncio.Protocol):
                 self._send_waiting(h2)
             connection.flush()
         finally:
+            _after_send.pop()
             transport.release(sequel=sequel)
+            if deferred:
+                _run_after_send(deferred)
 
     def _answer(self, h2: H2Connection, event: RequestReceived, events: list[Any], index: int) -> bool | None:
         """Answer `event`'s call if it is a direct one that came whole; None leaves it to grpclib. True: the

@@ -23,7 +23,7 @@ from agent.allocation import AllocationError, preferred_allocation
 from agent.claim import ClaimKey
 from agent.claim import annotation_key as claim_annotation_key
 from agent.config import pool_env_name
-from agent.connection import Direct, TrackingServer, answer_has_sequel
+from agent.connection import Direct, TrackingServer, after_send, answer_has_sequel
 from agent.cpuset import CpuSet
 from agent.idset import SHARED_ID_PATTERN, shared_device_id, shared_device_index
 from agent.kubeletapi.v1beta1 import (
@@ -125,17 +125,6 @@ def _all_below(ids: Sequence[str], limit: int) -> bool:
     if longest != bound:
         return longest < bound
     return int(max(zip(map(len, ids), ids, strict=True))[1], 36) < limit
-
-
-def _after_answer(call: Callable[[], object]) -> None:
-    """Run `call` once the answer being made has been sent: a log line's rendering and write stay off the
-    admission's path. (A servicer driven without an event loop, as some tests do, runs it at once.)"""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        call()
-        return
-    loop.call_soon(call)
 
 
 def _check_ids(ids: Sequence[object], where: str) -> None:
@@ -492,7 +481,7 @@ class ResourceServicer(DevicePluginBase):
         if grant.shared:
             envs["SHARED_CPUS"] = grant.shared.comma_list()
         count = len(ids)
-        _after_answer(lambda: log.info("allocate", resource=resource.name, devices=count, cpus=cpus.format()))
+        after_send(lambda: log.info("allocate", resource=resource.name, devices=count, cpus=cpus.format()))
         annotations = {f"{base}/cpus-{resource.pool}": cpu_list}
         claim = self._claims.issue(resource.name, ids) if self._claims is not None else None
         if claim is not None:

@@ -179,3 +179,48 @@ async def test_a_call_reset_in_the_same_read_costs_only_that_call(tmp_path: Path
         answer = await raw.call(ALLOCATE, allocate("3"))
         assert answer.status == "0"
         assert answered_directly(server) == 1
+
+
+async def test_a_request_trickling_in_byte_by_byte_gets_the_same_answer(tmp_path: Path) -> None:
+    """The connection reads into one buffer it reuses: a request whose frames arrive a byte per read, each
+    read overwriting the last, is answered as the same request sent whole."""
+    async with serving(tmp_path) as server, client(server) as raw:
+        whole = await raw.call(PREFERRED, preferred(["2", "3", "4", "5", "10", "11"], 2))
+        stream_id, headers, data = raw.request(PREFERRED, preferred(["2", "3", "4", "5", "10", "11"], 2))
+        for byte in headers + data:
+            raw.writer.write(bytes([byte]))
+            await raw.writer.drain()
+            await asyncio.sleep(0.002)
+        await asyncio.wait_for(raw.ended[stream_id].wait(), 5)
+        trickled = raw.answers[stream_id]
+    assert trickled.status == whole.status == "0"
+    assert (trickled.headers, trickled.data, trickled.trailers) == (whole.headers, whole.data, whole.trailers)
+
+
+async def test_a_failing_after_answer_step_costs_neither_the_answer_nor_the_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Allocate log line runs after the answer's send, in the same loop turn: if it fails, the kubelet
+    still has its answer, the connection goes on answering, and the failure is reported as the loop reports a
+    failing callback."""
+    reported: list[BaseException | None] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context.get("exception")))
+
+    class BrokenLog:
+        def info(self, event: str, **kwargs: object) -> None:
+            if event == "allocate":
+                raise RuntimeError("stderr is gone")
+
+    monkeypatch.setattr("agent.deviceplugin.log", BrokenLog())
+    try:
+        async with serving(tmp_path) as server, client(server) as raw:
+            first = await raw.call(ALLOCATE, allocate("2"))
+            second = await raw.call(ALLOCATE, allocate("3"))
+            assert answered_directly(server) == 2
+    finally:
+        loop.set_exception_handler(None)
+    assert [a.status for a in (first, second)] == ["0", "0"]
+    envs = [AllocateResponse.parse(a.message()).container_responses[0].envs for a in (first, second)]
+    assert [e["EXCLUSIVE_CPUS"] for e in envs] == ["2", "3"]
+    assert [str(e) for e in reported] == ["stderr is gone", "stderr is gone"]
