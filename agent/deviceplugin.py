@@ -185,6 +185,8 @@ def _direct(path: str, decode: Callable[[bytes], _Req], answer: Callable[[_Req],
 
 
 _PREFERRED_PATH = "/v1beta1.DevicePlugin/GetPreferredAllocation"
+# The admission path's methods, as the metrics name them.
+_METHODS = ("Allocate", "GetPreferredAllocation")
 _ALLOCATE_PATH = "/v1beta1.DevicePlugin/Allocate"
 _DECODERS: dict[str, type] = {
     _ALLOCATE_PATH: AllocateRequestDecoder,
@@ -216,6 +218,14 @@ class ResourceServicer(DevicePluginBase):
         # CPUs whose /dev/cpu/<n>/cpuid exists on the host, checked once: Allocate does no file IO.
         self._cpuid_cpus = cpuid_cpus
         self._metrics = metrics
+        # The admission path's series, resolved once (the resource's name is the servicer's for good).
+        name = resource.name
+        self._timed = {m: metrics.allocation_seconds.series(resource=name, method=m) for m in _METHODS}
+        self._counted = {
+            (m, ok): metrics.allocations.series(resource=name, method=m, result="ok" if ok else "error")
+            for m in _METHODS
+            for ok in (True, False)
+        }
         self._streams: set[_Stream] = set()
         # Every call being answered (ListAndWatch streams too), tracked by our own handler wrapper: grpclib
         # has no public list of them.
@@ -241,6 +251,9 @@ class ResourceServicer(DevicePluginBase):
         """Serve a new device list on every open stream; returns False when nothing changed."""
         if resource == self._resource:
             return False
+        if resource.name != self._resource.name:
+            # The metrics' series (and the kubelet's socket) are this name's.
+            raise ValueError(f"servicer of {self._resource.name} cannot serve {resource.name}")
         self._resource = resource
         self._listing = encode_resource(resource)
         self._publish_device_metrics()
@@ -521,9 +534,8 @@ class ResourceServicer(DevicePluginBase):
         return PreStartContainerResponse()
 
     def _count(self, method: str, started: float, *, ok: bool) -> None:
-        name = self._resource.name
-        self._metrics.allocation_seconds.observe(time.perf_counter() - started, resource=name, method=method)
-        self._metrics.allocations.inc(resource=name, method=method, result="ok" if ok else "error")
+        self._timed[method].observe(time.perf_counter() - started)
+        self._counted[method, ok].inc()
 
 
 async def _socket_answers(path: Path) -> bool:

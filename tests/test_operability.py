@@ -232,6 +232,26 @@ def test_a_label_a_metric_does_not_have_is_refused_by_name() -> None:
         Metrics().allocations.inc(resource=FAST, method="Allocate", result="ok", pod="web")
 
 
+def test_a_series_resolved_once_counts_as_the_labelled_calls_do() -> None:
+    """The admission path counts through series resolved once per resource: the same series, rendered the
+    same, absent until first counted; a label the metric lacks is refused when the series is made."""
+    metrics = Metrics()
+    counted = metrics.allocations.series(resource=FAST, method="Allocate", result="ok")
+    timed = metrics.allocation_seconds.series(resource=FAST, method="Allocate")
+    assert "cpupool_allocations_total{" not in metrics.render()
+    counted.inc()
+    metrics.allocations.inc(resource=FAST, method="Allocate", result="ok")
+    timed.observe(0.0002)
+    metrics.allocation_seconds.observe(0.2, resource=FAST, method="Allocate")
+    values = samples(metrics.render())
+    labels = (("method", "Allocate"), ("resource", FAST))
+    assert values["cpupool_allocations_total", (*labels[:1], ("resource", FAST), ("result", "ok"))] == 2
+    assert values["cpupool_allocation_duration_seconds_bucket", (("le", "0.00025"), *labels)] == 1
+    assert values["cpupool_allocation_duration_seconds_count", labels] == 2
+    with pytest.raises(MetricLabelError, match="cpupool_allocations_total has no label pod"):
+        metrics.allocations.series(resource=FAST, pod="web")
+
+
 async def test_counting_starts_no_task_and_no_thread() -> None:
     """Nothing the agent does for a metric may wake anything up per allocation."""
     metrics = Metrics()
