@@ -7,12 +7,13 @@ bytes are written by hand (agent.wire), and a unary answer leaves in one socket 
 from __future__ import annotations
 
 import asyncio
+import random
 from dataclasses import replace
 
 import pytest
 from grpclib import GRPCError
 from grpclib.const import Status
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import agent.deviceplugin
@@ -148,6 +149,39 @@ def test_shared_allocate_at_the_id_width_boundaries_accepts_what_the_per_id_rule
         with pytest.raises(GRPCError) as info:
             allocate(servicer, ids)
         assert info.value.status is Status.INVALID_ARGUMENT
+
+
+# The batch check of a shared Allocate's IDs against the per-ID rule, on inputs beyond the pool tests' above:
+# canonical IDs across base 36's widths, shuffled, and texts near a millicpu's form (leading zeros, "0"
+# twice, nine characters, upper case, non-ASCII, commas, empty).
+near_ids = st.text(alphabet="0019azZé,", max_size=10)
+
+
+def millicpu_below(device_id: str, limit: int) -> bool:
+    index = shared_device_index(device_id)
+    return index is not None and index < limit
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    canonical=st.lists(st.integers(0, 36**5), min_size=1, max_size=60, unique=True),
+    odd=st.lists(near_ids, max_size=3),
+    limit=st.sampled_from([0, 1, 36, 1296, 1297, 46656, 36**5, 36**8, 2 * 36**9]),
+    shuffle=st.randoms(use_true_random=False),
+)
+# Nine characters and more are not a millicpu's, even below a limit that long.
+@example(canonical=[1], odd=["1000000000"], limit=2 * 36**9, shuffle=random.Random(0))
+def test_the_batch_millicpu_check_never_accepts_what_the_per_id_rule_refuses(
+    canonical: list[int], odd: list[str], limit: int, shuffle: random.Random
+) -> None:
+    ids = [shared_device_id(i) for i in canonical] + odd
+    shuffle.shuffle(ids)
+    expected = all(millicpu_below(i, limit) for i in ids)
+    batch = agent.deviceplugin._millicpu_ids_below(ids, limit)
+    assert not batch or expected, f"accepted {ids!r} below {limit}"
+    if not odd:
+        # Distinct canonical IDs: the batch check decides alone, the per-ID fallback is never needed.
+        assert batch == expected
 
 
 def test_an_unknown_millicpu_among_five_hundred_is_named() -> None:
