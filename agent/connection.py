@@ -7,6 +7,7 @@ import asyncio
 import collections
 import contextvars
 import itertools
+import threading
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, cast
@@ -67,9 +68,16 @@ ACK_HOLD_S = 0.1
 answer_has_sequel: contextvars.ContextVar[bool] = contextvars.ContextVar("answer_has_sequel", default=False)
 
 
-# The calls made while a connection answers one read, to run once that read's answers are sent: one list
-# while ServerProtocol.data_received runs, none otherwise.
-_after_send: list[list[Callable[[], object]]] = []
+class _Deferred(threading.local):
+    """The calls made while a connection answers one read, to run once that read's answers are sent: one
+    list while ServerProtocol.data_received runs, none otherwise. Per thread: a worker thread's call is
+    never queued on the loop thread's read."""
+
+    def __init__(self) -> None:
+        self.reads: list[list[Callable[[], object]]] = []
+
+
+_after_send = _Deferred()
 
 
 def after_send(call: Callable[[], object]) -> None:
@@ -78,8 +86,9 @@ def after_send(call: Callable[[], object]) -> None:
     in the same loop turn: a call_soon would cost each Allocate a loop turn of its own, an epoll_wait and
     the loop's bookkeeping. Otherwise it runs on the next loop turn (grpclib's path writes the answer's
     last frame as the handler returns), or at once without a running loop (tests drive servicers so)."""
-    if _after_send:
-        _after_send[-1].append(call)
+    reads = _after_send.reads
+    if reads:
+        reads[-1].append(call)
         return
     try:
         loop = asyncio.get_running_loop()
@@ -313,7 +322,8 @@ class ServerProtocol(asyncio.BufferedProtocol):
         transport.hold()
         sequel = False
         deferred: list[Callable[[], object]] = []
-        _after_send.append(deferred)
+        reads = _after_send.reads
+        reads.append(deferred)
         try:
             # grpclib's own data_received, with the direct calls taken out of the event stream.
             try:
@@ -335,7 +345,7 @@ class ServerProtocol(asyncio.BufferedProtocol):
                 self._send_waiting(h2)
             connection.flush()
         finally:
-            _after_send.pop()
+            reads.pop()
             transport.release(sequel=sequel)
             if deferred:
                 _run_after_send(deferred)

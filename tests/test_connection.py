@@ -8,13 +8,15 @@ window cannot take yet waits for it, and a call the kubelet gives up on costs no
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from agent.config import parse_config, validate
+from agent.connection import after_send
 from agent.cpuset import CpuSet
 from agent.deviceplugin import ResourceServer, ResourceServicer
 from agent.kubeletapi.v1beta1 import (
@@ -224,3 +226,30 @@ async def test_a_failing_after_answer_step_costs_neither_the_answer_nor_the_conn
     envs = [AllocateResponse.parse(a.message()).container_responses[0].envs for a in (first, second)]
     assert [e["EXCLUSIVE_CPUS"] for e in envs] == ["2", "3"]
     assert [str(e) for e in reported] == ["stderr is gone", "stderr is gone"]
+
+
+async def test_a_worker_threads_after_send_call_runs_in_that_thread_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the loop thread answers a read, a call another thread hands to after_send runs there and then
+    (that thread has no loop): it is not queued on the loop thread's read."""
+    ran_in: list[tuple[str, str]] = []
+
+    def record(where: str) -> Callable[[], None]:
+        return lambda: ran_in.append((where, threading.current_thread().name))
+
+    answer = ResourceServicer.allocate_now
+
+    def allocate_now(self: ResourceServicer, message: AllocateRequest) -> AllocateResponse:
+        worker = threading.Thread(target=lambda: after_send(record("worker")), name="worker")
+        worker.start()
+        worker.join()
+        ran_in.append(("answered", threading.current_thread().name))
+        return answer(self, message)
+
+    monkeypatch.setattr(ResourceServicer, "allocate_now", allocate_now)
+    async with serving(tmp_path) as server, client(server) as raw:
+        assert (await raw.call(ALLOCATE, allocate("2"))).status == "0"
+        assert answered_directly(server) == 1
+    loop_thread = threading.current_thread().name
+    assert ran_in == [("worker", "worker"), ("answered", loop_thread)]
